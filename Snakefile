@@ -1,0 +1,21 @@
+# urepa: U-REPA fine-tuning of the SD-1.5 U-Net, from ImageNet subset to report.
+#   snakemake --cores 1                                  # the embedded smoke tier, end to end
+#   snakemake --cores 1 --config tier=tierB ablation=token_only
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/smoke.smk"
+include: "workflow/rules/subset.smk"
+include: "workflow/rules/caches.smk"
+
+
+rule all:
+    input:
+        default_targets(),
+    default_target: True

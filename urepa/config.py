@@ -1,0 +1,90 @@
+"""Configuration: schema validation with readable errors, and the per-tier view of the config."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what was expected."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        lines = []
+        for key in unknown:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            lines.append(f"config key '{where}.{key}' is not a known key{suggestion}".replace("<top level>.", ""))
+        if allowed:
+            lines.append(f"known keys here: {', '.join(allowed)}")
+        return "; ".join(lines)
+    return f"config key '{where}': {error.message}"
+
+
+def validate(config: dict, schema_path: str | Path) -> None:
+    """Validate against the JSON schema; raise ConfigError naming every offending key."""
+    schema = load_yaml(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+
+
+def tier_settings(config: dict, tier: str | None = None) -> dict[str, Any]:
+    """The settings of one tier, with a clear error for an unknown tier name."""
+    tier = tier or config["tier"]
+    if tier not in config["tiers"]:
+        raise ConfigError(f"config key 'tier': unknown tier '{tier}'; defined tiers: {', '.join(config['tiers'])}")
+    return config["tiers"][tier]
+
+
+def data_tier(config: dict, tier: str) -> str:
+    """The tier whose subset and caches this tier trains on (tierC reuses tierB's)."""
+    data_from = tier_settings(config, tier).get("data_from", tier)
+    if data_from != tier:
+        tier_settings(config, data_from)
+    return data_from
+
+
+REAL_TIER_PATHS = {
+    "imagenet_dir": "an ILSVRC root holding Data/CLS-LOC/train/<synset>/*.JPEG",
+    "sd15_dir": "a diffusers stable-diffusion-v1-5 folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/",
+    "dinov2": "a transformers DINOv2 folder (config.json + weights) or an original dinov2_vit*14*.pth file",
+}
+
+
+def check_real_paths(config: dict, tier: str) -> None:
+    """Fail before any job starts when a real tier's local input is not where config says."""
+    if tier_settings(config, tier)["source"] != "imagenet":
+        return
+    problems = []
+    for key, expected in REAL_TIER_PATHS.items():
+        value = config.get(key)
+        if not value:
+            problems.append(f"config key '{key}' is not set; tier '{tier}' needs {expected}")
+        elif not Path(value).exists():
+            problems.append(f"config key '{key}': path '{value}' does not exist; expected {expected}")
+    if not problems and not (Path(config["imagenet_dir"]) / "Data" / "CLS-LOC" / "train").is_dir():
+        problems.append(
+            f"config key 'imagenet_dir': '{config['imagenet_dir']}' has no Data/CLS-LOC/train folder; "
+            f"expected {REAL_TIER_PATHS['imagenet_dir']}"
+        )
+    if problems:
+        raise ConfigError("missing inputs for tier '" + tier + "':\n  " + "\n  ".join(problems))

@@ -1,0 +1,29 @@
+"""Process set-up shared by every stage: logging to the rule's log file, device and thread choice."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+
+def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, when given, to the stage's log file (created with its folder)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when present, the CPU otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))

@@ -1,0 +1,56 @@
+"""Loading Stable Diffusion 1.5 components from a local diffusers folder (real weights or the smoke
+tier's tiny ones: the same calls). Nothing is ever fetched from a hub."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_sd15_dir(sd15_dir: str | Path, subfolders: tuple[str, ...] = SD15_SUBFOLDERS) -> Path:
+    """Fail at once, saying what is missing, unless `sd15_dir` is a diffusers SD-1.5 folder."""
+    root = Path(sd15_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"SD-1.5 folder {root} does not exist (expected a diffusers folder with "
+                                f"{', '.join(s + '/' for s in SD15_SUBFOLDERS)})")
+    missing = [s for s in subfolders if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"SD-1.5 folder {root} lacks {', '.join(s + '/' for s in missing)} "
+                                f"(expected the diffusers layout of stable-diffusion-v1-5)")
+    return root
+
+
+def load_vae(sd15_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL
+
+    root = check_sd15_dir(sd15_dir, ("vae",))
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(sd15_dir: str | Path, device: torch.device | str = "cpu"):
+    """(tokenizer, CLIP text encoder), frozen."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_sd15_dir(sd15_dir, ("text_encoder", "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+    return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
+
+
+def load_unet(sd15_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    root = check_sd15_dir(sd15_dir, ("unet",))
+    return UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
+                                                local_files_only=True).to(device)
+
+
+def load_noise_scheduler(sd15_dir: str | Path):
+    """The DDPM training schedule SD-1.5 was trained with (its scheduler/ config's betas)."""
+    from diffusers import DDPMScheduler
+
+    root = check_sd15_dir(sd15_dir, ("scheduler",))
+    return DDPMScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)

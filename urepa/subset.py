@@ -1,0 +1,97 @@
+"""Stage 1: a uniform, seeded per-class sample of an ILSVRC tree, written as a CSV.
+
+Class id = index of the synset in sorted order of the train folder, so ids match the usual
+ImageNet-1k label order; names come from LOC_synset_mapping.txt when present.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+SUBSET_COLUMNS = ["id", "img_path", "class_id", "synset"]
+
+
+def list_classes(imagenet_dir: str | Path) -> pd.DataFrame:
+    """class_id, synset, name for every synset folder under Data/CLS-LOC/train."""
+    root = Path(imagenet_dir)
+    train_dir = root / "Data" / "CLS-LOC" / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"no ILSVRC train folder at {train_dir} (expected Data/CLS-LOC/train/<synset>/*.JPEG)")
+    synsets = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not synsets:
+        raise FileNotFoundError(f"{train_dir} holds no class folders")
+    names = {}
+    mapping = root / "LOC_synset_mapping.txt"
+    if mapping.is_file():
+        for line in mapping.read_text().splitlines():
+            synset, _, description = line.partition(" ")
+            names[synset] = description.split(",")[0].strip()
+    else:
+        log.warning("%s not found: class names default to synset ids", mapping)
+    return pd.DataFrame({
+        "class_id": range(len(synsets)),
+        "synset": synsets,
+        "name": [names.get(s, s) for s in synsets],
+    })
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _sample(paths: list[Path], k: int, rng: np.random.Generator) -> list[Path]:
+    chosen = rng.permutation(len(paths))[:k]
+    return [paths[i] for i in sorted(chosen)]
+
+
+def _val_labels(root: Path, val_dir: Path) -> dict[str, list[Path]]:
+    """Validation images per synset: synset sub-folders if the tree was reorganised, else the flat
+    folder labelled by LOC_val_solution.csv (first synset of PredictionString)."""
+    subfolders = [p for p in val_dir.iterdir() if p.is_dir()]
+    if subfolders:
+        return {p.name: _images_in(p) for p in subfolders}
+    solution = root / "LOC_val_solution.csv"
+    if not solution.is_file():
+        raise FileNotFoundError(
+            f"{val_dir} is flat and {solution} is missing: cannot tell validation images' classes")
+    table = pd.read_csv(solution)
+    by_synset: dict[str, list[Path]] = {}
+    for image_id, prediction in zip(table["ImageId"], table["PredictionString"]):
+        path = val_dir / f"{image_id}.JPEG"
+        by_synset.setdefault(prediction.split()[0], []).append(path)
+    return {s: sorted(p) for s, p in by_synset.items()}
+
+
+def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, split: str = "train") -> pd.DataFrame:
+    """Sample `images_per_class` images of every class, reproducibly for a seed.
+
+    A class with fewer images keeps all it has; each such class is logged.
+    """
+    root = Path(imagenet_dir)
+    classes = list_classes(root)
+    split_dir = root / "Data" / "CLS-LOC" / split
+    if split == "train":
+        per_synset = {s: _images_in(split_dir / s) for s in classes["synset"]}
+    elif split == "val":
+        if not split_dir.is_dir():
+            raise FileNotFoundError(f"no ILSVRC validation folder at {split_dir}")
+        per_synset = _val_labels(root, split_dir)
+    else:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    rows = []
+    for class_id, synset in zip(classes["class_id"], classes["synset"]):
+        paths = per_synset.get(synset, [])
+        if len(paths) < images_per_class:
+            log.warning("class %s (%s) has %d %s images, fewer than %d: keeping all of them",
+                        class_id, synset, len(paths), split, images_per_class)
+        # One generator per class: adding or removing a class leaves the others' samples unchanged.
+        rng = np.random.default_rng([seed, int(class_id)])
+        for path in _sample(paths, images_per_class, rng):
+            rows.append((path.stem, str(path.resolve()), int(class_id), synset))
+    return pd.DataFrame(rows, columns=SUBSET_COLUMNS)

@@ -1,0 +1,51 @@
+# Config validation, the tier's input paths, and input functions shared by the stage rules.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
+from urepa import config as urepa_config
+
+urepa_config.validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+TIER = config["tier"]
+urepa_config.tier_settings(config, TIER)
+urepa_config.check_real_paths(config, TIER)
+
+
+def tier_of(wildcards):
+    return urepa_config.tier_settings(config, wildcards.tier)
+
+
+def data_dir(tier):
+    """results/<tier>, or the tier whose subset and caches this tier reuses."""
+    return f"results/{urepa_config.data_tier(config, tier)}"
+
+
+def real_or_smoke(key, smoke_path):
+    """Input function: the config path of a real tier, or the smoke tier's generated one."""
+
+    def inputs(wildcards):
+        if tier_of(wildcards)["source"] == "smoke":
+            return f"results/{wildcards.tier}/inputs/{smoke_path}"
+        return config[key]
+
+    return inputs
+
+
+imagenet_dir = real_or_smoke("imagenet_dir", "imagenet")
+sd15_dir = real_or_smoke("sd15_dir", "sd15")
+dinov2_path = real_or_smoke("dinov2", "dinov2")
+
+
+def cache_paths(tier):
+    root = data_dir(tier)
+    return {
+        "csv": f"{root}/subset.csv",
+        "classes": f"{root}/classes.csv",
+        "vae": f"{root}/cache/vae_latents.zarr",
+        "dino": f"{root}/cache/dino_tokens.zarr",
+        "clip": f"{root}/cache/clip_embeddings.zarr",
+    }
+
+
+def default_targets():
+    return list(cache_paths(TIER).values())

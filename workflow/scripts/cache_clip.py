@@ -1,0 +1,7 @@
+"""Stage 2: CLIP embeddings of every class prompt and the empty prompt."""
+from urepa.caches import build_clip_cache
+from urepa.runtime import resolve_device, setup_logging
+
+setup_logging(snakemake.log[0])
+build_clip_cache(snakemake.input.classes, snakemake.output[0], snakemake.input.sd15,
+                 resolve_device(snakemake.config["device"]))
