@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/smoke.smk"
 include: "workflow/rules/subset.smk"
 include: "workflow/rules/caches.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

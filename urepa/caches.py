@@ -259,3 +259,39 @@ def check_cache(path: str | Path, expected: dict) -> zarr.Group:
             f"cache {path} was built from other inputs than this run uses:\n  " + "\n  ".join(differences)
             + "\nRebuild it (e.g. snakemake --forcerun on its cache rule) or point the config at the inputs it was built from.")
     return group
+
+
+class CachedRows(Dataset):
+    """Training reads: `dataset[row_indices]` gives a whole batch (latent posterior moments, DINOv2
+    tokens, class ids) in one zarr selection per array, which reads the rows' chunks concurrently.
+    Arrays are opened lazily so each DataLoader worker holds its own handles."""
+
+    def __init__(self, vae_path: str | Path, dino_path: str | Path, class_ids: np.ndarray):
+        self.vae_path, self.dino_path = str(vae_path), str(dino_path)
+        self.class_ids = np.asarray(class_ids, dtype=np.int64)
+        self._arrays: dict | None = None
+
+    def _open(self) -> dict:
+        if self._arrays is None:
+            vae, dino = zarr.open_group(self.vae_path, mode="r"), zarr.open_group(self.dino_path, mode="r")
+            self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def __getitem__(self, rows) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows)
+        order = np.argsort(rows)
+        restore = np.argsort(order)
+        batch = {name: torch.from_numpy(array.oindex[rows[order]][restore])
+                 for name, array in self._open().items()}
+        batch["class_id"] = torch.from_numpy(self.class_ids[rows])
+        batch["row"] = torch.from_numpy(rows)
+        return batch
+
+
+def valid_rows(*groups: zarr.Group) -> np.ndarray:
+    """Rows every cache encoded successfully; the rest are skipped by training."""
+    valid = np.logical_and.reduce([group["valid"][:] for group in groups])
+    return np.flatnonzero(valid)

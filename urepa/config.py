@@ -88,3 +88,22 @@ def check_real_paths(config: dict, tier: str) -> None:
         )
     if problems:
         raise ConfigError("missing inputs for tier '" + tier + "':\n  " + "\n  ".join(problems))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def train_settings(config: dict, tier: str, ablation: str) -> dict[str, Any]:
+    """Training settings of one run: defaults, then the tier's overrides, then the ablation's."""
+    if ablation not in config["ablations"]:
+        raise ConfigError(f"config key 'ablation': unknown ablation '{ablation}'; "
+                          f"defined ablations: {', '.join(config['ablations'])}")
+    settings = _merge(_merge(config["train"], tier_settings(config, tier).get("train", {})),
+                      config["ablations"][ablation])
+    if settings["learning_rate"] is None:
+        settings["learning_rate"] = 2e-4 if settings["finetune"] == "lora" else 1e-4
+    return settings

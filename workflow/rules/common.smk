@@ -1,4 +1,5 @@
 # Config validation, the tier's input paths, and input functions shared by the stage rules.
+import re
 import sys
 from pathlib import Path
 
@@ -7,7 +8,8 @@ from urepa import config as urepa_config
 
 urepa_config.validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 TIER = config["tier"]
-urepa_config.tier_settings(config, TIER)
+ABLATION = config["ablation"]
+urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation: fail now, by name
 urepa_config.check_real_paths(config, TIER)
 
 
@@ -47,5 +49,10 @@ def cache_paths(tier):
     }
 
 
+wildcard_constraints:
+    tier="|".join(config["tiers"]),
+    ablation="|".join(map(re.escape, config["ablations"])),
+
+
 def default_targets():
-    return list(cache_paths(TIER).values())
+    return [f"results/{TIER}/{ABLATION}/model"]

@@ -1,0 +1,111 @@
+"""U-REPA objective: L = L_diff + lambda * (L_token + w * L_manifold).
+
+Tokens are [B, N, D]; the U-Net side comes from `AlignHead`, the target side from the DINOv2 cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images and tokens of 1 - cos(pred token, target token)."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+def _masked_mse(gram_pred: torch.Tensor, gram_target: torch.Tensor, upper_only: bool, mask_diag: bool) -> torch.Tensor:
+    n = gram_pred.shape[-1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=gram_pred.device)
+    if upper_only:  # the Gram matrices are symmetric: the upper triangle holds every pair once
+        mask = mask.triu()
+    if mask_diag:  # self-similarity is 1 on both sides for normalised vectors: no signal
+        mask.fill_diagonal_(False)
+    return ((gram_pred - gram_target) ** 2)[..., mask].mean()
+
+
+def manifold_loss(pred: torch.Tensor, target: torch.Tensor, mode: str = "sample", upper_only: bool = False,
+                  mask_diag: bool = False) -> torch.Tensor:
+    """MSE between the similarity structures of the two token sets.
+
+    mode="sample": mean-pool each image's tokens, L2-normalise, compare the B x B Gram matrices
+        (relations between images; the original plan's form, O(B^2)).
+    mode="token": per image, compare the N x N Gram matrices of the L2-normalised tokens
+        (relations between patches; the form SimpleTuner uses).
+    """
+    pred, target = pred.float(), target.float()
+    if mode == "sample":
+        p = F.normalize(pred.mean(dim=1), dim=-1)
+        t = F.normalize(target.mean(dim=1), dim=-1)
+        return _masked_mse(p @ p.T, t @ t.T, upper_only, mask_diag)
+    if mode == "token":
+        p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+        return _masked_mse(p @ p.transpose(1, 2), t @ t.transpose(1, 2), upper_only, mask_diag)
+    raise ValueError(f"manifold mode must be 'sample' or 'token', got {mode!r}")
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     prediction: str) -> torch.Tensor:
+    """What the U-Net regresses under the model's own DDPM schedule: the noise, or
+    v = sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * x0."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction must be 'v' or 'epsilon', got {prediction!r}")
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, scheduler=None, timesteps=None,
+                   prediction: str = "v", snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE to the target; with `snr_gamma`, min-SNR-gamma weighting per image (Hang et al. 2023)."""
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if prediction == "v" else snr)
+    per_image = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weights).mean()
+
+
+@dataclass
+class AlignSchedule:
+    """lambda over training steps, as SimpleTuner offers for U-REPA: linear warm-up from 0, then
+    constant, or a cosine/linear decay towards `end` over `decay_steps`; 0 from `cutoff_step` on."""
+
+    coeff: float
+    kind: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    end: float = 0.0
+    cutoff_step: int | None = None
+
+    def __call__(self, step: int) -> float:
+        if self.cutoff_step is not None and step >= self.cutoff_step:
+            return 0.0
+        if step < self.warmup_steps:
+            return self.coeff * (step + 1) / self.warmup_steps
+        if self.kind == "constant" or self.decay_steps <= 0:
+            return self.coeff
+        progress = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        if self.kind == "cosine":
+            shape = 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.kind == "linear":
+            shape = 1 - progress
+        else:
+            raise ValueError(f"align schedule kind must be constant, cosine or linear, got {self.kind!r}")
+        return self.end + (self.coeff - self.end) * shape
+
+
+def alignment_loss(pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Tensor, manifold_coeff: float,
+                   manifold_mode: str = "sample", upper_only: bool = False,
+                   mask_diag: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_token + w * L_manifold, L_token, L_manifold), each averaged over the aligned layers."""
+    token_terms = [token_loss(tokens, target_tokens) for tokens in pred_tokens.values()]
+    manifold_terms = [manifold_loss(tokens, target_tokens, manifold_mode, upper_only, mask_diag)
+                      for tokens in pred_tokens.values()]
+    loss_token = torch.stack(token_terms).mean()
+    loss_manifold = torch.stack(manifold_terms).mean()
+    return loss_token + manifold_coeff * loss_manifold, loss_token, loss_manifold

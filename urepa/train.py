@@ -1,0 +1,394 @@
+"""Stage 3: fine-tune the SD-1.5 U-Net on the caches with L = L_diff + lambda (L_token + w L_manifold).
+
+Resumable (accelerate checkpoints hold model, optimiser, LR scheduler, EMA, the step and the state
+of the one generator every random draw comes from; batches are a pure function of seed and step),
+so a killed run started again ends with the weights an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .caches import CachedRows, check_cache, file_digest, valid_rows, weights_fingerprint
+from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target
+from .models import AlignedUNet, make_trainable
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr", "grad_norm",
+               "step_time"]
+
+
+class StepBatches(Sampler):
+    """Row indices of every step from `start_step` on: epoch e is a permutation seeded by (seed, e),
+    cut into full batches; each process takes its own slice of the global batch."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if len(rows) < batch_size:
+            raise ValueError(f"only {len(rows)} valid cached rows for a batch of {batch_size}")
+        self.rows, self.batch_size, self.seed, self.start_step = rows, batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(rows) // batch_size
+
+    def __iter__(self):
+        step = self.start_step
+        per_process = self.batch_size // self.world_size
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+            batch = order[position * self.batch_size:(position + 1) * self.batch_size]
+            yield batch[self.rank * per_process:(self.rank + 1) * per_process]
+            step += 1
+
+
+class TrainState:
+    """The step and the generator of every random draw, saved with each checkpoint."""
+
+    def __init__(self, generator: torch.Generator):
+        self.step, self.generator = 0, generator
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+
+
+class PhaseTimer:
+    """Wall time per phase of a step; synchronises CUDA so a phase is charged for its own kernels."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[phase] += time.perf_counter() - start
+
+
+class Trainer:
+    """One training run. Built from loaded parts so benchmarks can hand it random full-size models."""
+
+    def __init__(self, unet, noise_scheduler, dataset: CachedRows, rows: np.ndarray, clip_embeddings: np.ndarray,
+                 null_index: int, token_dim: int, token_grid: int, latent_scaling: float, settings: dict,
+                 run_dir: str | Path, seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0,
+                 time_phases: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel, cast_training_params
+
+        self.settings, self.run_dir, self.seed, self.token_dim = settings, Path(run_dir), seed, token_dim
+        device = torch.device(device)
+        cpu = device.type == "cpu"
+        self.accelerator = Accelerator(
+            mixed_precision="no" if cpu else settings["mixed_precision"], cpu=cpu,
+            log_with="tensorboard", project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tensorboard")),
+        )
+        self.device = self.accelerator.device
+        self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
+        self.prediction = settings["prediction"]
+
+        make_trainable(unet, settings["finetune"], settings["lora_rank"], settings["lora_targets"])
+        if settings["gradient_checkpointing"]:
+            unet.enable_gradient_checkpointing()
+        aligning = settings["align_coeff"] > 0
+        self.model = AlignedUNet(unet, settings["align_layers"] if aligning else [], token_dim, token_grid,
+                                      settings["projector"], settings["projector_hidden"])
+        self.model.to(self.device)
+        if settings["finetune"] == "lora" and self.accelerator.mixed_precision == "bf16":
+            # Frozen base weights in bf16 halve memory and traffic; LoRA and heads stay fp32 masters.
+            unet.to(torch.bfloat16)
+            cast_training_params(self.model, dtype=torch.float32)
+        self.align_schedule = AlignSchedule(settings["align_coeff"], **settings["align_schedule"])
+
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=settings["learning_rate"], betas=(0.9, 0.999),
+                                           weight_decay=settings["weight_decay"])
+        self.lr_scheduler = get_scheduler(
+            "cosine", self.optimizer, num_warmup_steps=int(settings["warmup_ratio"] * settings["max_steps"]),
+            num_training_steps=settings["max_steps"])
+        self.ema = EMAModel(self.trainable, decay=settings["ema_decay"])
+        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + self.accelerator.process_index)
+        self.state = TrainState(self.generator)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.model, self.optimizer, self.lr_scheduler)
+        self.accelerator.register_for_checkpointing(self.ema, self.state)
+
+        self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
+        self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
+        self.timer = PhaseTimer(time_phases, self.device)
+        self.accelerator.unwrap_model(self.model).timer = self.timer
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        return sorted(self.checkpoint_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; return the step to continue from."""
+        found = self.checkpoints()
+        if found:
+            self.accelerator.load_state(str(found[-1]))
+            log.info("resumed from %s at step %d", found[-1], self.state.step)
+        return self.state.step
+
+    def save_checkpoint(self) -> Path:
+        """Write into a temporary folder and rename, so a kill never leaves a half checkpoint as newest."""
+        final = self.checkpoint_dir / f"checkpoint-{self.state.step}"
+        partial = final.with_name(final.name + ".tmp")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.save_state(str(partial))
+        if self.accelerator.is_main_process:
+            partial.rename(final)
+            for old in self.checkpoints()[:-self.settings["checkpoints_total_limit"]]:
+                shutil.rmtree(old)
+        return final
+
+    # -- one step ---------------------------------------------------------------------------------
+    def batches(self, start_step: int) -> DataLoader:
+        sampler = StepBatches(self.rows, self.settings["batch_size"], self.seed, start_step,
+                              self.accelerator.process_index, self.accelerator.num_processes)
+        return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        settings, generator, device = self.settings, self.generator, self.device
+        mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
+        std = batch["latent_std"].to(device, torch.float32, non_blocking=True)
+        target_tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
+        bsz = mean.shape[0]
+        # Every draw comes from the checkpointed generator: a fresh posterior sample, the noise, the
+        # timestep and the condition dropout (drawn here, not in the data workers).
+        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * self.latent_scaling
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator,
+                                  device=device)
+        dropped = torch.rand(bsz, generator=generator, device=device) < settings["cond_dropout"]
+        classes = torch.where(dropped, self.null_index, batch["class_id"].to(device))
+        encoder_hidden_states = self.clip[classes]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction)
+
+        with self.accelerator.autocast():
+            prediction, pred_tokens = self.model(noisy, timesteps, encoder_hidden_states)
+        loss_diff = diffusion_loss(prediction, target, self.noise_scheduler, timesteps, self.prediction,
+                                   settings["snr_gamma"])
+        align_coeff = self.align_schedule(self.state.step)
+        loss = loss_diff
+        logs = {"loss_diff": loss_diff, "loss_token": torch.tensor(float("nan")),
+                "loss_manifold": torch.tensor(float("nan"))}
+        if pred_tokens:
+            with self.timer("alignment"):
+                loss_align, logs["loss_token"], logs["loss_manifold"] = alignment_loss(
+                    pred_tokens, target_tokens, settings["manifold_coeff"], settings["manifold_mode"],
+                    settings["manifold_upper_only"], settings["manifold_mask_diag"])
+                loss = loss_diff + align_coeff * loss_align
+        logs["loss"] = loss
+        values = {name: float(value) for name, value in logs.items()}
+        if not np.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.state.step}: {values}. Training stopped; the last good "
+                f"checkpoint is {self.checkpoints()[-1] if self.checkpoints() else 'none (no checkpoint yet)'}. "
+                f"Lower learning_rate or align_coeff, or check the caches for NaN rows.")
+        with self.timer("backward"):
+            self.accelerator.backward(loss)
+        with self.timer("optimizer"):
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable, settings["max_grad_norm"])
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("ema"):
+            self.ema.step(self.trainable)
+        self.state.step += 1
+        values.update(align_coeff=align_coeff, lr=self.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+        return values
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self, on_snapshot=None) -> None:
+        settings = self.settings
+        start = self.resume()
+        max_steps = settings["max_steps"]
+        self.accelerator.init_trackers("urepa")
+        log_path = self.run_dir / "train_log.csv"
+        _truncate_log(log_path, start)
+        with open(log_path, "a", newline="") as log_file:
+            writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
+            if log_file.tell() == 0:
+                writer.writeheader()
+            progress = tqdm(total=max_steps, initial=start, desc="train", unit="step",
+                            disable=not self.accelerator.is_main_process)
+            batches = iter(self.batches(start)) if start < max_steps else iter(())
+            while self.state.step < max_steps:
+                tick = time.perf_counter()
+                with self.timer("data"):
+                    batch = next(batches)
+                values = self.step(batch)
+                values["step_time"] = time.perf_counter() - tick
+                values["step"] = self.state.step
+                writer.writerow({k: values[k] for k in LOG_COLUMNS})
+                self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}")
+                if self.state.step % settings["checkpoint_every"] == 0 or self.state.step == max_steps:
+                    log_file.flush()
+                    self.save_checkpoint()
+                if on_snapshot and (self.state.step % settings["snapshot_every"] == 0 or self.state.step == max_steps):
+                    on_snapshot(self, self.state.step)
+            progress.close()
+        self.accelerator.end_training()
+
+    # -- artifacts --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights into the trainable parameters."""
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable)
+
+    def save_weights(self, out_dir: str | Path) -> None:
+        """The current trainable weights in diffusers form (LoRA: pytorch_lora_weights.safetensors,
+        loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/ folder), plus heads."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.settings["finetune"] == "lora":
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
+        else:
+            model.unet.save_pretrained(out_dir / "unet")
+        if model.heads:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
+                      out_dir / "align_heads.safetensors")
+            first = next(iter(model.heads.values()))
+            (out_dir / "align_heads.json").write_text(json.dumps({
+                "layers": list(model.heads), "grid": first.grid, "projector": self.settings["projector"],
+                "projector_hidden": self.settings["projector_hidden"],
+                "dim": self.token_dim,
+            }, indent=2))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint: they are about to be redone."""
+    if path.exists():
+        table = pd.read_csv(path)
+        table[table["step"] <= step].to_csv(path, index=False)
+
+
+def plot_losses(log_csv: str | Path, out_png: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.read_csv(log_csv)
+    window = max(1, len(table) // 50)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, columns in zip(axes, (["loss", "loss_diff"], ["loss_token"], ["loss_manifold"])):
+        for column in columns:
+            series = table[column]
+            if series.notna().any():
+                ax.plot(table["step"], series, alpha=0.25)
+                ax.plot(table["step"], series.rolling(window, min_periods=1).mean(), label=column)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, run_dir: str | Path,
+              model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str) -> None:
+    """Check the caches against this run's inputs, train (resuming if possible), export artifacts."""
+    from .sd15 import load_noise_scheduler, load_unet
+
+    csv_sha = file_digest(caches["csv"])
+    vae = check_cache(caches["vae"], {"csv_sha256": csv_sha,
+                                      "encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "vae")})
+    dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path)})
+    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
+    table = pd.read_csv(caches["csv"])
+    rows = valid_rows(vae, dino)
+    if len(rows) < len(table):
+        log.warning("skipping %d invalid cached rows of %d", len(table) - len(rows), len(table))
+    unet = load_unet(sd15_dir)
+    if unet.config.cross_attention_dim != clip.attrs["dim"]:
+        raise ValueError(f"CLIP cache dim {clip.attrs['dim']} does not match the U-Net's cross-attention dim "
+                         f"{unet.config.cross_attention_dim}")
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    trainer = Trainer(
+        unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
+        rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
+        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers)
+
+    def snapshot(trainer: Trainer, step: int) -> None:
+        with trainer.ema_weights():
+            trainer.save_weights(run_dir / "snapshots" / f"step-{step:07d}")
+
+    trainer.run(on_snapshot=snapshot)
+    if not trainer.accelerator.is_main_process:
+        return
+    model_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_weights(model_dir)
+    with trainer.ema_weights():
+        trainer.save_weights(model_dir / "ema")
+    _link_tree(run_dir / "snapshots", model_dir / "snapshots")
+    shutil.copy(run_dir / "train_log.csv", model_dir / "train_log.csv")
+    plot_losses(model_dir / "train_log.csv", model_dir / "loss_curve.png", title)
+    (model_dir / "config.json").write_text(json.dumps({
+        "settings": settings, "seed": seed, "sd15_dir": str(sd15_dir), "dinov2": str(dinov2_path),
+        "caches": {name: str(path) for name, path in caches.items()},
+        "token_grid": dino.attrs["grid"], "token_dim": dino.attrs["dim"], "trained_rows": int(len(rows)),
+        "final_step": trainer.state.step,
+    }, indent=2))
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Hard-link a folder tree (copy where links are impossible): snapshots exist once on disk."""
+    for file in source.rglob("*"):
+        if file.is_file():
+            target = destination / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:
+                shutil.copy2(file, target)

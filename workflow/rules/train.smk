@@ -1,0 +1,24 @@
+# Stage 3: U-REPA fine-tuning of one (tier, ablation) run. Checkpoints live in train_state/, which is
+# not an output, so a killed or failed run started again resumes instead of starting over.
+
+
+rule train_unet:
+    input:
+        csv=lambda w: cache_paths(w.tier)["csv"],
+        vae=lambda w: cache_paths(w.tier)["vae"],
+        dino=lambda w: cache_paths(w.tier)["dino"],
+        clip=lambda w: cache_paths(w.tier)["clip"],
+        sd15=sd15_dir,
+        dinov2=dinov2_path,
+    output:
+        model=directory("results/{tier}/{ablation}/model"),
+    params:
+        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
+        run_dir="results/{tier}/{ablation}/train_state",
+    threads: 2
+    log:
+        "results/{tier}/{ablation}/logs/train_unet.log",
+    benchmark:
+        "results/{tier}/{ablation}/benchmarks/train_unet.tsv"
+    script:
+        "../scripts/train_unet.py"
