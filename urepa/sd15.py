@@ -7,6 +7,16 @@ from pathlib import Path
 import torch
 
 SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# unet/config.json of stable-diffusion-v1-5: builds the real-shape U-Net (random or on the meta
+# device) for tests and benchmarks where the weights are not on disk.
+SD15_UNET_CONFIG = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
 
 
 def check_sd15_dir(sd15_dir: str | Path, subfolders: tuple[str, ...] = SD15_SUBFOLDERS) -> Path:

@@ -1,0 +1,83 @@
+"""Config validation names the offending key; real tiers fail early on missing paths."""
+import copy
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SCHEMA
+from urepa import config as urepa_config
+
+
+@pytest.fixture
+def config():
+    return urepa_config.load_yaml(REPO / "config" / "config.yaml")
+
+
+def test_shipped_config_is_valid(config):
+    urepa_config.validate(config, SCHEMA)
+    for tier in config["tiers"]:
+        for ablation in config["ablations"]:
+            urepa_config.train_settings(config, tier, ablation)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(imagenet_dri="/data"), r"'imagenet_dri' is not a known key \(did you mean 'imagenet_dir'\?\)"),
+    (lambda c: c["train"].update(lamda=0.5), r"'train.lamda' is not a known key"),
+    (lambda c: c["tiers"]["tierA"]["train"].update(max_step=3), r"'tiers.tierA.train.max_step'.*did you mean 'max_steps'"),
+    (lambda c: c["ablations"]["token_only"].update(manifold_coef=0), r"'ablations.token_only.manifold_coef'"),
+    (lambda c: c["train"].update(batch_size="48"), r"'train.batch_size': '48' is not of type 'integer'"),
+    (lambda c: c["train"].update(prediction="x0"), r"'train.prediction'"),
+    (lambda c: c["train"].update(align_layers=["middle"]), r"'train.align_layers.0'"),
+])
+def test_typos_and_wrong_types_are_rejected_by_name(config, mutate, message):
+    broken = copy.deepcopy(config)
+    mutate(broken)
+    with pytest.raises(urepa_config.ConfigError, match=message):
+        urepa_config.validate(broken, SCHEMA)
+
+
+def test_ablations_override_tier_which_overrides_defaults(config):
+    smoke = urepa_config.train_settings(config, "smoke", "token_only")
+    assert smoke["manifold_coeff"] == 0 and smoke["align_coeff"] == 0.8
+    assert smoke["batch_size"] == config["tiers"]["smoke"]["train"]["batch_size"]
+    assert urepa_config.train_settings(config, "tierA", "baseline")["align_coeff"] == 0
+    assert urepa_config.train_settings(config, "tierA", "urepa")["learning_rate"] == 2e-4
+    config["train"]["finetune"] = "full"
+    assert urepa_config.train_settings(config, "tierA", "urepa")["learning_rate"] == 1e-4
+    assert urepa_config.train_settings(config, "tierA", "multi_layer")["align_layers"] == ["enc_last", "mid", "dec_first"]
+    with pytest.raises(urepa_config.ConfigError, match="unknown ablation 'tokenonly'"):
+        urepa_config.train_settings(config, "tierA", "tokenonly")
+    with pytest.raises(urepa_config.ConfigError, match="unknown tier 'tierD'"):
+        urepa_config.tier_settings(config, "tierD")
+
+
+def test_tier_c_reuses_tier_b_data(config):
+    assert urepa_config.data_tier(config, "tierC") == "tierB"
+    assert urepa_config.data_tier(config, "tierA") == "tierA"
+
+
+def test_missing_real_paths_are_named(config, tmp_path):
+    config.update(imagenet_dir="/nonexistent/ilsvrc", sd15_dir=str(tmp_path), dinov2=None)
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.check_real_paths(config, "tierB")
+    text = str(error.value)
+    assert "'/nonexistent/ilsvrc' does not exist" in text and "'dinov2' is not set" in text
+    urepa_config.check_real_paths(config, "smoke")  # the smoke tier builds its own inputs
+
+
+def test_snakemake_dry_run_names_the_missing_path(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "tier=tierB",
+         "imagenet_dir=/nonexistent", f"sd15_dir={tmp_path}", f"dinov2={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "imagenet_dir" in result.stderr + result.stdout and "/nonexistent" in result.stderr + result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_snakemake_dry_run_rejects_a_config_typo():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "tire=tierA"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "'tire' is not a known key (did you mean 'tier'?)" in result.stdout + result.stderr

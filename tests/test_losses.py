@@ -1,0 +1,114 @@
+"""The U-REPA loss terms against hand-computed values."""
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from urepa.losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target, manifold_loss, token_loss
+
+
+def unit(*v):
+    t = torch.tensor(v, dtype=torch.float32)
+    return t / t.norm()
+
+
+def test_token_loss_is_mean_of_one_minus_cosine():
+    pred = torch.stack([torch.stack([unit(1, 0), unit(0, 1)])])          # [1, 2, 2]
+    target = torch.stack([torch.stack([unit(1, 0), unit(1, 1)])])
+    # cosines: 1 and 1/sqrt(2)
+    expected = ((1 - 1) + (1 - 1 / math.sqrt(2))) / 2
+    assert token_loss(pred, target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_token_loss_is_scale_invariant_and_zero_for_identical_tokens():
+    x = torch.randn(3, 5, 8)
+    assert token_loss(x, x).item() == pytest.approx(0, abs=1e-6)
+    assert token_loss(2 * x, x).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_manifold_sample_mode_matches_hand_computed_gram_mse():
+    # two images, one token each: pooled vectors are the tokens themselves
+    pred = torch.stack([unit(1, 0)[None], unit(0, 1)[None]])      # Gram: [[1,0],[0,1]]
+    target = torch.stack([unit(1, 0)[None], unit(1, 1)[None]])    # Gram: [[1,c],[c,1]], c = 1/sqrt2
+    c = 1 / math.sqrt(2)
+    assert manifold_loss(pred, target, "sample").item() == pytest.approx(2 * c**2 / 4, abs=1e-6)
+    assert manifold_loss(pred, target, "sample", upper_only=True).item() == pytest.approx(c**2 / 3, abs=1e-6)
+    assert manifold_loss(pred, target, "sample", mask_diag=True).item() == pytest.approx(c**2, abs=1e-6)
+    assert manifold_loss(pred, target, "sample", upper_only=True, mask_diag=True).item() == pytest.approx(c**2, abs=1e-6)
+
+
+def test_manifold_sample_mode_pools_tokens_before_the_gram():
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])  # pooled: (.5,.5) and (1,0)
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]])  # pooled: both (1,0)
+    # normalised pooled pred: u=(1,1)/sqrt2, v=(1,0): off-diagonal cos = 1/sqrt2; target off-diagonal = 1
+    off = (1 / math.sqrt(2) - 1) ** 2
+    assert manifold_loss(pred, target, "sample").item() == pytest.approx(2 * off / 4, abs=1e-6)
+
+
+def test_manifold_token_mode_matches_hand_computed_per_image_gram_mse():
+    pred = torch.stack([torch.stack([unit(1, 0), unit(0, 1)]), torch.stack([unit(1, 0), unit(1, 0)])])
+    target = torch.stack([torch.stack([unit(1, 0), unit(1, 1)]), torch.stack([unit(1, 0), unit(1, 0)])])
+    c = 1 / math.sqrt(2)
+    # image 0: off-diagonals differ by c (twice); image 1: identical. Mean over 2 * 4 entries.
+    assert manifold_loss(pred, target, "token").item() == pytest.approx(2 * c**2 / 8, abs=1e-6)
+    assert manifold_loss(pred, target, "token", mask_diag=True).item() == pytest.approx(2 * c**2 / 4, abs=1e-6)
+
+
+def test_manifold_loss_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="sample.*token"):
+        manifold_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), mode="pairs")
+
+
+@pytest.fixture
+def scheduler():
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def test_v_target_matches_the_definition_on_the_ddpm_schedule(scheduler):
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    torch.testing.assert_close(diffusion_target(scheduler, x0, noise, t, "v"), expected)
+    # scaled_linear betas: beta_t = (linspace(sqrt(b0), sqrt(b1), T) ** 2)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    assert float(alpha_bar[1]) == pytest.approx(float(torch.prod(1 - betas[:501])), rel=1e-5)
+
+
+def test_epsilon_target_is_the_noise(scheduler):
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(diffusion_target(scheduler, x0, noise, torch.tensor([3, 7]), "epsilon"), noise)
+
+
+def test_min_snr_weighting_matches_hand_computation(scheduler):
+    pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    t = torch.tensor([10, 900])
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    for prediction, denominator in (("epsilon", snr), ("v", snr + 1)):
+        expected = (torch.clamp(snr, max=5.0) / denominator).mean()
+        got = diffusion_loss(pred, target, scheduler, t, prediction, snr_gamma=5.0)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert diffusion_loss(pred, target).item() == pytest.approx(1.0)
+
+
+def test_alignment_loss_averages_layers_and_weights_the_manifold_term():
+    target = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=-1)
+    a, b = torch.nn.functional.normalize(torch.randn(4, 6, 8), dim=-1), target.clone()
+    total, tok, man = alignment_loss({"mid": a, "dec_first": b}, target, manifold_coeff=3.0)
+    assert tok.item() == pytest.approx(token_loss(a, target).item() / 2, abs=1e-6)
+    assert man.item() == pytest.approx(manifold_loss(a, target).item() / 2, abs=1e-6)
+    assert total.item() == pytest.approx(tok.item() + 3.0 * man.item(), abs=1e-6)
+
+
+def test_align_schedule_warmup_decay_and_cutoff():
+    constant = AlignSchedule(0.8)
+    assert constant(0) == constant(10_000) == 0.8
+    warm = AlignSchedule(0.8, warmup_steps=4)
+    assert [warm(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+    cosine = AlignSchedule(1.0, kind="cosine", decay_steps=100, end=0.0)
+    assert cosine(0) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    linear = AlignSchedule(1.0, kind="linear", decay_steps=10, end=0.5)
+    assert linear(5) == pytest.approx(0.75)
+    assert AlignSchedule(0.8, cutoff_step=100)(100) == 0.0

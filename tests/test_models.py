@@ -1,0 +1,133 @@
+"""Feature capture, align heads and LoRA placement, on the tiny smoke U-Net and on the real SD-1.5
+U-Net configuration (built on the meta device: real shapes, no weights)."""
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from urepa.losses import alignment_loss
+from urepa.models import AlignedUNet, AlignHead, FeatureCapture, TRAINABLE_BLOCKS, lora_target_modules, make_trainable
+from urepa.sd15 import SD15_UNET_CONFIG, load_unet
+
+
+@pytest.fixture(scope="module")
+def sd15_meta_unet():
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+@pytest.mark.parametrize("projector", ["conv", "mlp"])
+def test_align_head_projects_then_upsamples_to_unit_tokens(projector):
+    head = AlignHead(in_channels=64, dim=32, grid=8, projector=projector, hidden=48)
+    tokens = head(torch.randn(3, 64, 2, 2))
+    assert tokens.shape == (3, 64, 32)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.ones(3, 64))
+
+
+def test_align_head_full_scale_shapes():
+    head = AlignHead(in_channels=1280, dim=1024, grid=16)
+    tokens = head(torch.randn(2, 1280, 8, 8))
+    assert tokens.shape == (2, 256, 1024)
+    # projection first: the upsampling acts on 1024 channels, the 1x1 conv on the 8x8 map
+    assert head.proj[0].weight.shape == (1024, 1280, 1, 1)
+
+
+def test_hooks_on_the_real_sd15_unet_capture_8x8x1280(sd15_meta_unet):
+    capture = FeatureCapture(sd15_meta_unet, ["enc_last", "mid", "dec_first"])
+    out = sd15_meta_unet(torch.empty(2, 4, 64, 64, device="meta"), torch.zeros(2, device="meta"),
+                         encoder_hidden_states=torch.empty(2, 77, 768, device="meta")).sample
+    assert out.shape == (2, 4, 64, 64)
+    features = capture.pop()
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        "enc_last": (2, 1280, 8, 8), "mid": (2, 1280, 8, 8), "dec_first": (2, 1280, 8, 8)}
+    assert capture.features == {}
+    with pytest.raises(RuntimeError, match="no feature captured"):
+        capture.pop()
+    capture.remove()
+    assert not any(m._forward_hooks for m in sd15_meta_unet.modules())
+
+
+def test_lora_targets_on_the_real_sd15_unet_are_inside_the_three_blocks_only(sd15_meta_unet):
+    targets = lora_target_modules(sd15_meta_unet, "attn+conv")
+    assert targets and all(t.startswith(TRAINABLE_BLOCKS) for t in targets)
+    # SD-1.5: down_blocks.3 and up_blocks.0 have no attention; the mid block has one transformer
+    # with self- and cross-attention; up_blocks.0's resnets take the skip concat, hence conv_shortcut.
+    assert not any("attn" in t for t in targets if t.startswith(("down_blocks.3", "up_blocks.0")))
+    assert sum(t.startswith("mid_block.attentions") for t in targets) == 8
+    assert sum(t.endswith("conv_shortcut") for t in targets) == 3
+    assert len(targets) == 4 + 12 + 9
+    assert len(lora_target_modules(sd15_meta_unet, "attn")) == 8
+    with pytest.raises(ValueError):
+        lora_target_modules(sd15_meta_unet, "everything")
+
+
+@pytest.fixture
+def tiny_unet(smoke_inputs):
+    return load_unet(smoke_inputs["sd15"])
+
+
+def test_peft_adapts_only_whitelisted_modules(tiny_unet):
+    make_trainable(tiny_unet, "lora", lora_rank=4)
+    lora_modules = {name.rsplit(".lora_", 1)[0] for name, _ in tiny_unet.named_parameters() if ".lora_" in name}
+    assert lora_modules and all(name.startswith(TRAINABLE_BLOCKS) for name in lora_modules)
+    trainable = [name for name, p in tiny_unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_partial_and_full_finetuning_open_the_right_parameters(tiny_unet, mode):
+    make_trainable(tiny_unet, mode)
+    trainable = {name for name, p in tiny_unet.named_parameters() if p.requires_grad}
+    if mode == "partial":
+        assert trainable and all(name.startswith(TRAINABLE_BLOCKS) for name in trainable)
+        assert any(name.startswith("up_blocks.0") for name in trainable)
+    else:
+        assert len(trainable) == len(list(tiny_unet.parameters()))
+
+
+def _forward_aligned(unet, layers):
+    torch.manual_seed(0)
+    model = AlignedUNet(unet, layers, dim=32, grid=8)
+    sample = torch.randn(2, 4, 16, 16)
+    prediction, tokens = model(sample, torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    target = torch.nn.functional.normalize(torch.randn(2, 64, 32), dim=-1)
+    return model, prediction, tokens, target
+
+
+def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet):
+    make_trainable(tiny_unet, "lora", lora_rank=4)
+    model, _, tokens, target = _forward_aligned(tiny_unet, ["mid"])
+    loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0)
+    loss_align.backward()
+    grads = {n: p.grad for n, p in tiny_unet.named_parameters() if ".lora_" in n}
+
+    def nonzero(prefix):
+        return any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix))
+
+    assert nonzero("down_blocks.3") and nonzero("mid_block")
+    # the decoder runs after the hook: the alignment loss cannot reach it
+    assert not nonzero("up_blocks.0")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads.parameters())
+
+
+def test_zero_lambda_adds_no_gradient(tiny_unet):
+    make_trainable(tiny_unet, "lora", lora_rank=4)
+    model, prediction, tokens, target = _forward_aligned(tiny_unet, ["mid"])
+    loss_diff = prediction.pow(2).mean()
+    loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0)
+    lora = [p for n, p in tiny_unet.named_parameters() if ".lora_" in n]
+    with_zero_lambda = torch.autograd.grad(loss_diff + 0.0 * loss_align, lora, retain_graph=True)
+    diff_only = torch.autograd.grad(loss_diff, lora)
+    for a, b in zip(with_zero_lambda, diff_only):
+        assert torch.equal(a, b)
+
+
+def test_aligned_unet_without_layers_has_no_hooks_or_heads(tiny_unet):
+    model = AlignedUNet(tiny_unet, [], dim=32, grid=8)
+    assert len(model.heads) == 0 and not any(m._forward_hooks for m in tiny_unet.modules())
+    _, tokens = model(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 77, 32))
+    assert tokens == {}
+
+
+def test_unknown_alignment_layer_is_rejected(tiny_unet):
+    with pytest.raises(ValueError, match="unknown alignment layer"):
+        FeatureCapture(tiny_unet, ["bottleneck"])
