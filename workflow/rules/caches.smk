@@ -25,6 +25,9 @@ rule cache_dino:
         dinov2=dinov2_path,
     output:
         directory("results/{tier}/cache/dino_tokens.zarr"),
+    params:
+        resize=lambda w: tier_of(w)["dino_resize"],
+        crop=lambda w: tier_of(w)["dino_crop"],
     threads: 2
     log:
         "results/{tier}/logs/cache_dino.log",

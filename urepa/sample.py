@@ -1,0 +1,161 @@
+"""Stage 4: class-balanced samples from the trained (EMA) weights with classifier-free guidance.
+
+The sampling loop is written out rather than taken from StableDiffusionPipeline because guidance is
+applied only inside a timestep interval (REPA's guidance_high / guidance_low), which the pipeline
+cannot do; models, schedulers and LoRA loading are diffusers' own. Image i is drawn from its own
+seeded initial noise, so a sample set is reproducible and a killed job resumes image by image.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finetune: str, device: torch.device,
+                            dtype: torch.dtype = torch.float32):
+    """SD-1.5 from its local folder with the fine-tuned weights in: LoRA through
+    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from .sd15 import check_sd15_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   torch_dtype=dtype, local_files_only=True)
+    weights_dir = Path(weights_dir)
+    if finetune == "lora":
+        pipe.load_lora_weights(weights_dir)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def make_sampler(name: str, base_config, prediction: str):
+    """A diffusers scheduler of the chosen kind on SD-1.5's schedule, for the trained parameterisation."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    cls_name, extra = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(
+        base_config, prediction_type="v_prediction" if prediction == "v" else "epsilon", **extra)
+
+
+def initial_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Image `index`'s starting noise, drawn on the CPU so it is the same on every device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+@torch.no_grad()
+def sample_latents(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor, steps: int,
+                   cfg_scale: float, guidance_low: float, guidance_high: float) -> torch.Tensor:
+    """Denoise `noise` with CFG applied only while guidance_low <= t / T <= guidance_high."""
+    num_train = scheduler.config.num_train_timesteps
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        guided = cfg_scale != 1.0 and guidance_low <= float(t) / num_train <= guidance_high
+        if guided:
+            out_uncond, out_cond = unet(torch.cat([model_input] * 2), t,
+                                        encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+        else:
+            out = unet(model_input, t, encoder_hidden_states=cond).sample
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def class_of(index: int, images_per_class: int) -> int:
+    return index // images_per_class
+
+
+def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_classes: int, images_per_class: int,
+                     out_dir: str | Path, settings: dict, prediction: str, seed: int, batch_size: int) -> Path:
+    """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable)."""
+    out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    manifest = {"sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
+                "guidance_low": settings["guidance_low"], "guidance_high": settings["guidance_high"],
+                "prediction": prediction, "seed": seed, "num_classes": num_classes,
+                "images_per_class": images_per_class}
+    manifest_path = partial / "sampling.json"
+    if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
+        log.warning("discarding %s: it was sampled with other settings", partial)
+        shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+    device = pipe.unet.device
+    scheduler = make_sampler(settings["sampler"], pipe.scheduler.config, prediction)
+    total = num_classes * images_per_class
+    todo = [i for i in range(total) if not (partial / f"{i:06d}.png").exists()]
+    if len(todo) < total:
+        log.info("resuming sampling: %d of %d images already written", total - len(todo), total)
+    clip = torch.from_numpy(np.asarray(clip_embeddings)).to(device, pipe.unet.dtype)
+    channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    for start in tqdm(range(0, len(todo), batch_size), desc="sample", unit="batch"):
+        indices = todo[start:start + batch_size]
+        noise = torch.stack([initial_noise(i, seed, (channels, size, size)) for i in indices]).to(device)
+        cond = clip[[class_of(i, images_per_class) for i in indices]]
+        uncond = clip[[null_index] * len(indices)]
+        latents = sample_latents(pipe.unet, scheduler, cond, uncond, noise.to(pipe.unet.dtype), settings["steps"],
+                                 settings["cfg_scale"], settings["guidance_low"], settings["guidance_high"])
+        for i, image in zip(indices, decode(pipe.vae, latents)):
+            tmp = partial / f"{i:06d}.tmp.png"
+            Image.fromarray(image).save(tmp)
+            tmp.rename(partial / f"{i:06d}.png")  # a PNG that exists is complete
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def sample_paths(samples_dir: str | Path) -> list[Path]:
+    return sorted(Path(samples_dir).glob("[0-9]*.png"))
+
+
+def sample_grid(samples_dir: str | Path, out_png: str | Path, images_per_class: int, class_names: list[str],
+                per_class: int = 6, max_classes: int = 16, thumb: int = 128) -> None:
+    """One row per class (first `per_class` samples), labelled, as one PNG."""
+    from PIL import ImageDraw
+
+    num_classes = min(max_classes, len(class_names))
+    columns = min(per_class, images_per_class)
+    label_width = 160
+    grid = Image.new("RGB", (label_width + columns * thumb, num_classes * thumb), "white")
+    draw = ImageDraw.Draw(grid)
+    for c in range(num_classes):
+        draw.text((6, c * thumb + thumb // 2 - 6), class_names[c][:24], fill="black")
+        for j in range(columns):
+            path = Path(samples_dir) / f"{c * images_per_class + j:06d}.png"
+            with Image.open(path) as image:
+                grid.paste(image.convert("RGB").resize((thumb, thumb), Image.BICUBIC),
+                           (label_width + j * thumb, c * thumb))
+    grid.save(out_png)
+
