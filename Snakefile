@@ -14,6 +14,12 @@ include: "workflow/rules/smoke.smk"
 include: "workflow/rules/subset.smk"
 include: "workflow/rules/caches.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:

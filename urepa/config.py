@@ -45,6 +45,25 @@ def validate(config: dict, schema_path: str | Path) -> None:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    _check_names(config)
+
+
+def _check_names(config: dict) -> None:
+    """Names that refer to other config entries must exist."""
+    problems = []
+    if config["tier"] not in config["tiers"]:
+        problems.append(f"config key 'tier': unknown tier '{config['tier']}'; defined tiers: {', '.join(config['tiers'])}")
+    for name in [config["ablation"], *config["compare"]]:
+        if name not in config["ablations"]:
+            problems.append(f"unknown ablation '{name}'; defined ablations: {', '.join(config['ablations'])}")
+    for tier, settings in config["tiers"].items():
+        if settings["sample_preset"] not in config["sample"]["presets"]:
+            problems.append(f"config key 'tiers.{tier}.sample_preset': unknown preset '{settings['sample_preset']}'; "
+                            f"defined presets: {', '.join(config['sample']['presets'])}")
+        if settings.get("data_from", tier) not in config["tiers"]:
+            problems.append(f"config key 'tiers.{tier}.data_from': unknown tier '{settings['data_from']}'")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def tier_settings(config: dict, tier: str | None = None) -> dict[str, Any]:
@@ -70,6 +89,9 @@ REAL_TIER_PATHS = {
 }
 
 
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
 def check_real_paths(config: dict, tier: str) -> None:
     """Fail before any job starts when a real tier's local input is not where config says."""
     if tier_settings(config, tier)["source"] != "imagenet":
@@ -86,6 +108,11 @@ def check_real_paths(config: dict, tier: str) -> None:
             f"config key 'imagenet_dir': '{config['imagenet_dir']}' has no Data/CLS-LOC/train folder; "
             f"expected {REAL_TIER_PATHS['imagenet_dir']}"
         )
+    if tier_settings(config, tier)["feature_network"] == "inception":
+        weights = Path(config.get("inception_dir") or "<inception_dir>") / INCEPTION_FILE
+        if not weights.is_file():
+            problems.append(f"config key 'inception_dir': FID needs clean-fid's Inception weights; put "
+                            f"{INCEPTION_FILE} at {weights} (nothing is downloaded)")
     if problems:
         raise ConfigError("missing inputs for tier '" + tier + "':\n  " + "\n  ".join(problems))
 

@@ -263,7 +263,7 @@ class Trainer:
                 if self.state.step % settings["checkpoint_every"] == 0 or self.state.step == max_steps:
                     log_file.flush()
                     self.save_checkpoint()
-                if on_snapshot and (self.state.step % settings["snapshot_every"] == 0 or self.state.step == max_steps):
+                if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
                     on_snapshot(self, self.state.step)
             progress.close()
         self.accelerator.end_training()
@@ -355,6 +355,8 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
         raise ValueError(f"CLIP cache dim {clip.attrs['dim']} does not match the U-Net's cross-attention dim "
                          f"{unet.config.cross_attention_dim}")
     run_dir, model_dir = Path(run_dir), Path(model_dir)
+    _claim_run_dir(run_dir, {"settings": settings, "seed": seed, "csv_sha256": csv_sha,
+                             "dino": dino.attrs["encoder_fingerprint"], "vae": vae.attrs["encoder_fingerprint"]})
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
@@ -380,6 +382,17 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
         "token_grid": dino.attrs["grid"], "token_dim": dino.attrs["dim"], "trained_rows": int(len(rows)),
         "final_step": trainer.state.step,
     }, indent=2))
+
+
+def _claim_run_dir(run_dir: Path, identity: dict) -> None:
+    """Resume only a run of the same settings and data; set any other run's state aside, not delete it."""
+    marker = run_dir / "run.json"
+    if marker.exists() and json.loads(marker.read_text()) != identity:
+        stale = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("%s holds a run with other settings or data: moved to %s, starting afresh", run_dir, stale)
+        run_dir.rename(stale)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
 def _link_tree(source: Path, destination: Path) -> None:

@@ -55,4 +55,4 @@ wildcard_constraints:
 
 
 def default_targets():
-    return [f"results/{TIER}/{ABLATION}/model"]
+    return [f"results/{TIER}/report.html"]

@@ -5,7 +5,9 @@ rule smoke_imagenet:
     output:
         directory("results/{tier}/inputs/imagenet"),
     params:
-        tier=tier_of,
+        classes=lambda w: tier_of(w)["smoke_classes"],
+        train_images=lambda w: tier_of(w)["smoke_train_images"],
+        val_images=lambda w: tier_of(w)["smoke_val_images"],
     log:
         "results/{tier}/logs/smoke_imagenet.log",
     script:
@@ -17,7 +19,7 @@ rule smoke_models:
         sd15=directory("results/{tier}/inputs/sd15"),
         dinov2=directory("results/{tier}/inputs/dinov2"),
     params:
-        tier=tier_of,
+        image_size=lambda w: tier_of(w)["image_size"],
     log:
         "results/{tier}/logs/smoke_models.log",
     script:

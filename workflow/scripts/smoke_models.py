@@ -4,5 +4,5 @@ from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 seed = snakemake.config["seed"]
-smoke.make_tiny_sd15(snakemake.output.sd15, snakemake.params.tier["image_size"], seed=seed)
+smoke.make_tiny_sd15(snakemake.output.sd15, snakemake.params.image_size, seed=seed)
 smoke.make_tiny_dinov2(snakemake.output.dinov2, seed=seed)

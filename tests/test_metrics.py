@@ -1,0 +1,356 @@
+"""Metrics against closed forms and brute force; the Inception code path through a tiny fake of
+clean-fid's torchscript (the real weights cannot be downloaded here)."""
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cleanfid.fid import kernel_distance
+from PIL import Image
+from torch import nn
+
+from urepa.metrics import (
+    INCEPTION_FILENAME,
+    INCEPTION_LAYERS,
+    INCEPTION_NAME,
+    InceptionFeatures,
+    StandInFeatures,
+    build_feature_network,
+    compute_metrics,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    list_images,
+    load_statistics,
+    precision_recall,
+    save_statistics,
+)
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    features = np.random.default_rng(0).normal(size=(500, 16))
+    mu, sigma = feature_statistics(features)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    var1, var2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_non_commuting_covariances_matches_hand_computation():
+    # For 2 x 2 M = sigma1 sigma2 (positive eigenvalues l1, l2): tr sqrt(M) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr M + 2 sqrt(det M)).
+    sigma1 = np.array([[2.0, 1.0], [1.0, 2.0]])
+    sigma2 = np.array([[1.0, 0.0], [0.0, 4.0]])
+    product = sigma1 @ sigma2
+    tr_sqrt = np.sqrt(np.trace(product) + 2 * np.sqrt(np.linalg.det(product)))
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([3.0, -1.0])
+    expected = 13.0 + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_survives_rank_deficient_covariances():
+    rng = np.random.default_rng(2)  # fewer samples than dimensions, as in the smoke tier
+    mu1, sigma1 = feature_statistics(rng.normal(size=(10, 40)))
+    mu2, sigma2 = feature_statistics(rng.normal(size=(10, 40)) + 1)
+    distance = frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert np.isfinite(distance) and distance > 0
+    assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-4)
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="mismatched"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------- KID
+
+def test_kid_of_identical_sets_is_its_closed_form_and_matches_clean_fid():
+    features = np.random.default_rng(3).normal(size=(60, 8))
+    # Subsets of the full size are permutations of the same set: with mean off-diagonal kernel a and
+    # mean diagonal kernel b, the unbiased MMD² is 2 (a - b) / m exactly, on every subset.
+    kernel = (features @ features.T / 8 + 1) ** 3
+    m = len(features)
+    mean_diagonal = np.trace(kernel) / m
+    mean_off_diagonal = (kernel.sum() - np.trace(kernel)) / (m * (m - 1))
+    kid_mean, kid_std = kernel_inception_distance(features, features, num_subsets=5)
+    assert kid_mean == pytest.approx(2 * (mean_off_diagonal - mean_diagonal) / m, rel=1e-9)
+    assert kid_std == pytest.approx(0, abs=1e-9)
+    assert kid_mean == pytest.approx(kernel_distance(features, features, num_subsets=5), rel=1e-6)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_shifted_ones():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    shifted = rng.normal(size=(300, 16)) + 0.5
+    same, _ = kernel_inception_distance(a, b, num_subsets=10, max_subset_size=200)
+    different, different_std = kernel_inception_distance(a, shifted, num_subsets=10, max_subset_size=200)
+    assert different > 10 * different_std > 0
+    assert abs(same) < 0.05 * different
+
+
+def test_kid_is_reproducible_with_a_seed():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(40, 4))
+    assert kernel_inception_distance(a, b, 7, 20, seed=1) == kernel_inception_distance(a, b, 7, 20, seed=1)
+
+
+# ---------------------------------------------------------------- Inception Score
+
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = inception_score(np.zeros((100, 1008)))
+    assert mean == pytest.approx(1.0, abs=1e-12)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_of_confident_diverse_predictions_is_the_number_of_classes():
+    num_classes = 10
+    labels = np.arange(200) % num_classes  # every split of 20 holds every class twice
+    logits = 40.0 * np.eye(num_classes)[labels]
+    mean, std = inception_score(logits, num_splits=10)
+    assert mean == pytest.approx(num_classes, rel=1e-6)
+    assert std == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_score_uses_fewer_splits_than_samples():
+    mean, _ = inception_score(np.random.default_rng(6).normal(size=(3, 5)), num_splits=10)
+    assert mean == pytest.approx(1.0)  # one sample per split: p(y|x) = p(y)
+
+
+# ---------------------------------------------------------------- precision / recall
+
+def brute_force_precision_recall(gen: np.ndarray, ref: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(x):
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        return np.sort(d, axis=1)[:, k]
+    cross = np.linalg.norm(gen[:, None] - ref[None], axis=-1)
+    precision = (cross <= radii(ref)[None, :]).any(axis=1).mean()
+    recall = (cross <= radii(gen)[:, None]).any(axis=0).mean()
+    return precision, recall
+
+
+def test_precision_recall_of_identical_sets_is_one_and_of_far_apart_sets_zero():
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(80, 8))
+    assert precision_recall(ref, ref) == (1.0, 1.0)
+    assert precision_recall(ref + 100, ref) == (0.0, 0.0)
+
+
+def test_precision_counts_generated_samples_on_the_reference_manifold():
+    rng = np.random.default_rng(8)
+    ref = rng.normal(size=(40, 8))
+    gen = np.concatenate([ref[:20], rng.normal(size=(20, 8)) + 100])
+    precision, _ = precision_recall(gen, ref)
+    assert precision == 0.5
+
+
+def test_precision_recall_matches_brute_force_across_batches():
+    rng = np.random.default_rng(9)
+    gen, ref = rng.normal(size=(37, 6)) + 0.3, rng.normal(size=(29, 6))
+    expected = brute_force_precision_recall(gen, ref, k=3)
+    assert precision_recall(gen, ref, k=3, batch_size=8) == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the Inception path, through a fake torchscript
+
+def conv(in_channels: int, out_channels: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, stride, padding), nn.ReLU())
+
+
+class FakeMixed6(nn.Module):
+    """Like the real mixed_6: a `conv` branch (192 channels there) concatenated with others."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = conv(channels, 8, 1)
+        self.tower = conv(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), self.tower(x)], 1)
+
+
+class FakeInception(nn.Module):
+    """The real torchscript's module tree and spatial sizes (299 -> 17 x 17 at mixed_6 -> 2048 x 1 x 1),
+    with a handful of channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c = 4
+        self.layers = nn.Sequential(OrderedDict([
+            ("conv", conv(3, c, 3, 2)), ("conv_1", conv(c, c, 3)), ("conv_2", conv(c, c, 3, padding=1)),
+            ("pool0", nn.MaxPool2d(3, 2)), ("conv_3", conv(c, c, 1)), ("conv_4", conv(c, c, 3)),
+            ("pool1", nn.MaxPool2d(3, 2)), ("mixed", conv(c, c, 1)), ("mixed_1", conv(c, c, 1)),
+            ("mixed_2", conv(c, c, 1)), ("mixed_3", conv(c, c, 3, 2)), ("mixed_4", conv(c, c, 1)),
+            ("mixed_5", conv(c, c, 1)), ("mixed_6", FakeMixed6(c)), ("mixed_7", conv(c + 8, c, 1)),
+            ("mixed_8", conv(c, c, 3, 2)), ("mixed_9", conv(c, c, 1)), ("mixed_10", conv(c, 2048, 1)),
+            ("pool2", nn.AvgPool2d(8)),
+        ]))
+        self.output = nn.Linear(2048, 1008)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        features = self.layers((img - 128) / 128).reshape(-1, 2048)
+        if return_features:
+            return features
+        return F.softmax(F.linear(features, self.output.weight), 1)
+
+
+@pytest.fixture(scope="module")
+def fake_inception_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inception")
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(FakeInception().eval()), str(folder / INCEPTION_FILENAME))
+    return folder
+
+
+def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_inception_features_have_pool_and_sfid_shapes(fake_inception_dir, tmp_path):
+    network = build_feature_network("inception", fake_inception_dir)
+    paths = write_images(tmp_path / "images", [(64, 64), (80, 48), (299, 299)])
+    Image.open(paths[0]).convert("L").save(paths[0])  # a grey file is read as RGB
+    features = extract_features(network, list_images(tmp_path / "images"), batch_size=2)
+    assert features["pool"].shape == (3, 2048)
+    assert features["spatial"].shape == (3, 7 * 17 * 17)
+    assert features["logits"].shape == (3, 1008)
+    assert features["feature_network"] == INCEPTION_NAME
+
+
+def test_inception_features_are_the_torchscript_outputs_in_one_pass(fake_inception_dir):
+    network = InceptionFeatures(fake_inception_dir)
+    images = np.random.default_rng(10).integers(0, 256, size=(2, 40, 30, 3), dtype=np.uint8)
+    features = network.features(images)
+
+    base = torch.jit.load(str(fake_inception_dir / INCEPTION_FILENAME))
+    resized = torch.stack([network.resize(image) for image in images])
+    x = (resized - 128) / 128
+    for name in INCEPTION_LAYERS[:INCEPTION_LAYERS.index("mixed_6")]:
+        x = getattr(base.layers, name)(x)
+    spatial = base.layers.mixed_6.conv(x)[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # ADM's (h, w, c) order
+    pool = base(resized, return_features=True)
+    np.testing.assert_allclose(features["pool"], pool.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features["spatial"], spatial.detach().numpy(), rtol=1e-5, atol=1e-6)
+    # IS probabilities as the torchscript gives them without the output bias.
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(features["logits"]), 1).numpy(),
+                               base(resized).detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_resize_is_clean_fid_clean_mode():
+    from cleanfid.resize import build_resizer
+
+    image = np.random.default_rng(11).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+    expected = build_resizer("clean")(image).transpose(2, 0, 1)
+    np.testing.assert_array_equal(StandInFeatures(input_size=299).resize(image).numpy(), expected)
+
+
+def test_missing_inception_weights_name_the_expected_path(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        build_feature_network("inception", tmp_path)
+    assert str(tmp_path / INCEPTION_FILENAME) in str(error.value)
+    assert "torchscript" in str(error.value)
+
+
+def test_feature_network_factory_rejects_bad_requests():
+    with pytest.raises(ValueError, match="weights_dir"):
+        build_feature_network("inception")
+    with pytest.raises(ValueError, match="unknown"):
+        build_feature_network("vgg")
+
+
+# ---------------------------------------------------------------- stand-in network, statistics, compute_metrics
+
+def test_stand_in_network_is_deterministic_and_leaves_the_global_rng_alone():
+    rng_state = torch.get_rng_state()
+    first, second = StandInFeatures(), StandInFeatures()
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    images = np.random.default_rng(12).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    a, b = first.features(images), second.features(images)
+    for key in ("pool", "spatial", "logits"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["pool"].shape == (3, 128) and a["spatial"].shape == (3, 7 * 8 * 8) and a["logits"].shape == (3, 10)
+    assert "stand-in" in first.name and "NOT Inception" in first.name
+    assert not np.array_equal(StandInFeatures(seed=1).features(images)["pool"], a["pool"])
+
+
+def test_extract_features_takes_in_memory_batches_like_files(tmp_path):
+    network = build_feature_network("stand-in")
+    paths = write_images(tmp_path, [(48, 48)] * 5)
+    arrays = np.stack([np.asarray(Image.open(p)) for p in paths])
+    from_files = extract_features(network, paths, batch_size=2)
+    from_arrays = extract_features(network, (batch for batch in [arrays[:3], arrays[3:]]))  # lazily consumed
+    for key in ("pool", "spatial", "logits"):
+        np.testing.assert_allclose(from_files[key], from_arrays[key], rtol=1e-5, atol=1e-5)
+
+
+def test_center_crop_crops_non_square_files_to_their_middle(tmp_path):
+    network = build_feature_network("stand-in")
+    wide = np.random.default_rng(13).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    cropped = extract_features(network, [tmp_path / "wide.png"], center_crop=True)
+    np.testing.assert_allclose(cropped["pool"], network.features(wide[None, :, 10:50])["pool"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stand_in_sets(tmp_path_factory) -> tuple[dict, dict]:
+    """Two sets of 24 smooth random images: the reference, and a darker 'generated' set."""
+    rng = np.random.default_rng(14)
+    base = rng.integers(0, 256, size=(24, 8, 8, 3)).astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC)) for im in base])
+    network = StandInFeatures()
+    ref = extract_features(network, [images])
+    gen = extract_features(network, [(images * 0.5).astype(np.uint8)])
+    return gen, ref
+
+
+def test_statistics_round_trip_through_npz(stand_in_sets, tmp_path):
+    _, ref = stand_in_sets
+    path = tmp_path / "stats" / "reference.npz"
+    save_statistics(path, ref)
+    stats = load_statistics(path)
+    mu, sigma = feature_statistics(ref["spatial"])
+    np.testing.assert_array_equal(stats["spatial_mu"], mu)
+    np.testing.assert_array_equal(stats["spatial_sigma"], sigma)
+    np.testing.assert_array_equal(stats["pool_features"], ref["pool"])
+    assert stats["pool_sigma"].shape == (128, 128)
+    assert stats["feature_network"] == ref["feature_network"]
+    assert stats["num_images"] == 24
+
+
+def test_compute_metrics_against_itself_and_against_a_shifted_set(stand_in_sets, tmp_path):
+    gen, ref = stand_in_sets
+    itself = compute_metrics(ref, ref, kid_subsets=3)
+    assert itself["fid"] == pytest.approx(0, abs=1e-4) and itself["sfid"] == pytest.approx(0, abs=1e-4)
+    assert itself["precision"] == 1.0 and itself["recall"] == 1.0
+
+    save_statistics(tmp_path / "reference.npz", ref)
+    shifted = compute_metrics(gen, load_statistics(tmp_path / "reference.npz"), kid_subsets=3)
+    assert shifted == compute_metrics(gen, ref, kid_subsets=3)  # statistics or raw features: one result
+    assert shifted["fid"] > 0.5 and shifted["sfid"] > 0.5 and shifted["kid_mean"] > itself["kid_mean"]
+    assert shifted["inception_score_mean"] > 1 and shifted["precision"] < 1
+    assert shifted["num_generated"] == shifted["num_reference"] == 24
+    assert shifted["inception_score_splits"] == 10 and shifted["kid_subset_size"] == 24
+    assert "NOT Inception" in shifted["feature_network"]
+
+
+def test_compute_metrics_refuses_to_mix_feature_networks(stand_in_sets):
+    gen, ref = stand_in_sets
+    with pytest.raises(ValueError, match="cannot be compared"):
+        compute_metrics(gen, {**ref, "feature_network": INCEPTION_NAME})

@@ -1,0 +1,163 @@
+"""Stage 5: reference statistics, sample-set metrics, FID-vs-step curves and the alignment analyses."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from . import metrics
+from .sample import sample_paths
+
+log = logging.getLogger(__name__)
+
+
+class SquareImages(Dataset):
+    """Reference images prepared like samples: shorter side to `size` (bicubic), centre crop, uint8 HWC."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths = paths
+        self.transform = transforms.Compose([
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(size),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        with Image.open(self.paths[i]) as image:
+            return np.asarray(self.transform(image.convert("RGB")))
+
+
+def reference_statistics(val_csv: str | Path, image_size: int, network, out_npz: str | Path, batch_size: int,
+                         num_workers: int = 0) -> None:
+    """Feature statistics of the tier's validation subset, computed once and shared by all ablations."""
+    paths = pd.read_csv(val_csv)["img_path"].tolist()
+    loader = DataLoader(SquareImages(paths, image_size), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=np.stack)
+    features = metrics.extract_features(network, loader, description="reference features")
+    metrics.save_statistics(out_npz, features)
+    log.info("reference statistics of %d images with %s", len(paths), features["feature_network"])
+
+
+def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, batch_size: int,
+                  extra: dict) -> dict:
+    """All metrics of a sample folder against the reference statistics, plus `extra` provenance."""
+    paths = sample_paths(samples_dir)
+    features = metrics.extract_features(network, paths, batch_size=batch_size, description="sample features")
+    result = metrics.compute_metrics(features, metrics.load_statistics(reference_npz))
+    return {**result, **extra}
+
+
+def steps_to_target(points: list[dict], target: float | None) -> int | None:
+    """The first training step whose FID is at or below the target."""
+    if target is None:
+        return None
+    return next((p["step"] for p in sorted(points, key=lambda p: p["step"]) if p["fid"] <= target), None)
+
+
+def fid_curve(point_files: list[str | Path]) -> dict:
+    points = []
+    for path in point_files:
+        m = json.loads(Path(path).read_text())
+        points.append({"step": m["checkpoint_step"], "fid": m["fid"], "sfid": m["sfid"], "kid_mean": m["kid_mean"],
+                       "num_samples": m["num_generated"]})
+    return {"points": sorted(points, key=lambda p: p["step"])}
+
+
+def add_targets(curves: dict[str, dict], target_fid: float | None) -> float | None:
+    """Set each curve's target and first step reaching it. Target: the configured FID, else the
+    baseline's final FID when the baseline is compared (how soon each run matches the baseline)."""
+    if target_fid is None and "baseline" in curves and curves["baseline"]["points"]:
+        target_fid = curves["baseline"]["points"][-1]["fid"]
+    for curve in curves.values():
+        curve["target_fid"] = target_fid
+        curve["steps_to_target"] = steps_to_target(curve["points"], target_fid)
+    return target_fid
+
+
+# -- alignment analyses ---------------------------------------------------------------------------
+def held_out_rows(val_csv: str | Path, count: int) -> pd.DataFrame:
+    """A fixed, class-balanced held-out batch: the first images of each class in turn."""
+    table = pd.read_csv(val_csv)
+    table["rank"] = table.groupby("class_id").cumcount()
+    return table.sort_values(["rank", "class_id"]).head(count).reset_index(drop=True)
+
+
+@torch.no_grad()
+def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, settings: dict,
+                       image_size: int, dino_resize: int, dino_crop: int, count: int, timesteps: list[int],
+                       seed: int, device: torch.device, tsne_png: str | Path) -> dict:
+    """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
+
+    Per timestep: CKNNA and CCA between image-pooled U-Net features of the first aligned layer (no
+    head: comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align
+    heads were trained, also the mean token cosine and CKNNA of the heads' tokens. t-SNE at the middle
+    timestep: head tokens and DINOv2 tokens in one map, or the raw features beside DINOv2's without a head.
+    """
+    from safetensors.torch import load_file
+
+    from . import analysis
+    from .caches import vae_transform
+    from .dinov2 import dinov2_transform, load_dinov2
+    from .models import AlignHead, FeatureCapture
+    from .sample import load_finetuned_pipeline
+    from .sd15 import load_noise_scheduler
+
+    rows = held_out_rows(val_csv, count)
+    images = [Image.open(p).convert("RGB") for p in rows["img_path"]]
+    encoder = load_dinov2(dinov2_path, device)
+    to_dino = dinov2_transform(dino_resize, dino_crop)
+    dino_tokens = encoder(torch.stack([to_dino(i) for i in images]).to(device)).float()
+    del encoder
+
+    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, settings["finetune"], device)
+    to_vae = vae_transform(image_size)
+    latents = pipe.vae.encode(torch.stack([to_vae(i) for i in images]).to(device)).latent_dist.mean
+    latents = latents * pipe.vae.config.scaling_factor
+    layer = settings["align_layers"][0]
+    capture = FeatureCapture(pipe.unet, [layer])
+    head = None
+    heads_file = Path(weights_dir) / "align_heads.safetensors"
+    if heads_file.exists():
+        head_config = json.loads((Path(weights_dir) / "align_heads.json").read_text())
+        state = load_file(heads_file)
+        prefix = f"{layer}."
+        in_channels = state[f"{prefix}proj.0.weight"].shape[1]
+        head = AlignHead(in_channels, head_config["dim"], head_config["grid"], head_config["projector"],
+                         head_config["projector_hidden"]).to(device)
+        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        head.eval()
+    scheduler = load_noise_scheduler(sd15_dir)
+    cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).to(device, pipe.unet.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    dino_pooled = dino_tokens.mean(dim=1)
+    results, at_middle = [], None
+    for t in timesteps:
+        timestep = torch.full((len(rows),), t, device=device, dtype=torch.long)
+        pipe.unet(scheduler.add_noise(latents, noise, timestep), timestep, encoder_hidden_states=cond)
+        features = capture.pop()[layer].float()
+        pooled = features.mean(dim=(2, 3))
+        entry = {"timestep": t, "cknna": analysis.cknna(pooled, dino_pooled),
+                 "cca": analysis.cca_score(pooled[:, None], dino_tokens)}
+        tokens = head(features) if head is not None else None
+        if tokens is not None:
+            entry["head_token_cosine"] = float((tokens * dino_tokens).sum(-1).mean())
+            entry["head_cknna"] = analysis.cknna(tokens.mean(dim=1), dino_pooled)
+        results.append(entry)
+        if t == timesteps[len(timesteps) // 2]:
+            at_middle = tokens if tokens is not None else features.flatten(2).transpose(1, 2)
+    capture.remove()
+    labels = rows["class_id"].to_numpy()
+    analysis.tsne_plot(at_middle.cpu(), dino_tokens.cpu(), labels, tsne_png, seed=seed,
+                       title=f"t = {timesteps[len(timesteps) // 2]}: {'align-head' if head else 'raw U-Net'} "
+                             f"tokens ({layer}) vs DINOv2")
+    return {"layer": layer, "images": len(rows), "has_head": head is not None, "timesteps": results}

@@ -1,0 +1,396 @@
+"""Sample-quality metrics: FID, sFID, KID, Inception Score, improved precision / recall.
+
+Features come from one of two networks with the same interface:
+- `InceptionFeatures`: clean-fid's / StyleGAN2-ADA's TorchScript port of the TF Inception graph
+  (`inception-2015-12-05.pt`), loaded from a local folder, images resized the clean-fid "clean" way.
+  Numbers are comparable with published FID / sFID (ADM's evaluator) / IS / precision-recall.
+- `StandInFeatures`: a fixed-seed random conv net for the smoke tier, where no real weights exist.
+  The same code runs on its outputs, but the numbers mean nothing outside this repository.
+
+Every network maps uint8 RGB images to three feature sets:
+    pool    [N, D]  global-average-pooled last map (Inception pool3, 2048-d): FID, KID, precision/recall
+    spatial [N, S]  first 7 channels of an intermediate map, flattened (Inception mixed_6/conv,
+                    7 x 17 x 17 = 2023-d, ADM's sFID)
+    logits  [N, C]  class logits (Inception: 1008-way): Inception Score
+Every feature and result dict carries the network's `feature_network` string, so a stand-in number
+can never be mistaken for, or compared with, an Inception one.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid.resize import make_resizer
+from PIL import Image
+from scipy import linalg
+from torch import nn
+from tqdm.auto import tqdm
+
+INCEPTION_FILENAME = "inception-2015-12-05.pt"
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")
+INCEPTION_NAME = "inception-2015-12-05 (clean-fid torchscript)"
+INCEPTION_SIZE = 299
+# The order in which the torchscript's `layers.forward` calls its children (pool2 gives pool3).
+INCEPTION_LAYERS = ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1",
+                    "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9",
+                    "mixed_10", "pool2")
+SPATIAL_CHANNELS = 7  # ADM: 7 x 17 x 17 = 2023, about the size of pool3
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class CleanResize:
+    """clean-fid's "clean" resize: PIL bicubic on each channel as float32, no re-quantisation.
+
+    A class rather than clean-fid's closure so DataLoader workers can pickle it.
+    Maps an RGB uint8 image [H, W, 3] to a float32 tensor [3, size, size] with values in 0..255.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        resized = make_resizer("PIL", False, "bicubic", (self.size, self.size))(image)
+        return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+class FeatureNetwork(nn.Module):
+    """Frozen feature network. `forward` takes resized float images [B, 3, S, S] in 0..255 and
+    returns {"pool", "spatial", "logits"} tensors; `features` does the resize too."""
+
+    name: str
+
+    def __init__(self, name: str, input_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.input_size = input_size
+        self.resize = CleanResize(input_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Features of a batch of RGB uint8 images [B, H, W, 3] (any H, W)."""
+        return self.resized_features(torch.stack([self.resize(np.asarray(image, dtype=np.uint8))
+                                                  for image in images]))
+
+    @torch.no_grad()
+    def resized_features(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """Features of already resized images [B, 3, S, S] (values 0..255), as numpy arrays."""
+        return {key: value.float().cpu().numpy() for key, value in self(batch.to(self.device)).items()}
+
+
+class InceptionFeatures(FeatureNetwork):
+    """The TF 2015 Inception graph as clean-fid's TorchScript, from `weights_dir/inception-2015-12-05.pt`."""
+
+    def __init__(self, weights_dir: str | Path, device: str | torch.device = "cpu") -> None:
+        super().__init__(INCEPTION_NAME, INCEPTION_SIZE)
+        path = Path(weights_dir) / INCEPTION_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Inception weights not found: expected {path}. This is clean-fid's / StyleGAN2-ADA's Inception "
+                f"torchscript '{INCEPTION_FILENAME}'; fetch it on a machine with network access from "
+                f"{INCEPTION_URL} and put it in that folder.")
+        base = torch.jit.load(str(path), map_location=device).eval()
+        missing = [name for name in INCEPTION_LAYERS if not hasattr(base.layers, name)]
+        if missing or not hasattr(base.layers.mixed_6, "conv") or not hasattr(base, "output"):
+            raise ValueError(f"{path} is not clean-fid's Inception torchscript (layers missing: {missing})")
+        self.base = base
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images.float() - 128) / 128  # clean-fid's normalisation of 0..255 inputs
+        layers = self.base.layers
+        for name in INCEPTION_LAYERS:
+            layer = getattr(layers, name)
+            if name == "mixed_6":
+                # mixed_6/conv is one branch of mixed_6: tap it on the way, in the same pass.
+                spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
+            x = layer(x)
+        pool = x.reshape(len(x), -1)
+        # The TF graph is NHWC: flatten as (h, w, c), as ADM's evaluator does, so that sFID statistics
+        # are interchangeable with those of ADM's reference batches.
+        spatial = spatial.permute(0, 2, 3, 1).reshape(len(spatial), -1)
+        # No output bias: the IS convention of improved-gan, ADM and StyleGAN2-ADA (`no_output_bias=True`).
+        logits = F.linear(pool, self.base.output.weight)
+        return {"pool": pool, "spatial": spatial, "logits": logits}
+
+
+class StandInFeatures(FeatureNetwork):
+    """A random, fixed-seed conv net standing in for Inception where no real weights exist (smoke tier).
+
+    Shaped like the real thing in miniature: a strided trunk, a spatial tap (first 7 channels of an
+    8 x 8 map: 448-d), a pooled vector (`pool_dim`) and a bias-free classifier (`num_classes` logits).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", seed: int = 0, input_size: int = 64,
+                 pool_dim: int = 128, num_classes: int = 10) -> None:
+        super().__init__(f"stand-in (random conv net, seed {seed}; NOT Inception — numbers are not "
+                         f"comparable to published FID)", input_size)
+        with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            self.trunk = nn.Sequential(
+                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())
+            self.spatial_branch = nn.Sequential(nn.Conv2d(64, 8, 1), nn.ReLU())
+            self.head = nn.Sequential(nn.Conv2d(64, pool_dim, 3, stride=2, padding=1), nn.ReLU())
+            self.classifier = nn.Linear(pool_dim, num_classes, bias=False)
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    # He init keeps activations at unit scale through the ReLUs (PyTorch's default
+                    # shrinks them layer by layer), so distances are not swamped by the eps in FID.
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                    nn.init.zeros_(module.bias)
+            # Unit-variance weights spread the logits enough that the stand-in IS is not pinned at 1.
+            nn.init.normal_(self.classifier.weight)
+        self.requires_grad_(False).eval().to(device)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.trunk((images.float() - 128) / 128)
+        spatial = self.spatial_branch(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        pool = self.head(x).mean(dim=(2, 3))
+        return {"pool": pool, "spatial": spatial, "logits": self.classifier(pool)}
+
+
+def build_feature_network(kind: str, weights_dir: str | Path | None = None,
+                          device: str | torch.device = "cpu") -> FeatureNetwork:
+    """`kind` "inception" (needs `weights_dir` holding inception-2015-12-05.pt) or "stand-in"."""
+    if kind == "inception":
+        if weights_dir is None:
+            raise ValueError(f"the Inception feature network needs weights_dir: a folder holding {INCEPTION_FILENAME}")
+        return InceptionFeatures(weights_dir, device)
+    if kind == "stand-in":
+        return StandInFeatures(device)
+    raise ValueError(f"unknown feature network {kind!r}: expected 'inception' or 'stand-in'")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def center_crop_square(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def center_crop_square_batch(batch: np.ndarray) -> np.ndarray:
+    return np.stack([center_crop_square(image) for image in batch])
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Image files as resized float tensors, read as RGB (grey and RGBA files included)."""
+
+    def __init__(self, paths: Sequence[str | Path], resize: CleanResize, center_crop: bool) -> None:
+        self.paths = list(paths)
+        self.resize = resize
+        self.center_crop = center_crop
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            array = np.asarray(image.convert("RGB"))
+        return self.resize(center_crop_square(array) if self.center_crop else array)
+
+
+@torch.no_grad()
+def extract_features(network: FeatureNetwork, images: Sequence[str | Path] | Iterable[np.ndarray],
+                     batch_size: int = 50, device: str | torch.device | None = None, num_workers: int = 0,
+                     center_crop: bool = False, description: str = "Extracting features") -> dict:
+    """Features of image files, or of in-memory uint8 batches [B, H, W, 3].
+
+    `images`: a list of PNG/JPEG paths (read by a DataLoader; `center_crop` crops non-square files to
+    their short side first, so that the resize to a square does not distort them), or an iterable of
+    uint8 batches such as a DataLoader (one network call each; `batch_size` applies to files).
+    `device`: where to run; default the network's own device.
+    Returns {"pool", "spatial", "logits": float32 arrays [N, ...], "feature_network": network.name}.
+    """
+    if device is not None:
+        network.to(device)
+    if isinstance(images, Sequence) and len(images) and isinstance(images[0], (str, Path)):
+        dataset = ImageFileDataset(images, network.resize, center_crop)
+        source = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        batches = (network.resized_features(batch) for batch in source)
+    else:  # consumed lazily: a DataLoader of full-size images need not fit in memory at once
+        source = images
+        batches = (network.features(center_crop_square_batch(batch) if center_crop else batch) for batch in source)
+    total = len(source) if hasattr(source, "__len__") else None
+    collected: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
+    for batch_features in tqdm(batches, total=total, desc=description, unit="batch"):
+        for key, value in batch_features.items():
+            collected[key].append(value)
+    if not collected["pool"]:
+        raise ValueError("no images to extract features from")
+    features: dict = {key: np.concatenate(values) for key, values in collected.items()}
+    features["feature_network"] = network.name
+    return features
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (float64) of features [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def reference_statistics(features: dict) -> dict:
+    """What a reference set must keep for every metric: pool / spatial statistics, the raw pool
+    features (KID, precision / recall), the feature network and the number of images."""
+    pool_mu, pool_sigma = feature_statistics(features["pool"])
+    spatial_mu, spatial_sigma = feature_statistics(features["spatial"])
+    return {"pool_mu": pool_mu, "pool_sigma": pool_sigma, "spatial_mu": spatial_mu, "spatial_sigma": spatial_sigma,
+            "pool_features": np.asarray(features["pool"], dtype=np.float32),
+            "feature_network": features["feature_network"], "num_images": len(features["pool"])}
+
+
+def save_statistics(path: str | Path, features: dict) -> None:
+    """Reference statistics of a feature dict (from `extract_features`) to an .npz."""
+    stats = reference_statistics(features)
+    stats["feature_network"] = np.array(stats["feature_network"])  # a unicode array: loads without pickle
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object, so numpy keeps the exact name (no added .npz)
+        np.savez(f, **stats)
+
+
+def load_statistics(path: str | Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        stats = {key: data[key] for key in data.files}
+    stats["feature_network"] = str(stats["feature_network"])
+    stats["num_images"] = int(stats["num_images"])
+    return stats
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """d² = ||mu1 - mu2||² + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), computed as pytorch-fid and
+    ADM's evaluator do: sqrtm of the product, eps * I added to both covariances when the product is
+    too singular for a finite root, and a negligible imaginary part dropped."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
+        offset = np.eye(len(mu1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.abs(covmean.imag).max()} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray, num_subsets: int = 100,
+                              max_subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID: unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³, averaged over random subsets of
+    size min(max_subset_size, n_gen, n_ref) drawn without replacement (clean-fid / torch-fidelity).
+    Returns the mean and the standard deviation over the subsets."""
+    gen = np.asarray(gen_features, dtype=np.float64)
+    ref = np.asarray(ref_features, dtype=np.float64)
+    dim = gen.shape[1]
+    m = min(len(gen), len(ref), max_subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(gen)} and {len(ref)}")
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(num_subsets)
+    for i in tqdm(range(num_subsets), desc="KID subsets", leave=False):
+        x = gen[rng.choice(len(gen), m, replace=False)]
+        y = ref[rng.choice(len(ref), m, replace=False)]
+        k_xx = (x @ x.T / dim + 1) ** 3
+        k_yy = (y @ y.T / dim + 1) ** 3
+        k_xy = (x @ y.T / dim + 1) ** 3
+        # Within-set means leave out the diagonal (k(x, x)): that is what makes the estimate unbiased.
+        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        estimates[i] = within - 2 * k_xy.mean()
+    return float(estimates.mean()), float(estimates.std())
+
+
+def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits), over `num_splits` contiguous splits
+    (fewer when there are fewer samples than splits). Returns the mean and std over the splits."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    log_probs = torch.log_softmax(logits, dim=1)
+    scores = []
+    for split in torch.tensor_split(log_probs, min(num_splits, len(log_probs))):
+        log_marginal = torch.logsumexp(split, dim=0) - np.log(len(split))
+        kl = (split.exp() * (split - log_marginal)).sum(dim=1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Distance of every point to its k-th nearest neighbour in its own set (itself excluded)."""
+    radii = [torch.cdist(rows, features).kthvalue(k + 1, dim=1).values  # the 1st is the point itself
+             for rows in features.split(batch_size)]
+    return torch.cat(radii)
+
+
+def precision_recall(gen_features: np.ndarray, ref_features: np.ndarray, k: int = 3, batch_size: int = 1024,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of
+    balls reaching each point's k-th nearest neighbour; precision = share of generated samples inside
+    the reference manifold, recall = share of reference samples inside the generated one."""
+    gen = torch.as_tensor(np.asarray(gen_features), dtype=torch.float32, device=device)
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    if min(len(gen), len(ref)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, "
+                         f"got {len(gen)} and {len(ref)}")
+    ref_radii = _kth_neighbour_radii(ref, k, batch_size)
+    gen_radii = _kth_neighbour_radii(gen, k, batch_size)
+    gen_in_ref = torch.zeros(len(gen), dtype=torch.bool, device=device)
+    ref_in_gen = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    start = 0
+    for rows in gen.split(batch_size):  # one pass over the generated x reference distances
+        distances = torch.cdist(rows, ref)
+        gen_in_ref[start:start + len(rows)] = (distances <= ref_radii[None, :]).any(dim=1)
+        ref_in_gen |= (distances <= gen_radii[start:start + len(rows), None]).any(dim=0)
+        start += len(rows)
+    return gen_in_ref.float().mean().item(), ref_in_gen.float().mean().item()
+
+
+def compute_metrics(gen_features: dict, ref: dict, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                    is_splits: int = 10, pr_k: int = 3, seed: int = 0,
+                    device: str | torch.device = "cpu") -> dict:
+    """All metrics of generated features (from `extract_features`) against a reference: either its
+    features (same form) or its statistics (`reference_statistics` / `load_statistics`)."""
+    if "pool_mu" not in ref:
+        ref = reference_statistics(ref)
+    if gen_features["feature_network"] != ref["feature_network"]:
+        raise ValueError(f"generated features from {gen_features['feature_network']!r} cannot be compared "
+                         f"with reference statistics from {ref['feature_network']!r}")
+    gen = reference_statistics(gen_features)
+    kid_mean, kid_std = kernel_inception_distance(gen_features["pool"], ref["pool_features"], kid_subsets,
+                                                  kid_subset_size, seed)
+    is_mean, is_std = inception_score(gen_features["logits"], is_splits)
+    precision, recall = precision_recall(gen_features["pool"], ref["pool_features"], pr_k, device=device)
+    return {
+        "feature_network": gen_features["feature_network"],
+        "num_generated": gen["num_images"],
+        "num_reference": int(ref["num_images"]),
+        "fid": frechet_distance(gen["pool_mu"], gen["pool_sigma"], ref["pool_mu"], ref["pool_sigma"]),
+        "sfid": frechet_distance(gen["spatial_mu"], gen["spatial_sigma"], ref["spatial_mu"], ref["spatial_sigma"]),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": min(gen["num_images"], len(ref["pool_features"]), kid_subset_size),
+        "inception_score_mean": is_mean,
+        "inception_score_std": is_std,
+        "inception_score_splits": min(is_splits, gen["num_images"]),
+        "precision": precision,
+        "recall": recall,
+        "precision_recall_k": pr_k,
+    }

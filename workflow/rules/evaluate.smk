@@ -1,0 +1,100 @@
+# Stage 5: reference statistics (once per tier), metrics of each sample set, FID-vs-step points,
+# and the alignment analyses of each run.
+
+
+def inception_dir(wildcards):
+    """Real tiers read clean-fid's Inception from config; the smoke tier uses a stand-in network."""
+    return [config["inception_dir"]] if tier_of(wildcards)["feature_network"] == "inception" else []
+
+
+rule reference_stats:
+    input:
+        csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
+        inception=inception_dir,
+    output:
+        "results/{tier}/reference_stats.npz",
+    params:
+        image_size=lambda w: tier_of(w)["image_size"],
+        network=lambda w: tier_of(w)["feature_network"],
+    threads: 2
+    log:
+        "results/{tier}/logs/reference_stats.log",
+    benchmark:
+        "results/{tier}/benchmarks/reference_stats.tsv"
+    script:
+        "../scripts/reference_stats.py"
+
+
+rule metrics:
+    input:
+        samples="results/{tier}/{ablation}/samples",
+        reference="results/{tier}/reference_stats.npz",
+        model="results/{tier}/{ablation}/model",
+        inception=inception_dir,
+    output:
+        "results/{tier}/{ablation}/metrics.json",
+    params:
+        network=lambda w: tier_of(w)["feature_network"],
+        sampling=sampling,
+    threads: 2
+    log:
+        "results/{tier}/{ablation}/logs/metrics.log",
+    benchmark:
+        "results/{tier}/{ablation}/benchmarks/metrics.tsv"
+    script:
+        "../scripts/metrics.py"
+
+
+rule curve_point:
+    input:
+        samples="results/{tier}/{ablation}/curve/step-{step}/samples",
+        reference="results/{tier}/reference_stats.npz",
+        model="results/{tier}/{ablation}/model",
+        inception=inception_dir,
+    output:
+        "results/{tier}/{ablation}/curve/step-{step}/metrics.json",
+    params:
+        network=lambda w: tier_of(w)["feature_network"],
+        sampling=sampling,
+    threads: 2
+    log:
+        "results/{tier}/{ablation}/logs/curve_point-{step}.log",
+    script:
+        "../scripts/metrics.py"
+
+
+rule fid_curve:
+    input:
+        lambda w: [f"results/{w.tier}/{w.ablation}/curve/step-{s:07d}/metrics.json"
+                   for s in curve_steps(w.tier, w.ablation)],
+    output:
+        "results/{tier}/{ablation}/fid_curve.json",
+    log:
+        "results/{tier}/{ablation}/logs/fid_curve.log",
+    script:
+        "../scripts/fid_curve.py"
+
+
+rule alignment:
+    input:
+        model="results/{tier}/{ablation}/model",
+        csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
+        clip=lambda w: cache_paths(w.tier)["clip"],
+        sd15=sd15_dir,
+        dinov2=dinov2_path,
+    output:
+        scores="results/{tier}/{ablation}/alignment.json",
+        tsne=report("results/{tier}/{ablation}/tsne.png", caption="../report/tsne.rst", category="Alignment",
+                    subcategory="{ablation}"),
+    params:
+        images=lambda w: tier_of(w)["analysis_images"],
+        timesteps=config["evaluate"]["analysis_timesteps"],
+        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
+        dino_resize=lambda w: tier_of(w)["dino_resize"],
+        dino_crop=lambda w: tier_of(w)["dino_crop"],
+        image_size=lambda w: tier_of(w)["image_size"],
+    threads: 2
+    log:
+        "results/{tier}/{ablation}/logs/alignment.log",
+    script:
+        "../scripts/alignment.py"

@@ -1,0 +1,18 @@
+"""Stage 5: t-SNE, CCA and CKNNA of the run's U-Net features against DINOv2 on held-out images."""
+import json
+from pathlib import Path
+
+import zarr
+
+from urepa.evaluate import alignment_analysis
+from urepa.runtime import resolve_device, set_threads, setup_logging
+
+setup_logging(snakemake.log[0])
+set_threads(snakemake.threads)
+config, params = snakemake.config, snakemake.params
+result = alignment_analysis(
+    snakemake.input.csv, snakemake.input.sd15, snakemake.input.dinov2, Path(snakemake.input.model) / "ema",
+    zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.settings, params.image_size,
+    params.dino_resize, params.dino_crop, params.images, params.timesteps, config["seed"],
+    resolve_device(config["device"]), snakemake.output.tsne)
+Path(snakemake.output.scores).write_text(json.dumps(result, indent=2))

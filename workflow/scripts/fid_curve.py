@@ -1,0 +1,9 @@
+"""Stage 5: one run's FID-vs-step points, gathered."""
+import json
+from pathlib import Path
+
+from urepa.evaluate import fid_curve
+from urepa.runtime import setup_logging
+
+setup_logging(snakemake.log[0])
+Path(snakemake.output[0]).write_text(json.dumps(fid_curve(list(snakemake.input)), indent=2))
