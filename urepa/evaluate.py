@@ -147,7 +147,7 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
         features = capture.pop()[layer].float()
         pooled = features.mean(dim=(2, 3))
         entry = {"timestep": t, "cknna": analysis.cknna(pooled, dino_pooled),
-                 "cca": analysis.cca_score(pooled[:, None], dino_tokens)}
+                 **analysis.cca_score(pooled, dino_pooled, seed=seed)}
         tokens = head(features) if head is not None else None
         if tokens is not None:
             entry["head_token_cosine"] = float((tokens * dino_tokens).sum(-1).mean())

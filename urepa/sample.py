@@ -36,14 +36,14 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finet
 
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
-                                                   torch_dtype=dtype, local_files_only=True)
+                                                   dtype=dtype, local_files_only=True)
     weights_dir = Path(weights_dir)
     if finetune == "lora":
         pipe.load_lora_weights(weights_dir)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", torch_dtype=dtype, local_files_only=True)
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

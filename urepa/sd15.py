@@ -36,7 +36,7 @@ def load_vae(sd15_dir: str | Path, device: torch.device | str = "cpu", dtype: to
     from diffusers import AutoencoderKL
 
     root = check_sd15_dir(sd15_dir, ("vae",))
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype, local_files_only=True)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -54,7 +54,7 @@ def load_unet(sd15_dir: str | Path, device: torch.device | str = "cpu", dtype: t
     from diffusers import UNet2DConditionModel
 
     root = check_sd15_dir(sd15_dir, ("unet",))
-    return UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
+    return UNet2DConditionModel.from_pretrained(root, subfolder="unet", dtype=dtype,
                                                 local_files_only=True).to(device)
 
 

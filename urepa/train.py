@@ -215,7 +215,7 @@ class Trainer:
                     settings["manifold_upper_only"], settings["manifold_mask_diag"])
                 loss = loss_diff + align_coeff * loss_align
         logs["loss"] = loss
-        values = {name: float(value) for name, value in logs.items()}
+        values = {name: float(value.detach()) for name, value in logs.items()}
         if not np.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"non-finite loss at step {self.state.step}: {values}. Training stopped; the last good "

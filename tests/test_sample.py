@@ -1,0 +1,138 @@
+"""Stage 4: reproducible, resumable class-balanced sampling with interval-limited guidance."""
+import numpy as np
+import pytest
+import torch
+
+from urepa import sample as sample_module
+from urepa.sample import generate_samples, load_finetuned_pipeline, sample_grid, sample_latents
+from urepa.sd15 import load_unet
+
+SETTINGS = {"sampler": "ddim", "steps": 3, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 0.7}
+
+
+@pytest.fixture(scope="module")
+def pipeline(smoke_inputs, tmp_path_factory):
+    """The tiny pipeline with a 'partially fine-tuned' U-Net (perturbed mid block) loaded as a run's weights."""
+    weights = tmp_path_factory.mktemp("weights")
+    unet = load_unet(smoke_inputs["sd15"])
+    with torch.no_grad():
+        for p in unet.mid_block.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(weights / "unet")
+    return load_finetuned_pipeline(smoke_inputs["sd15"], weights, "partial", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return np.random.default_rng(0).standard_normal((4, 77, 32)).astype(np.float32)  # 3 classes + null
+
+
+def _sample(pipeline, clip, out, **overrides):
+    settings = {**SETTINGS, **overrides}
+    return generate_samples(pipeline, clip, null_index=3, num_classes=3, images_per_class=2, out_dir=out,
+                            settings=settings, prediction="v", seed=5, batch_size=4)
+
+
+def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
+    base = dict(load_unet(smoke_inputs["sd15"]).named_parameters())
+    for name, loaded in pipeline.unet.named_parameters():
+        expected = base[name] + 0.01 if name.startswith("mid_block.") else base[name]
+        torch.testing.assert_close(loaded, expected)
+
+
+def test_same_seed_gives_identical_pngs(pipeline, clip, tmp_path):
+    first = _sample(pipeline, clip, tmp_path / "a")
+    second = _sample(pipeline, clip, tmp_path / "b")
+    names = sorted(p.name for p in first.glob("*.png"))
+    assert names == [f"{i:06d}.png" for i in range(6)]
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert not (tmp_path / "a.partial").exists()
+
+
+def test_image_depends_on_its_index_not_its_batch(pipeline, clip, tmp_path):
+    whole = _sample(pipeline, clip, tmp_path / "whole")
+    settings = {**SETTINGS}
+    one_by_one = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "single", settings, "v", seed=5, batch_size=1)
+    from PIL import Image
+    for i in range(6):
+        a = np.asarray(Image.open(whole / f"{i:06d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(one_by_one / f"{i:06d}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # batched convolutions may round differently
+
+
+def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip, tmp_path, monkeypatch):
+    reference = _sample(pipeline, clip, tmp_path / "reference")
+    out = tmp_path / "resumed"
+    partial = tmp_path / "resumed.partial"
+    partial.mkdir()
+    # What a job killed after four images leaves behind: its manifest, four PNGs and a half-written one.
+    _sample(pipeline, clip, tmp_path / "first")
+    (tmp_path / "first" / "sampling.json").rename(partial / "sampling.json")
+    for i in range(4):
+        (tmp_path / "first" / f"{i:06d}.png").rename(partial / f"{i:06d}.png")
+    (partial / "000004.tmp.png").write_bytes(b"truncated")
+    drawn = []
+    original = sample_module.sample_latents
+
+    def counting(unet, scheduler, cond, uncond, noise, *args):
+        drawn.append(noise.shape[0])
+        return original(unet, scheduler, cond, uncond, noise, *args)
+
+    monkeypatch.setattr(sample_module, "sample_latents", counting)
+    _sample(pipeline, clip, out)
+    assert sum(drawn) == 2
+    for i in range(6):
+        assert (out / f"{i:06d}.png").read_bytes() == (reference / f"{i:06d}.png").read_bytes()
+    assert not list(out.glob("*.tmp.png"))
+
+
+def test_other_settings_discard_the_partial_set(pipeline, clip, tmp_path, caplog):
+    partial = tmp_path / "s.partial"
+    partial.mkdir()
+    (partial / "sampling.json").write_text('{"steps": 999}')
+    (partial / "000000.png").write_bytes(b"stale")
+    out = _sample(pipeline, clip, tmp_path / "s")
+    assert (out / "000000.png").read_bytes() != b"stale"
+    assert "other settings" in caplog.text
+
+
+class RecordingUNet(torch.nn.Module):
+    """Records the batch size of every call: 2B when guided, B otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.calls.append((int(t), x.shape[0]))
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def test_guidance_is_applied_only_inside_the_interval(pipeline):
+    unet = RecordingUNet()
+    scheduler = sample_module.make_sampler("ddim", pipeline.scheduler.config, "v")
+    noise = torch.randn(2, 4, 8, 8)
+    cond = torch.randn(2, 77, 32)
+    sample_latents(unet, scheduler, cond, cond, noise, 10, cfg_scale=7.5, guidance_low=0.0, guidance_high=0.7)
+    assert len(unet.calls) == 10
+    for t, batch in unet.calls:
+        assert batch == (4 if t / 1000 <= 0.7 else 2)
+    assert {b for _, b in unet.calls} == {2, 4}
+
+
+def test_samplers_follow_the_trained_parameterisation(pipeline):
+    for name in ("ddim", "euler", "dpmpp"):
+        assert sample_module.make_sampler(name, pipeline.scheduler.config, "v").config.prediction_type == "v_prediction"
+    assert sample_module.make_sampler("ddim", pipeline.scheduler.config, "epsilon").config.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample_module.make_sampler("heun", pipeline.scheduler.config, "v")
+
+
+def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):
+    from PIL import Image
+
+    out = _sample(pipeline, clip, tmp_path / "g")
+    sample_grid(out, tmp_path / "grid.png", images_per_class=2, class_names=["a", "b", "c"], thumb=32)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (160 + 2 * 32, 3 * 32)

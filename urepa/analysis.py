@@ -1,0 +1,114 @@
+"""Alignment analyses between U-Net features and DINOv2 tokens: CKNNA, CCA and t-SNE.
+
+Inputs are per-image features [B, D] or tokens [B, N, D] (torch or numpy); tokens are mean-pooled
+over N into one vector per image where a per-image measure is needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _per_image(x) -> np.ndarray:
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    return x.mean(axis=1) if x.ndim == 3 else x
+
+
+def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al. (2012) unbiased HSIC estimator, as the Platonic-representation code uses it."""
+    m = k.shape[0]
+    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+    value = (k * l.T).sum() + k.sum() * l.sum() / ((m - 1) * (m - 2)) - 2 * (k @ l).sum() / (m - 2)
+    return value / (m * (m - 3))
+
+
+def cknna(feats_a, feats_b, topk: int = 10) -> float:
+    """Centered Kernel Nearest-Neighbour Alignment (Huh et al. 2024, used by REPA to measure alignment).
+
+    Linear kernels of the L2-normalised per-image features; only pairs that are among each other's
+    top-k neighbours in both kernels count; unbiased-HSIC alignment of the masked kernels, normalised
+    by each kernel's alignment with itself. 1 for identical geometry, about 0 for unrelated features.
+    """
+    a = torch.nn.functional.normalize(torch.from_numpy(_per_image(feats_a)), dim=-1)
+    b = torch.nn.functional.normalize(torch.from_numpy(_per_image(feats_b)), dim=-1)
+    n = a.shape[0]
+    if n < 5:
+        raise ValueError(f"CKNNA needs at least 5 images, got {n}")
+    topk = min(topk, n - 2)
+    k, l = a @ a.T, b @ b.T
+
+    def masked_hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def neighbours(g: torch.Tensor) -> torch.Tensor:
+            g = g.clone().fill_diagonal_(float("-inf"))
+            return torch.zeros_like(g).scatter_(1, g.topk(topk, dim=1).indices, 1.0)
+
+        mask = neighbours(x) * neighbours(y)
+        return _hsic_unbiased(mask * x, mask * y)
+
+    return float(masked_hsic(k, l) / (torch.sqrt(masked_hsic(k, k) * masked_hsic(l, l)) + 1e-12))
+
+
+def cca_score(pred, target, n_components: int = 10, seed: int = 0) -> dict:
+    """Mean canonical correlation between per-image U-Net and DINOv2 features (the plan's CCA score).
+
+    With few images and thousands of dimensions CCA fits perfectly and means nothing, so each side is
+    first reduced by PCA to at most n_images // 4 dimensions (32 at most); the number of canonical pairs
+    is clamped to that. Correlations are those of each canonical pair on the same images.
+    """
+    from sklearn.cross_decomposition import CCA
+    from sklearn.decomposition import PCA
+
+    x, y = _per_image(pred), _per_image(target)
+    n = len(x)
+    dims = max(1, min(32, n // 4, x.shape[1], y.shape[1]))
+    components = min(n_components, dims)
+    x = PCA(dims, random_state=seed).fit_transform(x)
+    y = PCA(dims, random_state=seed).fit_transform(y)
+    xc, yc = CCA(n_components=components, max_iter=2000).fit(x, y).transform(x, y)
+    correlations = [float(np.corrcoef(xc[:, i], yc[:, i])[0, 1]) for i in range(components)]
+    return {"cca": float(np.mean(correlations)), "cca_components": components, "cca_pca_dims": dims}
+
+
+def tsne_plot(pred, target, labels, path: str | Path, seed: int = 0, title: str = "") -> np.ndarray:
+    """t-SNE of image-pooled, L2-normalised U-Net tokens and DINOv2 tokens, coloured by class.
+
+    Same dimension (align-head tokens): one joint map, circles for the U-Net and crosses for DINOv2,
+    so their overlap is visible. Different dimensions (raw features, no head): two maps side by side.
+    Returns the 2-D coordinates, U-Net rows first.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    def normalised(x):
+        x = _per_image(x)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def embed(x):
+        return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed, init="pca").fit_transform(x)
+
+    p, t = normalised(pred), normalised(target)
+    labels = np.asarray(labels)
+    if p.shape[1] == t.shape[1]:
+        coords = embed(np.concatenate([p, t]))
+        panels = [(coords[:len(p)], "o", "U-Net (align head)"), (coords[len(p):], "x", "DINOv2")]
+        fig, axes = plt.subplots(1, 1, figsize=(6, 5))
+        axes = [axes, axes]
+    else:
+        coords = np.concatenate([embed(p), embed(t)])
+        panels = [(coords[:len(p)], "o", "U-Net (raw features)"), (coords[len(p):], "x", "DINOv2")]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (xy, marker, name) in zip(axes, panels):
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", marker=marker, s=28, label=name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return coords
