@@ -1,0 +1,429 @@
+"""Stage 2: the zarr caches -- shapes, row alignment with the CSV, metadata checks, corrupt images,
+resume after a kill, and the training-time reader.
+
+The caches are built once per module from the session's smoke inputs at small sizes: VAE at 128 px
+(latents 4x16x16), DINOv2 at resize 64 / crop 56 (a 4x4 token grid), CLIP for the tree's classes.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from urepa import caches, sd15, smoke
+from urepa.caches import (
+    CachedRows,
+    CacheMismatchError,
+    build_clip_cache,
+    build_dino_cache,
+    build_vae_cache,
+    check_cache,
+    file_digest,
+    open_cache,
+    valid_rows,
+    weights_fingerprint,
+)
+from urepa.dinov2 import dinov2_transform, load_dinov2
+from urepa.subset import build_subset, list_classes
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+IMAGE_SIZE = 128          # VAE input: 128 px -> 4 x 16 x 16 latents
+DINO_RESIZE, DINO_CROP = 64, 56   # 56 px / patch 14 -> a 4 x 4 grid
+BATCH = 4
+LOAD_VAE = sd15.load_vae  # the real loader, for wrappers to call whatever is patched in
+
+
+def build_vae(csv, out, sd15_dir, batch_size=BATCH):
+    return build_vae_cache(csv, out, sd15_dir, IMAGE_SIZE, batch_size, 0, CPU)
+
+
+def build_dino(csv, out, dinov2_dir, batch_size=BATCH):
+    return build_dino_cache(csv, out, dinov2_dir, DINO_RESIZE, DINO_CROP, batch_size, 0, CPU)
+
+
+@pytest.fixture(scope="module")
+def built(smoke_inputs, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("caches")
+    table = build_subset(smoke_inputs["imagenet"], images_per_class=10, seed=0)
+    csv, classes_csv = root / "subset.csv", root / "classes.csv"
+    table.to_csv(csv, index=False)
+    classes = list_classes(smoke_inputs["imagenet"])
+    classes.to_csv(classes_csv, index=False)
+    return {
+        "root": root, "csv": csv, "table": table, "classes_csv": classes_csv, "classes": classes,
+        "vae": build_vae(csv, root / "vae_latents.zarr", smoke_inputs["sd15"]),
+        "dino": build_dino(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"]),
+        "clip": build_clip_cache(classes_csv, root / "clip_embeddings.zarr", smoke_inputs["sd15"], CPU, batch_size=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def vae_model(smoke_inputs):
+    return sd15.load_vae(smoke_inputs["sd15"], CPU)
+
+
+@pytest.fixture(scope="module")
+def dino_model(smoke_inputs):
+    return load_dinov2(smoke_inputs["dinov2"], CPU)
+
+
+def as_float(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def bits(values) -> np.ndarray:
+    """Bitwise view, so that NaN == NaN when comparing fp16 arrays."""
+    values = np.ascontiguousarray(values)
+    return values.view(np.uint16) if values.dtype == np.float16 else values
+
+
+# -- shapes ----------------------------------------------------------------------------------------
+def test_vae_cache_shapes(built):
+    group = open_cache(built["vae"])
+    n = len(built["table"])
+    for name in ("mean", "std"):
+        assert group[name].shape == (n, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+        assert group[name].dtype == np.float16
+        assert np.isfinite(as_float(group[name][:])).all()
+    assert (as_float(group["std"][:]) > 0).all()
+    assert group["valid"][:].all() and group["done"][:].all()
+    assert not built["vae"].with_name(built["vae"].name + ".partial").exists()
+
+
+def test_dino_cache_shapes_and_unit_norm_tokens(built, dino_model):
+    group = open_cache(built["dino"])
+    tokens = group["tokens"]
+    grid = DINO_CROP // 14
+    assert tokens.shape == (len(built["table"]), grid * grid, dino_model.dim)
+    assert tokens.dtype == np.float16
+    norms = np.linalg.norm(as_float(tokens[:]), axis=-1)
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+
+
+def test_clip_cache_rows_are_class_prompts_then_the_empty_prompt(built, smoke_inputs):
+    group = open_cache(built["clip"])
+    classes = built["classes"]
+    embeddings = group["embeddings"]
+    assert embeddings.shape == (len(classes) + 1, 77, 32)
+    assert embeddings.dtype == np.float16
+    prompts = group.attrs["prompts"]
+    assert prompts[-1] == "" and group.attrs["null_index"] == len(classes)
+    assert prompts[:-1] == [f"a photo of a {name}" for name in classes["name"]]
+    assert prompts[0] == "a photo of a tench"  # first name of LOC_synset_mapping.txt's description
+    tokenizer, text_encoder = sd15.load_text_encoder(smoke_inputs["sd15"], CPU)
+    for index in (0, len(classes)):  # a class prompt and the null prompt, encoded alone
+        ids = tokenizer([prompts[index]], padding="max_length", truncation=True, max_length=77,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = text_encoder(ids)[0][0].half().numpy()
+        np.testing.assert_allclose(as_float(embeddings[index]), as_float(expected), rtol=1e-2, atol=2e-3)
+
+
+# -- row i of every cache is CSV row i ---------------------------------------------------------------
+def check_rows_match(cached: np.ndarray, encode, paths: list[str], rows: list[int]) -> None:
+    """Each hand-encoded row matches its own cached row, and is nearer to it than to any other row."""
+    flat = as_float(cached).reshape(len(cached), -1)
+    for row in rows:
+        expected = as_float(encode(paths[row])).reshape(-1)
+        np.testing.assert_allclose(flat[row], expected, rtol=1e-2, atol=2e-3, err_msg=f"row {row}")
+        distances = np.abs(flat - expected).max(axis=1)
+        assert int(np.argmin(distances)) == row, f"CSV row {row}'s image is cached in row {np.argmin(distances)}"
+
+
+def test_vae_rows_align_with_csv(built, vae_model):
+    paths = built["table"]["img_path"].tolist()
+    transform = caches.vae_transform(IMAGE_SIZE)
+
+    @torch.no_grad()
+    def encode(path):
+        with Image.open(path) as image:
+            posterior = vae_model.encode(transform(image.convert("RGB"))[None]).latent_dist
+        return posterior.mean[0].half().numpy()
+
+    check_rows_match(open_cache(built["vae"])["mean"][:], encode, paths, [0, 5, 13, 22, len(paths) - 1])
+
+
+def test_dino_rows_align_with_csv(built, dino_model):
+    paths = built["table"]["img_path"].tolist()
+    transform = dinov2_transform(DINO_RESIZE, DINO_CROP)
+
+    def encode(path):
+        with Image.open(path) as image:
+            return dino_model(transform(image)[None])[0].half().numpy()
+
+    check_rows_match(open_cache(built["dino"])["tokens"][:], encode, paths, [0, 7, 14, 21, len(paths) - 1])
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+def test_metadata_attributes(built, smoke_inputs, dino_model):
+    digest = file_digest(built["csv"])
+    vae = dict(open_cache(built["vae"]).attrs)
+    assert vae["encoder"].startswith("sd15-vae:")
+    assert vae["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["sd15"] / "vae")
+    assert (vae["dim"], vae["grid"], vae["patch_size"], vae["image_size"]) == (4, 16, 8, IMAGE_SIZE)
+    assert vae["csv_sha256"] == digest and vae["num_rows"] == len(built["table"])
+    dino = dict(open_cache(built["dino"]).attrs)
+    assert dino["encoder"] == dino_model.name
+    assert dino["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["dinov2"])
+    assert (dino["dim"], dino["grid"], dino["patch_size"], dino["image_size"]) == (dino_model.dim, 4, 14, DINO_CROP)
+    assert dino["resize"] == DINO_RESIZE and dino["num_tokens"] == 16
+    assert dino["csv_sha256"] == digest and dino["num_rows"] == len(built["table"])
+    for attrs in (vae, dino):
+        assert attrs["complete"] is True and attrs["errors"] == [] and attrs["num_invalid"] == 0
+    clip = dict(open_cache(built["clip"]).attrs)
+    assert clip["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["sd15"] / "text_encoder")
+    assert clip["dim"] == 32 and clip["classes_sha256"] == file_digest(built["classes_csv"])
+
+
+def test_check_cache_accepts_matching_inputs(built, smoke_inputs):
+    digest = file_digest(built["csv"])
+    check_cache(built["vae"], {"csv_sha256": digest,
+                               "encoder_fingerprint": weights_fingerprint(smoke_inputs["sd15"] / "vae")})
+    group = check_cache(built["dino"], {"csv_sha256": digest, "grid": 4,
+                                        "encoder_fingerprint": weights_fingerprint(smoke_inputs["dinov2"])})
+    assert group["tokens"].shape[0] == len(built["table"])
+
+
+def test_check_cache_rejects_another_csv(built, tmp_path):
+    modified = tmp_path / "subset.csv"
+    built["table"].iloc[:-1].to_csv(modified, index=False)  # one image fewer
+    for cache in (built["vae"], built["dino"]):
+        with pytest.raises(CacheMismatchError, match="csv_sha256") as error:
+            check_cache(cache, {"csv_sha256": file_digest(modified)})
+        assert str(cache) in str(error.value)
+
+
+def test_check_cache_rejects_another_encoder(built, tmp_path):
+    other = smoke.make_tiny_dinov2(tmp_path / "other_dinov2", seed=1)  # same architecture, other weights
+    with pytest.raises(CacheMismatchError, match="encoder_fingerprint"):
+        check_cache(built["dino"], {"encoder_fingerprint": weights_fingerprint(other)})
+    with pytest.raises(CacheMismatchError, match="grid"):
+        check_cache(built["dino"], {"grid": 16})
+
+
+# -- corrupt, truncated and missing images ------------------------------------------------------------
+def test_unreadable_images_are_recorded_as_invalid_rows(built, smoke_inputs, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    table = built["table"].iloc[:7].copy()
+    table["img_path"] = [shutil.copy(p, images / Path(p).name) for p in table["img_path"]]
+    truncated = images / "truncated.JPEG"
+    data = Path(table["img_path"].iloc[0]).read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    garbage = images / "garbage.JPEG"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    missing = images / "missing.JPEG"
+    # Batches of 2: (0, 1) (2, 3) (4, 5*) (6*, 7*) (8, 9): one batch part bad, one wholly bad.
+    bad = {5: truncated, 6: garbage, 7: missing}
+    rows = []
+    for i in range(10):
+        source = table.iloc[min(i, 6)].copy()
+        if i in bad:
+            source["img_path"], source["id"] = str(bad[i]), bad[i].stem
+        rows.append(source)
+    csv = tmp_path / "subset.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+
+    vae = open_cache(build_vae(csv, tmp_path / "vae.zarr", smoke_inputs["sd15"], batch_size=2))
+    dino = open_cache(build_dino(csv, tmp_path / "dino.zarr", smoke_inputs["dinov2"], batch_size=2))
+    good = np.array(sorted(set(range(10)) - set(bad)))
+    for group, names in ((vae, ("mean", "std")), (dino, ("tokens",))):
+        assert group["done"][:].all()
+        np.testing.assert_array_equal(np.flatnonzero(group["valid"][:]), good)
+        for name in names:
+            values = as_float(group[name][:])
+            assert np.isnan(values[sorted(bad)]).all(), f"{name}: invalid rows must hold NaN, not data or zeros"
+            assert np.isfinite(values[good]).all()
+        errors = group.attrs["errors"]
+        assert group.attrs["num_invalid"] == len(bad)
+        assert {e["row"]: e["path"] for e in errors} == {row: str(path) for row, path in bad.items()}
+        reasons = {e["row"]: e["error"] for e in errors}
+        assert "FileNotFoundError" in reasons[7]
+        assert all(reasons[row] for row in bad)
+    np.testing.assert_array_equal(valid_rows(vae, dino), good)
+    # The good rows are the same images as in the main caches, so they encode to the same tokens.
+    main_tokens = as_float(open_cache(built["dino"])["tokens"][:7])
+    np.testing.assert_allclose(as_float(dino["tokens"][:5]), main_tokens[:5], atol=2e-3)
+
+
+# -- resume --------------------------------------------------------------------------------------------
+def counting_vae_loader(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """Make build_vae_cache's VAE record the number of images of every encode call (and fail after
+    `fail_after` calls, as a crash would)."""
+    encoded: list[int] = []
+
+    def load(*args, **kwargs):
+        vae = LOAD_VAE(*args, **kwargs)
+        encode = vae.encode
+
+        def counted(images, *a, **k):
+            if fail_after is not None and len(encoded) >= fail_after:
+                raise RuntimeError("simulated crash")
+            encoded.append(len(images))
+            return encode(images, *a, **k)
+
+        vae.encode = counted
+        return vae
+
+    monkeypatch.setattr(sd15, "load_vae", load)
+    return encoded
+
+
+def assert_same_cache(a: Path, b: Path, names=("mean", "std", "valid", "done")) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in names:
+        np.testing.assert_array_equal(bits(ga[name][:]), bits(gb[name][:]), err_msg=name)
+    assert dict(ga.attrs) == dict(gb.attrs)
+
+
+def test_resume_after_kill_encodes_only_the_remaining_rows(built, smoke_inputs, tmp_path, monkeypatch, caplog):
+    # Enough rows that the build is still running when the first batches are marked done.
+    table = pd.concat([built["table"]] * 2, ignore_index=True)
+    table["id"] = [f"{i}_{n}" for n, i in enumerate(table["id"])]
+    csv = tmp_path / "subset.csv"
+    table.to_csv(csv, index=False)
+    out = tmp_path / "vae_latents.zarr"
+    partial = out.with_name(out.name + ".partial")
+    threads = torch.get_num_threads()  # the same arithmetic in both processes: bit-identical results
+    script = (f"import torch; torch.set_num_threads({threads}); from urepa.caches import build_vae_cache; "
+              f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'])!r}, {IMAGE_SIZE}, 2, 0, "
+              f"torch.device('cpu'))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "build.log", "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        done_at_kill = 0
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    done_at_kill = int(zarr.open_array(str(partial / "done"), mode="r")[:].sum())
+                except Exception:  # not created yet
+                    done_at_kill = 0
+                if done_at_kill:
+                    break
+                time.sleep(0.01)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert done_at_kill, f"the build never marked a row done:\n{(tmp_path / 'build.log').read_text()[-2000:]}"
+    assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert not out.exists() and partial.exists()
+    done_before = int(zarr.open_array(str(partial / "done"), mode="r")[:].sum())
+    assert 0 < done_before < len(table)
+    with pytest.raises(FileNotFoundError, match="unfinished build"):
+        open_cache(out)
+
+    encoded = counting_vae_loader(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="urepa.caches"):
+        build_vae(csv, out, smoke_inputs["sd15"], batch_size=2)
+    assert sum(encoded) == len(table) - done_before
+    assert f"resuming, {done_before} of {len(table)} rows already done" in caplog.text
+    assert out.exists() and not partial.exists()
+
+    monkeypatch.undo()
+    reference = build_vae(csv, tmp_path / "reference.zarr", smoke_inputs["sd15"], batch_size=2)
+    assert_same_cache(out, reference)
+
+
+def test_partial_from_another_csv_is_discarded(built, smoke_inputs, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "vae_latents.zarr"
+    partial = out.with_name(out.name + ".partial")
+    counting_vae_loader(monkeypatch, fail_after=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_vae(built["csv"], out, smoke_inputs["sd15"])
+    assert int(zarr.open_array(str(partial / "done"), mode="r")[:].sum()) == 2 * BATCH
+
+    other_csv = tmp_path / "reversed.csv"
+    built["table"].iloc[::-1].to_csv(other_csv, index=False)
+    encoded = counting_vae_loader(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="urepa.caches"):
+        build_vae(other_csv, out, smoke_inputs["sd15"])
+    assert "discarding" in caplog.text and "other inputs" in caplog.text
+    assert "resuming" not in caplog.text
+    assert sum(encoded) == len(built["table"])
+    group = open_cache(out)
+    assert group.attrs["csv_sha256"] == file_digest(other_csv)
+    main = as_float(open_cache(built["vae"])["mean"][:])
+    np.testing.assert_allclose(as_float(group["mean"][:]), main[::-1], rtol=1e-2, atol=2e-3)
+
+
+def test_partial_from_the_same_csv_is_resumed(built, smoke_inputs, tmp_path, monkeypatch):
+    """An in-process crash (an exception, not a kill) leaves a partial that the next build finishes."""
+    from urepa import dinov2  # build_dino_cache imports its loader from here when called
+
+    out = tmp_path / "dino_tokens.zarr"
+    calls: list[int] = []
+    crash = [True]
+    real_load = dinov2.load_dinov2
+
+    def load(*args, **kwargs):
+        encoder = real_load(*args, **kwargs)
+        forward = encoder.forward
+
+        def counted(images):
+            if len(calls) == 3 and crash[0]:
+                raise KeyboardInterrupt
+            calls.append(len(images))
+            return forward(images)
+
+        encoder.forward = counted
+        return encoder
+
+    monkeypatch.setattr(dinov2, "load_dinov2", load)
+    with pytest.raises(KeyboardInterrupt):
+        build_dino(built["csv"], out, smoke_inputs["dinov2"])
+    assert sum(calls) == 3 * BATCH
+    crash[0] = False
+    build_dino(built["csv"], out, smoke_inputs["dinov2"])
+    assert sum(calls) == len(built["table"])
+    np.testing.assert_allclose(as_float(open_cache(out)["tokens"][:]), as_float(open_cache(built["dino"])["tokens"][:]),
+                               atol=2e-3)
+
+
+# -- training reads ------------------------------------------------------------------------------------
+def test_cached_rows_returns_the_requested_order(built):
+    table = built["table"]
+    dataset = CachedRows(built["vae"], built["dino"], table["class_id"].to_numpy())
+    assert len(dataset) == len(table)
+    vae, dino = open_cache(built["vae"]), open_cache(built["dino"])
+    rows = np.array([17, 3, 29, 0, 11, 12])
+    batch = dataset[rows]
+    assert set(batch) == {"latent_mean", "latent_std", "tokens", "class_id", "row"}
+    expected = {"latent_mean": vae["mean"][:][rows], "latent_std": vae["std"][:][rows],
+                "tokens": dino["tokens"][:][rows]}
+    for name, values in expected.items():
+        assert batch[name].dtype == torch.float16
+        np.testing.assert_array_equal(bits(batch[name].numpy()), bits(values), err_msg=name)
+    assert batch["class_id"].dtype == torch.int64 and batch["row"].dtype == torch.int64
+    np.testing.assert_array_equal(batch["class_id"].numpy(), table["class_id"].to_numpy()[rows])
+    np.testing.assert_array_equal(batch["row"].numpy(), rows)
+
+
+def test_cached_rows_in_a_dataloader_worker(built):
+    """As training reads: a sampler yields row batches, a worker process reads each whole batch."""
+    from urepa.train import StepBatches
+
+    table = built["table"]
+    dataset = CachedRows(built["vae"], built["dino"], table["class_id"].to_numpy())
+    sampler = StepBatches(np.arange(len(table)), batch_size=8, seed=0)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=1)
+    tokens = open_cache(built["dino"])["tokens"][:]
+    for batch, expected_rows in itertools.islice(zip(loader, sampler), 3):
+        assert batch["tokens"].shape == (8, 16, tokens.shape[-1])
+        np.testing.assert_array_equal(batch["row"].numpy(), expected_rows)
+        np.testing.assert_array_equal(bits(batch["tokens"].numpy()), bits(tokens[expected_rows]))
