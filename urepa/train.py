@@ -169,6 +169,7 @@ class Trainer:
         partial = final.with_name(final.name + ".tmp")
         shutil.rmtree(partial, ignore_errors=True)
         self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
         if self.accelerator.is_main_process:
             partial.rename(final)
             for old in self.checkpoints()[:-self.settings["checkpoints_total_limit"]]:
@@ -241,10 +242,13 @@ class Trainer:
         max_steps = settings["max_steps"]
         self.accelerator.init_trackers("urepa")
         log_path = self.run_dir / "train_log.csv"
-        _truncate_log(log_path, start)
-        with open(log_path, "a", newline="") as log_file:
+        main = self.accelerator.is_main_process
+        if main:
+            _truncate_log(log_path, start)
+        # Only the main process writes the step log; the others log to nowhere.
+        with open(log_path if main else os.devnull, "a", newline="") as log_file:
             writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
-            if log_file.tell() == 0:
+            if main and log_file.tell() == 0:
                 writer.writeheader()
             progress = tqdm(total=max_steps, initial=start, desc="train", unit="step",
                             disable=not self.accelerator.is_main_process)
