@@ -114,6 +114,9 @@ class Trainer:
         self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
         self.prediction = settings["prediction"]
 
+        # The LoRA (gaussian) and align-head initialisations draw from torch's global generator, whose
+        # default seed differs per process: seed it, so `seed` fixes the starting weights too.
+        torch.manual_seed(seed)
         make_trainable(unet, settings["finetune"], settings["lora_rank"], settings["lora_targets"])
         if settings["gradient_checkpointing"]:
             unet.enable_gradient_checkpointing()
@@ -218,8 +221,9 @@ class Trainer:
         logs["loss"] = loss
         values = {name: float(value.detach()) for name, value in logs.items()}
         if not np.isfinite(values["loss"]):
+            # Numbered as train_log.csv and the checkpoints number steps: step n is the n-th update.
             raise FloatingPointError(
-                f"non-finite loss at step {self.state.step}: {values}. Training stopped; the last good "
+                f"non-finite loss at step {self.state.step + 1}: {values}. Training stopped; the last good "
                 f"checkpoint is {self.checkpoints()[-1] if self.checkpoints() else 'none (no checkpoint yet)'}. "
                 f"Lower learning_rate or align_coeff, or check the caches for NaN rows.")
         with self.timer("backward"):
@@ -287,7 +291,6 @@ class Trainer:
         """The current trainable weights in diffusers form (LoRA: pytorch_lora_weights.safetensors,
         loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/ folder), plus heads."""
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -295,7 +298,10 @@ class Trainer:
         out_dir.mkdir(parents=True, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         if self.settings["finetune"] == "lora":
-            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+            # Keys stay in peft's lora_A / lora_B form. convert_state_dict_to_diffusers renames only the
+            # attention keys (lora.down / lora.up), and load_lora_weights judges the format by the first
+            # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
+            lora = get_peft_model_state_dict(model.unet)
             StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
         else:
             model.unet.save_pretrained(out_dir / "unet")
