@@ -1,7 +1,7 @@
 """Stage 2: the zarr caches -- shapes, row alignment with the CSV, metadata checks, corrupt images,
 resume after a kill, and the training-time reader.
 
-The caches are built once per module from the session's smoke inputs at small sizes: VAE at 128 px
+The shared caches (conftest's `smoke_caches`) are built once per session from the smoke inputs at small sizes: VAE at 128 px
 (latents 4x16x16), DINOv2 at resize 64 / crop 56 (a 4x4 token grid), CLIP for the tree's classes.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import CACHE_BATCH, CPU, DINO_CROP, DINO_RESIZE, SMOKE_IMAGE_SIZE
 from urepa import caches, sd15, smoke
 from urepa.caches import (
     CachedRows,
     CacheMismatchError,
-    build_clip_cache,
     build_dino_cache,
     build_vae_cache,
     check_cache,
@@ -38,38 +38,23 @@ from urepa.caches import (
     weights_fingerprint,
 )
 from urepa.dinov2 import dinov2_transform, load_dinov2
-from urepa.subset import build_subset, list_classes
 
 REPO = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
-IMAGE_SIZE = 128          # VAE input: 128 px -> 4 x 16 x 16 latents
-DINO_RESIZE, DINO_CROP = 64, 56   # 56 px / patch 14 -> a 4 x 4 grid
-BATCH = 4
+BATCH = CACHE_BATCH
 LOAD_VAE = sd15.load_vae  # the real loader, for wrappers to call whatever is patched in
 
 
 def build_vae(csv, out, sd15_dir, batch_size=BATCH):
-    return build_vae_cache(csv, out, sd15_dir, IMAGE_SIZE, batch_size, 0, CPU)
+    return build_vae_cache(csv, out, sd15_dir, SMOKE_IMAGE_SIZE, batch_size, 0, CPU)
 
 
 def build_dino(csv, out, dinov2_dir, batch_size=BATCH):
     return build_dino_cache(csv, out, dinov2_dir, DINO_RESIZE, DINO_CROP, batch_size, 0, CPU)
 
 
-@pytest.fixture(scope="module")
-def built(smoke_inputs, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("caches")
-    table = build_subset(smoke_inputs["imagenet"], images_per_class=10, seed=0)
-    csv, classes_csv = root / "subset.csv", root / "classes.csv"
-    table.to_csv(csv, index=False)
-    classes = list_classes(smoke_inputs["imagenet"])
-    classes.to_csv(classes_csv, index=False)
-    return {
-        "root": root, "csv": csv, "table": table, "classes_csv": classes_csv, "classes": classes,
-        "vae": build_vae(csv, root / "vae_latents.zarr", smoke_inputs["sd15"]),
-        "dino": build_dino(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"]),
-        "clip": build_clip_cache(classes_csv, root / "clip_embeddings.zarr", smoke_inputs["sd15"], CPU, batch_size=2),
-    }
+@pytest.fixture
+def built(smoke_caches) -> dict:
+    return smoke_caches
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +82,7 @@ def test_vae_cache_shapes(built):
     group = open_cache(built["vae"])
     n = len(built["table"])
     for name in ("mean", "std"):
-        assert group[name].shape == (n, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+        assert group[name].shape == (n, 4, SMOKE_IMAGE_SIZE // 8, SMOKE_IMAGE_SIZE // 8)
         assert group[name].dtype == np.float16
         assert np.isfinite(as_float(group[name][:])).all()
     assert (as_float(group["std"][:]) > 0).all()
@@ -147,7 +132,7 @@ def check_rows_match(cached: np.ndarray, encode, paths: list[str], rows: list[in
 
 def test_vae_rows_align_with_csv(built, vae_model):
     paths = built["table"]["img_path"].tolist()
-    transform = caches.vae_transform(IMAGE_SIZE)
+    transform = caches.vae_transform(SMOKE_IMAGE_SIZE)
 
     @torch.no_grad()
     def encode(path):
@@ -175,7 +160,7 @@ def test_metadata_attributes(built, smoke_inputs, dino_model):
     vae = dict(open_cache(built["vae"]).attrs)
     assert vae["encoder"].startswith("sd15-vae:")
     assert vae["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["sd15"] / "vae")
-    assert (vae["dim"], vae["grid"], vae["patch_size"], vae["image_size"]) == (4, 16, 8, IMAGE_SIZE)
+    assert (vae["dim"], vae["grid"], vae["patch_size"], vae["image_size"]) == (4, 16, 8, SMOKE_IMAGE_SIZE)
     assert vae["csv_sha256"] == digest and vae["num_rows"] == len(built["table"])
     dino = dict(open_cache(built["dino"]).attrs)
     assert dino["encoder"] == dino_model.name
@@ -301,7 +286,7 @@ def test_resume_after_kill_encodes_only_the_remaining_rows(built, smoke_inputs, 
     partial = out.with_name(out.name + ".partial")
     threads = torch.get_num_threads()  # the same arithmetic in both processes: bit-identical results
     script = (f"import torch; torch.set_num_threads({threads}); from urepa.caches import build_vae_cache; "
-              f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'])!r}, {IMAGE_SIZE}, 2, 0, "
+              f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'])!r}, {SMOKE_IMAGE_SIZE}, 2, 0, "
               f"torch.device('cpu'))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "build.log", "wb") as log_file:

@@ -66,6 +66,22 @@ def test_missing_real_paths_are_named(config, tmp_path):
     urepa_config.check_real_paths(config, "smoke")  # the smoke tier builds its own inputs
 
 
+def test_incomplete_real_inputs_are_named_before_any_job(config, tmp_path):
+    (tmp_path / "ilsvrc").mkdir()
+    (tmp_path / "sd15" / "unet").mkdir(parents=True)
+    (tmp_path / "sd15" / "vae").mkdir()
+    (tmp_path / "dinov2").mkdir()
+    config.update(imagenet_dir=str(tmp_path / "ilsvrc"), sd15_dir=str(tmp_path / "sd15"),
+                  dinov2=str(tmp_path / "dinov2"), inception_dir=str(tmp_path))
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.check_real_paths(config, "tierA")
+    text = str(error.value)
+    assert "has no Data/CLS-LOC/train folder" in text
+    assert "lacks text_encoder/, tokenizer/, scheduler/" in text
+    assert "'dinov2'" in text and "neither a folder with config.json nor a .pth file" in text
+    assert "inception-2015-12-05.pt" in text
+
+
 def test_snakemake_dry_run_names_the_missing_path(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "tier=tierB",

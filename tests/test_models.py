@@ -109,6 +109,16 @@ def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads.parameters())
 
 
+def test_alignment_gradient_survives_gradient_checkpointing(tiny_unet):
+    make_trainable(tiny_unet, "lora", lora_rank=4)
+    tiny_unet.enable_gradient_checkpointing()
+    tiny_unet.train()
+    model, _, tokens, target = _forward_aligned(tiny_unet, ["mid", "enc_last"])
+    alignment_loss(tokens, target, manifold_coeff=3.0)[0].backward()
+    grads = [p.grad for n, p in tiny_unet.named_parameters() if n.startswith("mid_block") and ".lora_B" in n]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_zero_lambda_adds_no_gradient(tiny_unet):
     make_trainable(tiny_unet, "lora", lora_rank=4)
     model, prediction, tokens, target = _forward_aligned(tiny_unet, ["mid"])

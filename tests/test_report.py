@@ -2,7 +2,6 @@
 import json
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image

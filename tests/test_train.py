@@ -2,9 +2,8 @@
 good checkpoint intact, the smoke tier lowers the token loss, diffusers-loadable artifacts, the
 baseline ablation, cache/encoder mismatch, and the step sampler.
 
-The subset and the three caches are built once per module from the session's smoke inputs at the
-sizes the smoke tier uses: VAE at 128 px (latents 4x16x16), DINOv2 at resize 64 / crop 56 (a 4x4
-token grid), CLIP for the tree's classes. Runs are tiny (batch 4, a few steps) except the one
+The subset and the three caches are conftest's `smoke_caches`, at the sizes the smoke tier uses: VAE at
+128 px (latents 4x16x16), DINOv2 at resize 64 / crop 56 (a 4x4 token grid), CLIP for the tree's classes. Runs are tiny (batch 4, a few steps) except the one
 smoke-tier run that checks the token loss goes down, whose artifacts the artifact tests reuse.
 """
 from __future__ import annotations
@@ -27,46 +26,31 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
+from conftest import SMOKE_IMAGE_SIZE
 from urepa import smoke
 from urepa.caches import (
     CachedRows,
     CacheMismatchError,
-    build_clip_cache,
-    build_dino_cache,
-    build_vae_cache,
     valid_rows,
 )
 from urepa.config import load_yaml, train_settings
 from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
 from urepa.sd15 import load_noise_scheduler, load_unet
-from urepa.subset import build_subset, list_classes
-from urepa.train import LOG_COLUMNS, StepBatches, Trainer, train_run
+from urepa.train import LOG_COLUMNS, StepBatches, Trainer, _claim_run_dir, train_run, training_code_digest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_yaml(REPO / "config" / "config.yaml")
 CPU = torch.device("cpu")
-IMAGE_SIZE = 128                  # VAE input: 128 px -> 4 x 16 x 16 latents
-DINO_RESIZE, DINO_CROP = 64, 56   # 56 px / patch 14 -> a 4 x 4 grid
 BATCH = 4
 SEED = 0
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(smoke_inputs, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("train_caches")
-    table = build_subset(smoke_inputs["imagenet"], images_per_class=10, seed=0)
-    csv, classes_csv = root / "subset.csv", root / "classes.csv"
-    table.to_csv(csv, index=False)
-    list_classes(smoke_inputs["imagenet"]).to_csv(classes_csv, index=False)
-    caches = {
-        "csv": csv,
-        "vae": build_vae_cache(csv, root / "vae_latents.zarr", smoke_inputs["sd15"], IMAGE_SIZE, 8, 0, CPU),
-        "dino": build_dino_cache(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"], DINO_RESIZE, DINO_CROP,
-                                 8, 0, CPU),
-        "clip": build_clip_cache(classes_csv, root / "clip_embeddings.zarr", smoke_inputs["sd15"], CPU),
-    }
-    return {"caches": caches, "table": table, "sd15": smoke_inputs["sd15"], "dinov2": smoke_inputs["dinov2"]}
+def data(smoke_inputs, smoke_caches) -> dict:
+    caches = {name: smoke_caches[name] for name in ("csv", "vae", "dino", "clip")}
+    return {"caches": caches, "table": smoke_caches["table"], "sd15": smoke_inputs["sd15"],
+            "dinov2": smoke_inputs["dinov2"]}
 
 
 def settings_for(ablation: str = "urepa", **overrides) -> dict:
@@ -284,7 +268,7 @@ def test_smoke_run_lowers_the_token_loss(smoke_run):
 def _unet_input(data):
     clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")
     generator = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8, generator=generator)
+    sample = torch.randn(2, 4, SMOKE_IMAGE_SIZE // 8, SMOKE_IMAGE_SIZE // 8, generator=generator)
     timesteps = torch.tensor([50, 700])
     hidden = torch.from_numpy(clip["embeddings"][[0, clip.attrs["null_index"]]]).float()
     return sample, timesteps, hidden
@@ -459,3 +443,19 @@ def test_training_skips_rows_marked_invalid(data, tmp_path, caplog):
     trainer = make_trainer(data, settings, tmp_path / "inspect", vae_path)
     seen = np.concatenate([batch["row"].numpy() for batch in itertools.islice(iter(trainer.batches(0)), 20)])
     assert skipped not in seen and len(np.unique(seen)) == num_rows - 1
+
+
+def test_state_of_other_settings_or_training_code_is_set_aside_not_resumed(tmp_path, caplog):
+    run_dir = tmp_path / "train_state"
+    identity = {"settings": {"align_coeff": 0.8}, "seed": 0, "code": training_code_digest()}
+    _claim_run_dir(run_dir, identity)
+    (run_dir / "checkpoints").mkdir()
+    _claim_run_dir(run_dir, identity)  # the same run: its state stays to be resumed
+    assert (run_dir / "checkpoints").is_dir()
+    with caplog.at_level(logging.WARNING):
+        _claim_run_dir(run_dir, {**identity, "code": "edited"})
+    assert "other code:" in caplog.text
+    assert not (run_dir / "checkpoints").exists()
+    stale = list(tmp_path.glob("train_state.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "checkpoints").is_dir()
+    assert json.loads((run_dir / "run.json").read_text())["code"] == "edited"

@@ -92,6 +92,30 @@ REAL_TIER_PATHS = {
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
+SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _layout_problems(config: dict) -> list[str]:
+    """What is missing inside the real-tier paths that exist: caught before any job, not hours into one."""
+    problems = []
+    imagenet = Path(config.get("imagenet_dir") or "")
+    if imagenet.is_dir() and not (imagenet / "Data" / "CLS-LOC" / "train").is_dir():
+        problems.append(f"config key 'imagenet_dir': '{imagenet}' has no Data/CLS-LOC/train folder; "
+                        f"expected {REAL_TIER_PATHS['imagenet_dir']}")
+    sd15 = Path(config.get("sd15_dir") or "")
+    if sd15.is_dir():
+        missing = [name + "/" for name in SD15_SUBFOLDERS if not (sd15 / name).is_dir()]
+        if missing:
+            problems.append(f"config key 'sd15_dir': '{sd15}' lacks {', '.join(missing)}; "
+                            f"expected {REAL_TIER_PATHS['sd15_dir']}")
+    dinov2 = Path(config.get("dinov2") or "")
+    if config.get("dinov2") and dinov2.exists() and not (
+            (dinov2.is_dir() and (dinov2 / "config.json").is_file()) or (dinov2.is_file() and dinov2.suffix == ".pth")):
+        problems.append(f"config key 'dinov2': '{dinov2}' is neither a folder with config.json nor a .pth file; "
+                        f"expected {REAL_TIER_PATHS['dinov2']}")
+    return problems
+
+
 def check_real_paths(config: dict, tier: str) -> None:
     """Fail before any job starts when a real tier's local input is not where config says."""
     if tier_settings(config, tier)["source"] != "imagenet":
@@ -103,11 +127,7 @@ def check_real_paths(config: dict, tier: str) -> None:
             problems.append(f"config key '{key}' is not set; tier '{tier}' needs {expected}")
         elif not Path(value).exists():
             problems.append(f"config key '{key}': path '{value}' does not exist; expected {expected}")
-    if not problems and not (Path(config["imagenet_dir"]) / "Data" / "CLS-LOC" / "train").is_dir():
-        problems.append(
-            f"config key 'imagenet_dir': '{config['imagenet_dir']}' has no Data/CLS-LOC/train folder; "
-            f"expected {REAL_TIER_PATHS['imagenet_dir']}"
-        )
+    problems += _layout_problems(config)
     if tier_settings(config, tier)["feature_network"] == "inception":
         weights = Path(config.get("inception_dir") or "<inception_dir>") / INCEPTION_FILE
         if not weights.is_file():

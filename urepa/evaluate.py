@@ -118,7 +118,7 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     dino_tokens = encoder(torch.stack([to_dino(i) for i in images]).to(device)).float()
     del encoder
 
-    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, settings["finetune"], device)
+    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, settings["finetune"], device, dtype=torch.float32)
     to_vae = vae_transform(image_size)
     latents = pipe.vae.encode(torch.stack([to_vae(i) for i in images]).to(device)).latent_dist.mean
     latents = latents * pipe.vae.config.scaling_factor

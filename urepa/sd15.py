@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+from .config import SD15_SUBFOLDERS
+
 # unet/config.json of stable-diffusion-v1-5: builds the real-shape U-Net (random or on the meta
 # device) for tests and benchmarks where the weights are not on disk.
 SD15_UNET_CONFIG = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -268,11 +269,12 @@ class Trainer:
                 self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}")
+                # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
+                if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
+                    on_snapshot(self, self.state.step)
                 if self.state.step % settings["checkpoint_every"] == 0 or self.state.step == max_steps:
                     log_file.flush()
                     self.save_checkpoint()
-                if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
-                    on_snapshot(self, self.state.step)
             progress.close()
         self.accelerator.end_training()
 
@@ -366,15 +368,17 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
                          f"{unet.config.cross_attention_dim}")
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     _claim_run_dir(run_dir, {"settings": settings, "seed": seed, "csv_sha256": csv_sha,
-                             "dino": dino.attrs["encoder_fingerprint"], "vae": vae.attrs["encoder_fingerprint"]})
+                             "dino": dino.attrs["encoder_fingerprint"], "vae": vae.attrs["encoder_fingerprint"],
+                             "code": training_code_digest()})
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
         vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers)
 
     def snapshot(trainer: Trainer, step: int) -> None:
-        with trainer.ema_weights():
-            trainer.save_weights(run_dir / "snapshots" / f"step-{step:07d}")
+        if trainer.accelerator.is_main_process:
+            with trainer.ema_weights():
+                trainer.save_weights(run_dir / "snapshots" / f"step-{step:07d}")
 
     trainer.run(on_snapshot=snapshot)
     if not trainer.accelerator.is_main_process:
@@ -394,12 +398,28 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     }, indent=2))
 
 
+TRAINING_CODE = ("losses.py", "models.py", "train.py")
+
+
+def training_code_digest() -> str:
+    """SHA-256 of the modules that define the objective, the model and the loop. Part of a run's identity:
+    Snakemake does not see edits inside the package, and resuming old state after such an edit would mix
+    two objectives in one set of weights."""
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _claim_run_dir(run_dir: Path, identity: dict) -> None:
-    """Resume only a run of the same settings and data; set any other run's state aside, not delete it."""
+    """Resume only a run of the same settings, data and training code; set any other run's state aside,
+    not delete it."""
     marker = run_dir / "run.json"
-    if marker.exists() and json.loads(marker.read_text()) != identity:
+    previous = json.loads(marker.read_text()) if marker.exists() else identity
+    if previous != identity:
+        changed = sorted(key for key in identity.keys() | previous.keys() if previous.get(key) != identity.get(key))
         stale = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("%s holds a run with other settings or data: moved to %s, starting afresh", run_dir, stale)
+        log.warning("%s holds a run with other %s: moved to %s, starting afresh", run_dir, ", ".join(changed), stale)
         run_dir.rename(stale)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(identity, indent=2, sort_keys=True))
