@@ -34,8 +34,10 @@ from urepa.caches import (
     valid_rows,
 )
 from urepa.config import load_yaml, train_settings
+from urepa.evaluate import alignment_analysis, analysis_layer
 from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
 from urepa.sd15 import load_noise_scheduler, load_unet
+from urepa.subset import build_subset
 from urepa.train import LOG_COLUMNS, StepBatches, Trainer, _claim_run_dir, train_run, training_code_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +264,28 @@ def test_smoke_run_lowers_the_token_loss(smoke_run):
     # Measured: ~0.92 -> ~0.61 (a third lower); random heads start near 1 (cosine ~ 0).
     assert first > 0.8
     assert last < 0.8 * first, f"token loss went from {first:.3f} to {last:.3f}"
+
+
+def test_alignment_analysis_of_the_run_does_not_depend_on_the_batch_size(smoke_run, data, smoke_inputs, tmp_path):
+    val_csv = tmp_path / "val_subset.csv"
+    build_subset(smoke_inputs["imagenet"], images_per_class=4, seed=0, split="val").to_csv(val_csv, index=False)
+    clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")["embeddings"][:]
+
+    def analyse(batch_size: int) -> dict:
+        return alignment_analysis(val_csv, data["sd15"], data["dinov2"], smoke_run["model_dir"] / "ema", clip,
+                                  smoke_run["settings"], SMOKE_IMAGE_SIZE, 64, 56, 12, [100, 500, 900], SEED, CPU,
+                                  tmp_path / f"tsne-{batch_size}.png", batch_size=batch_size)
+
+    whole, batched = analyse(32), analyse(5)
+    assert whole["layer"] == "mid" and whole["has_head"] and whole["images"] == 12
+    assert [e["timestep"] for e in whole["timesteps"]] == [100, 500, 900]
+    for a, b in zip(whole["timesteps"], batched["timesteps"]):
+        assert a.keys() == b.keys() >= {"cknna", "cca", "head_token_cosine", "head_cknna"}
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert (tmp_path / "tsne-32.png").stat().st_size > 0
+    # Every ablation is analysed at the mid block when it is aligned there, whatever else is.
+    assert analysis_layer(["enc_last", "mid", "dec_first"]) == "mid" and analysis_layer(["dec_first"]) == "dec_first"
 
 
 # -- 4. artifacts -----------------------------------------------------------------------------------

@@ -57,9 +57,10 @@ def _check_names(config: dict) -> None:
         if name not in config["ablations"]:
             problems.append(f"unknown ablation '{name}'; defined ablations: {', '.join(config['ablations'])}")
     for tier, settings in config["tiers"].items():
-        if settings["sample_preset"] not in config["sample"]["presets"]:
-            problems.append(f"config key 'tiers.{tier}.sample_preset': unknown preset '{settings['sample_preset']}'; "
-                            f"defined presets: {', '.join(config['sample']['presets'])}")
+        for key in ("sample_preset", "curve_preset"):
+            if settings[key] not in config["sample"]["presets"]:
+                problems.append(f"config key 'tiers.{tier}.{key}': unknown preset '{settings[key]}'; "
+                                f"defined presets: {', '.join(config['sample']['presets'])}")
         if settings.get("data_from", tier) not in config["tiers"]:
             problems.append(f"config key 'tiers.{tier}.data_from': unknown tier '{settings['data_from']}'")
     if problems:

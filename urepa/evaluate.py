@@ -91,73 +91,102 @@ def held_out_rows(val_csv: str | Path, count: int) -> pd.DataFrame:
     return table.sort_values(["rank", "class_id"]).head(count).reset_index(drop=True)
 
 
+def analysis_layer(align_layers: list[str]) -> str:
+    """The layer every ablation is analysed at: `mid` whenever it is aligned (the default, and the
+    baseline's), so that scores compare the same features across ablations."""
+    return "mid" if "mid" in align_layers else align_layers[0]
+
+
+def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):
+    """The trained align head of `layer` from a weights folder, or None where no head was trained."""
+    from safetensors.torch import load_file
+
+    from .models import AlignHead
+
+    heads_file = Path(weights_dir) / "align_heads.safetensors"
+    if not heads_file.exists():
+        return None
+    head_config = json.loads((Path(weights_dir) / "align_heads.json").read_text())
+    prefix = f"{layer}."
+    state = {k[len(prefix):]: v for k, v in load_file(heads_file).items() if k.startswith(prefix)}
+    head = AlignHead(state["proj.0.weight"].shape[1], head_config["dim"], head_config["grid"],
+                     head_config["projector"], head_config["projector_hidden"])
+    head.load_state_dict(state)
+    return head.to(device).eval()
+
+
 @torch.no_grad()
 def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, settings: dict,
                        image_size: int, dino_resize: int, dino_crop: int, count: int, timesteps: list[int],
-                       seed: int, device: torch.device, tsne_png: str | Path) -> dict:
+                       seed: int, device: torch.device, tsne_png: str | Path, batch_size: int = 32) -> dict:
     """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
 
-    Per timestep: CKNNA and CCA between image-pooled U-Net features of the first aligned layer (no
-    head: comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align
-    heads were trained, also the mean token cosine and CKNNA of the heads' tokens. t-SNE at the middle
+    Per timestep: CKNNA and CCA between image-pooled U-Net features of the analysis layer (no head:
+    comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align heads
+    were trained, also the mean token cosine and CKNNA of the heads' tokens. t-SNE at the middle
     timestep: head tokens and DINOv2 tokens in one map, or the raw features beside DINOv2's without a head.
+    Images go through the encoders `batch_size` at a time; the noise is drawn once for the whole set,
+    so the scores do not depend on the batch size.
     """
-    from safetensors.torch import load_file
-
     from . import analysis
     from .caches import vae_transform
-    from .dinov2 import dinov2_transform, load_dinov2
-    from .models import AlignHead, FeatureCapture
+    from .dinov2 import dinov2_transform, load_dinov2, to_rgb
+    from .models import FeatureCapture
     from .sample import load_finetuned_pipeline
     from .sd15 import load_noise_scheduler
 
     rows = held_out_rows(val_csv, count)
-    images = [Image.open(p).convert("RGB") for p in rows["img_path"]]
+    chunks = [rows["img_path"].iloc[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
+
+    def images(paths, transform) -> torch.Tensor:
+        tensors = []
+        for path in paths:
+            with Image.open(path) as image:
+                tensors.append(transform(to_rgb(image)))
+        return torch.stack(tensors).to(device)
+
     encoder = load_dinov2(dinov2_path, device)
     to_dino = dinov2_transform(dino_resize, dino_crop)
-    dino_tokens = encoder(torch.stack([to_dino(i) for i in images]).to(device)).float()
+    dino_tokens = torch.cat([encoder(images(paths, to_dino)).float().cpu() for paths in chunks])
     del encoder
+    dino_pooled = dino_tokens.mean(dim=1)
 
     pipe = load_finetuned_pipeline(sd15_dir, weights_dir, settings["finetune"], device, dtype=torch.float32)
     to_vae = vae_transform(image_size)
-    latents = pipe.vae.encode(torch.stack([to_vae(i) for i in images]).to(device)).latent_dist.mean
+    latents = torch.cat([pipe.vae.encode(images(paths, to_vae)).latent_dist.mean.cpu() for paths in chunks])
     latents = latents * pipe.vae.config.scaling_factor
-    layer = settings["align_layers"][0]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).float()
+    layer = analysis_layer(settings["align_layers"])
+    head = load_align_head(weights_dir, layer, device)
     capture = FeatureCapture(pipe.unet, [layer])
-    head = None
-    heads_file = Path(weights_dir) / "align_heads.safetensors"
-    if heads_file.exists():
-        head_config = json.loads((Path(weights_dir) / "align_heads.json").read_text())
-        state = load_file(heads_file)
-        prefix = f"{layer}."
-        in_channels = state[f"{prefix}proj.0.weight"].shape[1]
-        head = AlignHead(in_channels, head_config["dim"], head_config["grid"], head_config["projector"],
-                         head_config["projector_hidden"]).to(device)
-        head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        head.eval()
     scheduler = load_noise_scheduler(sd15_dir)
-    cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).to(device, pipe.unet.dtype)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    dino_pooled = dino_tokens.mean(dim=1)
+    middle = timesteps[len(timesteps) // 2]
     results, at_middle = [], None
     for t in timesteps:
-        timestep = torch.full((len(rows),), t, device=device, dtype=torch.long)
-        pipe.unet(scheduler.add_noise(latents, noise, timestep), timestep, encoder_hidden_states=cond)
-        features = capture.pop()[layer].float()
-        pooled = features.mean(dim=(2, 3))
+        pooled, head_pooled, head_cosine = [], [], []
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            timestep = torch.full((len(latents[part]),), t, dtype=torch.long)
+            noisy = scheduler.add_noise(latents[part], noise[part], timestep)
+            pipe.unet(noisy.to(device), timestep.to(device), encoder_hidden_states=cond[part].to(device))
+            features = capture.pop()[layer].float()
+            pooled.append(features.mean(dim=(2, 3)).cpu())
+            if head is not None:
+                tokens = head(features).cpu()
+                head_pooled.append(tokens.mean(dim=1))
+                head_cosine.append((tokens * dino_tokens[part]).sum(-1).mean(dim=1))
+        pooled = torch.cat(pooled)
         entry = {"timestep": t, "cknna": analysis.cknna(pooled, dino_pooled),
                  **analysis.cca_score(pooled, dino_pooled, seed=seed)}
-        tokens = head(features) if head is not None else None
-        if tokens is not None:
-            entry["head_token_cosine"] = float((tokens * dino_tokens).sum(-1).mean())
-            entry["head_cknna"] = analysis.cknna(tokens.mean(dim=1), dino_pooled)
+        if head is not None:
+            head_pooled = torch.cat(head_pooled)
+            entry["head_token_cosine"] = float(torch.cat(head_cosine).mean())
+            entry["head_cknna"] = analysis.cknna(head_pooled, dino_pooled)
         results.append(entry)
-        if t == timesteps[len(timesteps) // 2]:
-            at_middle = tokens if tokens is not None else features.flatten(2).transpose(1, 2)
+        if t == middle:
+            at_middle = head_pooled if head is not None else pooled
     capture.remove()
-    labels = rows["class_id"].to_numpy()
-    analysis.tsne_plot(at_middle.cpu(), dino_tokens.cpu(), labels, tsne_png, seed=seed,
-                       title=f"t = {timesteps[len(timesteps) // 2]}: {'align-head' if head else 'raw U-Net'} "
-                             f"tokens ({layer}) vs DINOv2")
+    analysis.tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, seed=seed,
+                       title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
     return {"layer": layer, "images": len(rows), "has_head": head is not None, "timesteps": results}

@@ -35,7 +35,7 @@ rule metrics:
         "results/{tier}/{ablation}/metrics.json",
     params:
         network=lambda w: tier_of(w)["feature_network"],
-        sampling=sampling,
+        sampling=final_sampling,
     threads: 2
     log:
         "results/{tier}/{ablation}/logs/metrics.log",
@@ -55,7 +55,7 @@ rule curve_point:
         "results/{tier}/{ablation}/curve/step-{step}/metrics.json",
     params:
         network=lambda w: tier_of(w)["feature_network"],
-        sampling=sampling,
+        sampling=curve_sampling,
     threads: 2
     log:
         "results/{tier}/{ablation}/logs/curve_point-{step}.log",

@@ -2,8 +2,12 @@
 # renamed when complete, so a killed job resumes image by image.
 
 
-def sampling(wildcards):
-    return config["sample"]["presets"][tier_of(wildcards)["sample_preset"]]
+def preset(key):
+    """Input function: the sampler settings of the tier's `sample_preset` or `curve_preset`."""
+    return lambda wildcards: config["sample"]["presets"][tier_of(wildcards)[key]]
+
+
+final_sampling, curve_sampling = preset("sample_preset"), preset("curve_preset")
 
 
 def curve_steps(tier, ablation):
@@ -26,7 +30,7 @@ rule sample:
     params:
         weights="results/{tier}/{ablation}/model/ema",
         images_per_class=lambda w: tier_of(w)["sample_images_per_class"],
-        sampling=sampling,
+        sampling=final_sampling,
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
     threads: 2
     log:
@@ -49,7 +53,7 @@ rule sample_snapshot:
     params:
         weights="results/{tier}/{ablation}/model/snapshots/step-{step}",
         images_per_class=lambda w: tier_of(w)["curve_images_per_class"],
-        sampling=sampling,
+        sampling=curve_sampling,
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
     threads: 2
     log:
