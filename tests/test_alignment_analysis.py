@@ -49,9 +49,15 @@ def test_cca_clamps_components_with_few_images(features):
     assert result["cca_pca_dims"] == 3 and result["cca_components"] == 3
 
 
-@pytest.mark.parametrize("target_dim", [48, 32])
-def test_tsne_writes_a_png_and_returns_all_points(features, tmp_path, target_dim):
+@pytest.mark.parametrize("target_dim, shared_space", [(48, True), (48, False), (32, False)])
+def test_tsne_writes_a_png_and_returns_all_points(features, tmp_path, target_dim, shared_space):
     target = features[:, :target_dim]
-    coords = tsne_plot(features, target, labels=np.arange(60) // 10, path=tmp_path / "t.png", title="x")
+    coords = tsne_plot(features, target, labels=np.arange(60) // 10, path=tmp_path / "t.png",
+                       shared_space=shared_space, title="x")
     assert coords.shape == (120, 2)
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_joint_tsne_map_needs_one_space(features, tmp_path):
+    with pytest.raises(ValueError, match="one space"):
+        tsne_plot(features, features[:, :32], np.arange(60) // 10, tmp_path / "t.png", shared_space=True)

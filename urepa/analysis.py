@@ -71,11 +71,13 @@ def cca_score(pred, target, n_components: int = 10, seed: int = 0) -> dict:
     return {"cca": float(np.mean(correlations)), "cca_components": components, "cca_pca_dims": dims}
 
 
-def tsne_plot(pred, target, labels, path: str | Path, seed: int = 0, title: str = "") -> np.ndarray:
+def tsne_plot(pred, target, labels, path: str | Path, shared_space: bool, seed: int = 0,
+              title: str = "") -> np.ndarray:
     """t-SNE of image-pooled, L2-normalised U-Net tokens and DINOv2 tokens, coloured by class.
 
-    Same dimension (align-head tokens): one joint map, circles for the U-Net and crosses for DINOv2,
-    so their overlap is visible. Different dimensions (raw features, no head): two maps side by side.
+    `shared_space` (align-head tokens, trained to live in DINOv2's space): one joint map, circles for the
+    U-Net and crosses for DINOv2, so their overlap is visible. Otherwise (raw U-Net features, whose axes
+    mean nothing in DINOv2's space even when the widths happen to match): two maps side by side.
     Returns the 2-D coordinates, U-Net rows first.
     """
     import matplotlib
@@ -93,7 +95,9 @@ def tsne_plot(pred, target, labels, path: str | Path, seed: int = 0, title: str 
 
     p, t = normalised(pred), normalised(target)
     labels = np.asarray(labels)
-    if p.shape[1] == t.shape[1]:
+    if shared_space:
+        if p.shape[1] != t.shape[1]:
+            raise ValueError(f"a joint t-SNE map needs one space: U-Net {p.shape[1]}-d vs DINOv2 {t.shape[1]}-d")
         coords = embed(np.concatenate([p, t]))
         panels = [(coords[:len(p)], "o", "U-Net (align head)"), (coords[len(p):], "x", "DINOv2")]
         fig, axes = plt.subplots(1, 1, figsize=(6, 5))
@@ -106,7 +110,9 @@ def tsne_plot(pred, target, labels, path: str | Path, seed: int = 0, title: str 
         ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", marker=marker, s=28, label=name)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(loc="best", fontsize=8)
+        legend = ax.legend(loc="best", fontsize=8)
+        for handle in legend.legend_handles:  # the marker tells the source; colour is the class
+            handle.set_color("grey")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -187,6 +187,6 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
         if t == middle:
             at_middle = head_pooled if head is not None else pooled
     capture.remove()
-    analysis.tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, seed=seed,
+    analysis.tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
                        title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
     return {"layer": layer, "images": len(rows), "has_head": head is not None, "timesteps": results}
