@@ -29,6 +29,33 @@ def fid_summary(metrics: dict[str, dict]) -> dict:
     return {ablation: {k: m.get(k) for k in keys} for ablation, m in metrics.items()}
 
 
+def plot_losses(log_csv: str | Path, out_png: str | Path, title: str) -> None:
+    """A run's train_log.csv as one panel per loss term: raw steps faint, a rolling mean on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.read_csv(log_csv)
+    window = max(1, len(table) // 50)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, columns in zip(axes, (["loss", "loss_diff"], ["loss_token"], ["loss_manifold"])):
+        plotted = [column for column in columns if table[column].notna().any()]
+        for column in plotted:
+            ax.plot(table["step"], table[column], alpha=0.25)
+            ax.plot(table["step"], table[column].rolling(window, min_periods=1).mean(), label=column)
+        ax.set_xlabel("step")
+        if plotted:
+            ax.legend()
+        else:  # the baseline: no align head, so no alignment loss to show
+            ax.text(0.5, 0.5, f"{', '.join(columns)}: not computed (λ = 0)", ha="center", va="center",
+                    transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def plot_fid_curves(curves: dict[str, dict], out_png: str | Path) -> None:
     import matplotlib
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .caches import CachedRows, check_cache, file_digest, valid_rows, weights_fingerprint
 from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target
 from .models import AlignedUNet, make_trainable
+from .report import plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -323,29 +324,6 @@ def _truncate_log(path: Path, step: int) -> None:
     if path.exists():
         table = pd.read_csv(path)
         table[table["step"] <= step].to_csv(path, index=False)
-
-
-def plot_losses(log_csv: str | Path, out_png: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = pd.read_csv(log_csv)
-    window = max(1, len(table) // 50)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, columns in zip(axes, (["loss", "loss_diff"], ["loss_token"], ["loss_manifold"])):
-        for column in columns:
-            series = table[column]
-            if series.notna().any():
-                ax.plot(table["step"], series, alpha=0.25)
-                ax.plot(table["step"], series.rolling(window, min_periods=1).mean(), label=column)
-        ax.set_xlabel("step")
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, run_dir: str | Path,
