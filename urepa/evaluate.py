@@ -52,7 +52,9 @@ def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, b
     """All metrics of a sample folder against the reference statistics, plus `extra` provenance."""
     paths = sample_paths(samples_dir)
     features = metrics.extract_features(network, paths, batch_size=batch_size, description="sample features")
-    result = metrics.compute_metrics(features, metrics.load_statistics(reference_npz))
+    # Precision / recall compares every sample with every reference image (50k x 50k at 2048-d): on
+    # the feature network's device, the GPU where there is one.
+    result = metrics.compute_metrics(features, metrics.load_statistics(reference_npz), device=network.device)
     return {**result, **extra}
 
 
