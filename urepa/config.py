@@ -97,24 +97,21 @@ SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def _layout_problems(config: dict) -> list[str]:
-    """What is missing inside the real-tier paths that exist: caught before any job, not hours into one."""
-    problems = []
-    imagenet = Path(config.get("imagenet_dir") or "")
-    if imagenet.is_dir() and not (imagenet / "Data" / "CLS-LOC" / "train").is_dir():
-        problems.append(f"config key 'imagenet_dir': '{imagenet}' has no Data/CLS-LOC/train folder; "
-                        f"expected {REAL_TIER_PATHS['imagenet_dir']}")
-    sd15 = Path(config.get("sd15_dir") or "")
-    if sd15.is_dir():
-        missing = [name + "/" for name in SD15_SUBFOLDERS if not (sd15 / name).is_dir()]
+    """What is missing inside the real-tier paths that are set and exist: caught before any job, not
+    hours into one. (Unset or absent paths are reported by `check_real_paths` itself.)"""
+    paths = {key: Path(config[key]) for key in REAL_TIER_PATHS if config.get(key) and Path(config[key]).exists()}
+    found = {}
+    if "imagenet_dir" in paths and not (paths["imagenet_dir"] / "Data" / "CLS-LOC" / "train").is_dir():
+        found["imagenet_dir"] = "has no Data/CLS-LOC/train folder"
+    if "sd15_dir" in paths:
+        missing = [name + "/" for name in SD15_SUBFOLDERS if not (paths["sd15_dir"] / name).is_dir()]
         if missing:
-            problems.append(f"config key 'sd15_dir': '{sd15}' lacks {', '.join(missing)}; "
-                            f"expected {REAL_TIER_PATHS['sd15_dir']}")
-    dinov2 = Path(config.get("dinov2") or "")
-    if config.get("dinov2") and dinov2.exists() and not (
-            (dinov2.is_dir() and (dinov2 / "config.json").is_file()) or (dinov2.is_file() and dinov2.suffix == ".pth")):
-        problems.append(f"config key 'dinov2': '{dinov2}' is neither a folder with config.json nor a .pth file; "
-                        f"expected {REAL_TIER_PATHS['dinov2']}")
-    return problems
+            found["sd15_dir"] = f"lacks {', '.join(missing)}"
+    dinov2 = paths.get("dinov2")
+    if dinov2 and not ((dinov2 / "config.json").is_file() or (dinov2.is_file() and dinov2.suffix == ".pth")):
+        found["dinov2"] = "is neither a folder with config.json nor a .pth file"
+    return [f"config key '{key}': '{paths[key]}' {problem}; expected {REAL_TIER_PATHS[key]}"
+            for key, problem in found.items()]
 
 
 def check_real_paths(config: dict, tier: str) -> None:

@@ -37,10 +37,11 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finet
     """SD-1.5 from its local folder with the fine-tuned weights in: LoRA through
     `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning.
     `dtype`: default `inference_dtype(device)`."""
-    dtype = dtype or inference_dtype(device)
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from .sd15 import check_sd15_dir
+
+    dtype = dtype or inference_dtype(device)
 
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
