@@ -109,7 +109,7 @@ def test_clip_cache_rows_are_class_prompts_then_the_empty_prompt(built, smoke_in
     prompts = group.attrs["prompts"]
     assert prompts[-1] == "" and group.attrs["null_index"] == len(classes)
     assert prompts[:-1] == [f"a photo of a {name}" for name in classes["name"]]
-    assert prompts[0] == "a photo of a tench"  # first name of LOC_synset_mapping.txt's description
+    assert prompts[0] == "a photo of a tench"  # n01440764's name in urepa/data/imagenet_classes.tsv
     tokenizer, text_encoder = sd15.load_text_encoder(smoke_inputs["sd15"], CPU)
     for index in (0, len(classes)):  # a class prompt and the null prompt, encoded alone
         ids = tokenizer([prompts[index]], padding="max_length", truncation=True, max_length=77,

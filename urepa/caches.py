@@ -30,6 +30,8 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
+from .subset import prompt_for
+
 log = logging.getLogger(__name__)
 
 DONE_CHUNK = 4096
@@ -213,10 +215,6 @@ def build_dino_cache(csv_path, out_path, dinov2_path, image_size: int, input_siz
     return build_image_cache(csv_path, out_path, {"tokens": ((meta["grid"] ** 2, meta["dim"]), "float16")},
                              attrs, dinov2_transform(image_size, input_size), (3, input_size, input_size), encode,
                              batch_size, num_workers, "DINOv2 tokens")
-
-
-def prompt_for(class_name: str) -> str:
-    return f"a photo of a {class_name}"
 
 
 @torch.no_grad()
