@@ -52,6 +52,28 @@ def test_ablations_override_tier_which_overrides_defaults(config):
         urepa_config.tier_settings(config, "tierD")
 
 
+@pytest.mark.parametrize("tier", ["tierA", "tierB", "tierC"])
+@pytest.mark.parametrize("finetune", ["lora", "partial", "full"])
+def test_real_tiers_default_to_epsilon_and_an_uncropped_dinov2_view(config, tier, finetune):
+    """SD-1.5 is an epsilon model in every fine-tuning mode; DINOv2 sees the VAE's 512 px square at 224 px
+    (16 x 16 tokens), not a resize-256 / crop-224 view."""
+    config["train"]["finetune"] = finetune
+    for ablation in config["ablations"]:
+        assert urepa_config.train_settings(config, tier, ablation)["prediction"] == "epsilon"
+    settings = urepa_config.tier_settings(config, tier)
+    assert (settings["image_size"], settings["dino_size"]) == (512, 224)
+    assert not {"dino_resize", "dino_crop"} & settings.keys()
+
+
+def test_default_run_compares_urepa_with_baseline_on_the_same_caches(config):
+    assert config["compare"] == ["urepa", "baseline"]
+    assert config["sample"]["cfg_sweep"] == [1.5, 2.0, 3.0, 4.5, 7.5]
+    broken = copy.deepcopy(config)
+    broken["tiers"]["smoke"]["compare"] = ["urepa", "basline"]
+    with pytest.raises(urepa_config.ConfigError, match=r"'tiers.smoke.compare': unknown ablation 'basline'"):
+        urepa_config.validate(broken, SCHEMA)
+
+
 def test_tier_c_reuses_tier_b_data(config):
     assert urepa_config.data_tier(config, "tierC") == "tierB"
     assert urepa_config.data_tier(config, "tierA") == "tierA"

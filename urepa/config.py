@@ -53,9 +53,12 @@ def _check_names(config: dict) -> None:
     problems = []
     if config["tier"] not in config["tiers"]:
         problems.append(f"config key 'tier': unknown tier '{config['tier']}'; defined tiers: {', '.join(config['tiers'])}")
-    for name in [config["ablation"], *config["compare"]]:
-        if name not in config["ablations"]:
-            problems.append(f"unknown ablation '{name}'; defined ablations: {', '.join(config['ablations'])}")
+    for key, names in [("ablation", [config["ablation"]]), ("compare", config["compare"]),
+                       *((f"tiers.{tier}.compare", s.get("compare", [])) for tier, s in config["tiers"].items())]:
+        for name in names:
+            if name not in config["ablations"]:
+                problems.append(f"config key '{key}': unknown ablation '{name}'; "
+                                f"defined ablations: {', '.join(config['ablations'])}")
     for tier, settings in config["tiers"].items():
         for key in ("sample_preset", "curve_preset"):
             if settings[key] not in config["sample"]["presets"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,3 +28,16 @@ def resolve_device(device: str) -> torch.device:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
+
+
+def set_aside(path: str | Path, reason: str) -> Path:
+    """Move unfinished work that belongs to something else out of the way (`<name>.stale-<time>`) instead of
+    deleting it or continuing it: hours of GPU work are never thrown away, and never mixed into another run."""
+    path = Path(path)
+    stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while stale.exists():
+        stale, suffix = stale.with_name(f"{stale.name}-{suffix}"), suffix + 1
+    path.rename(stale)
+    logging.getLogger(__name__).warning("%s %s: moved to %s", path, reason, stale)
+    return stale
