@@ -1,7 +1,9 @@
 """Process set-up shared by every stage: logging to the rule's log file, device and thread choice."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,3 +43,36 @@ def set_aside(path: str | Path, reason: str) -> Path:
     path.rename(stale)
     logging.getLogger(__name__).warning("%s %s: moved to %s", path, reason, stale)
     return stale
+
+
+RESULTS_LOCK = ".urepa.lock"
+_held_locks: list = []  # open handles keep their flock for the life of the process
+
+
+class ResultsFolderBusy(RuntimeError):
+    """Another invocation is working on the same results folder."""
+
+
+def lock_results_folder(folder: str | Path) -> None:
+    """Take an exclusive, non-blocking OS lock (flock) on `folder` for the rest of this process.
+
+    Snakemake's own lock is checked and then written, not taken atomically: two invocations started in the
+    same second both pass it, and one's cleanup can delete what the other has just finished. flock is
+    atomic, and the kernel releases it when the holder dies, so a killed run never leaves it stale."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / RESULTS_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResultsFolderBusy(
+            f"{folder}/ is in use by another snakemake invocation ({holder}). One results folder takes one "
+            f"invocation at a time: wait for it to finish or stop it. Nothing was started or deleted.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks.append(handle)
