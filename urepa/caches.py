@@ -27,10 +27,9 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
-from .runtime import set_aside
+from .runtime import progress, set_aside
 
 from .subset import prompt_for
 
@@ -168,7 +167,7 @@ def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[s
     loader = DataLoader(ImageRows(table["img_path"].tolist(), todo, transform, image_shape),
                         batch_size=batch_size, num_workers=num_workers)
     errors = list(group.attrs["errors"])
-    for rows, images, problems in tqdm(loader, desc=desc, unit="batch"):
+    for rows, images, problems in progress(loader, desc=desc, unit="batch"):
         rows = rows.numpy()
         ok = np.array([not p for p in problems])
         for row, problem in zip(rows[~ok], np.array(problems)[~ok]):
@@ -251,7 +250,7 @@ def build_clip_cache(classes_csv, out_path, sd15_dir, device: torch.device, batc
     prompts = [prompt_for(name) for name in classes["name"]] + [""]
     tokenizer, text_encoder = load_text_encoder(sd15_dir, device)
     chunks = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="CLIP prompts", unit="batch"):
+    for start in progress(range(0, len(prompts), batch_size), desc="CLIP prompts", unit="batch"):
         ids = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         chunks.append(text_encoder(ids.to(device))[0].half().cpu().numpy())

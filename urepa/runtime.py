@@ -9,16 +9,52 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr and, when given, to the stage's log file (created with its folder)."""
+    """Log to stderr and, when given, to the stage's log file (created with its folder). Python warnings and
+    an uncaught exception's traceback go to the log too: Snakemake points at the log file when a rule fails."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind, error, trace) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    logging.getLogger("urepa").critical("stopped by %s: %s", kind.__name__, error, exc_info=(kind, error, trace))
+
+
+class progress(tqdm):
+    """A tqdm bar that also logs its state (done/total, rate, ETA) every `log_every` seconds and when it
+    closes, so a rule's log file shows how far a job got; the bar itself goes to the terminal only."""
+
+    def __init__(self, *args, log_every: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._log_every, self._logged_at = log_every, time.monotonic()
+
+    def update(self, n: float = 1):
+        displayed = super().update(n)
+        if not self.disable and time.monotonic() - self._logged_at >= self._log_every:
+            self._log_state()
+        return displayed
+
+    def close(self) -> None:
+        if not self.disable and not getattr(self, "_closed_logged", False):
+            self._closed_logged = True
+            self._log_state()
+        super().close()
+
+    def _log_state(self) -> None:
+        self._logged_at = time.monotonic()
+        logging.getLogger("urepa.progress").info("%s", self.format_meter(**self.format_dict))
 
 
 def resolve_device(device: str) -> torch.device:

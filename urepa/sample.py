@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .runtime import set_aside
+from .runtime import progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
         log.info("resuming sampling: %d of %d images already written", total - len(todo), total)
     clip = torch.from_numpy(np.asarray(clip_embeddings)).to(device, pipe.unet.dtype)
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    for start in tqdm(range(0, len(todo), batch_size), desc="sample", unit="batch"):
+    for start in progress(range(0, len(todo), batch_size), desc="sample", unit="batch"):
         indices = todo[start:start + batch_size]
         noise = torch.stack([initial_noise(i, seed, (channels, size, size)) for i in indices]).to(device)
         cond = clip[[class_of(i, images_per_class) for i in indices]]

@@ -21,13 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
 from .caches import CachedRows, check_cache, content_digest, file_digest, valid_rows, weights_fingerprint
 from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target
 from .models import AlignedUNet, make_trainable
 from .report import plot_losses
-from .runtime import set_aside
+from .runtime import progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +264,7 @@ class Trainer:
             writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
             if main and log_file.tell() == 0:
                 writer.writeheader()
-            progress = tqdm(total=max_steps, initial=start, desc="train", unit="step",
+            progress = progress(total=max_steps, initial=start, desc="train", unit="step",
                             disable=not self.accelerator.is_main_process)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
             while self.state.step < max_steps:
