@@ -160,6 +160,27 @@ def test_incomplete_real_inputs_are_named_before_any_job(config, tmp_path):
     assert "inception-2015-12-05.pt" in text
 
 
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_bytes(b"<html>404 Not Found</html>"), "is not a readable PyTorch checkpoint"),
+    (lambda p: __import__("torch").save({"state_dict": {}}, p), "is a PyTorch file but holds no DINOv2 weights"),
+])
+def test_a_file_named_like_a_dinov2_checkpoint_is_opened_before_any_job(config, tmp_path, make, problem):
+    """A download that saved an error page (or another model) as dinov2_vitl14_pretrain.pth fails at once."""
+    fake = tmp_path / "dinov2_vitl14_pretrain.pth"
+    make(fake)
+    config.update(dinov2=str(fake))
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.check_real_paths(config, "tierA")
+    assert f"config key 'dinov2': '{fake}' {problem}" in str(error.value)
+
+
+def test_a_dinov2_folder_of_another_model_is_named(config, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    config.update(dinov2=str(tmp_path))
+    with pytest.raises(urepa_config.ConfigError, match="model_type 'vit', not a DINOv2"):
+        urepa_config.check_real_paths(config, "tierA")
+
+
 def test_snakemake_dry_run_names_the_missing_path(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "tier=tierB",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,32 @@ def _layout_problems(config: dict) -> list[str]:
     dinov2 = paths.get("dinov2")
     if dinov2 and not ((dinov2 / "config.json").is_file() or (dinov2.is_file() and dinov2.suffix == ".pth")):
         found["dinov2"] = "is neither a folder with config.json nor a .pth file"
+    elif dinov2 and (problem := _dinov2_content_problem(dinov2)):
+        found["dinov2"] = problem
     return [f"config key '{key}': '{paths[key]}' {problem}; expected {REAL_TIER_PATHS[key]}"
             for key, problem in found.items()]
+
+
+def _dinov2_content_problem(path: Path) -> str | None:
+    """Open what the `dinov2` key names, cheaply (a memory-mapped checkpoint, a JSON config), so that a file
+    merely named like a checkpoint fails here, in one line, not hours later in a pile of tracebacks."""
+    if path.is_dir():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as error:
+            return f"has a config.json that is not readable JSON ({error})"
+        if model_type not in ("dinov2", "dinov2_with_registers"):
+            return f"has a config.json of model_type {model_type!r}, not a DINOv2"
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # pickle, zip and format errors alike: the file is not a checkpoint
+        return f"is not a readable PyTorch checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    if not isinstance(state, dict) or "patch_embed.proj.weight" not in state:
+        return "is a PyTorch file but holds no DINOv2 weights (no patch_embed.proj.weight)"
+    return None
 
 
 def check_real_paths(config: dict, tier: str) -> None:
