@@ -59,8 +59,12 @@ def run_files(tmp_path):
             (d / f"point-{step}.json").write_text(json.dumps(point))
             points.append(d / f"point-{step}.json")
         curves[ablation] = fid_curve(points)
+        entry = {"timestep": 500, "cknna": 0.3 - i / 10, "cknna_chance": 0.01, "cca": 0.5, "cca_components": 2,
+                 "cca_pca_dims": 2, "cca_fit_images": 4, "cca_scored_images": 4, "cca_chance": -0.02}
+        if ablation == "urepa":
+            entry.update(head_token_cosine=0.6, head_token_cosine_chance=0.4, head_cknna=0.7, head_cknna_chance=0.03)
         (d / "alignment.json").write_text(json.dumps({"layer": "mid", "images": 8, "has_head": ablation == "urepa",
-                                                      "timesteps": [{"timestep": 500, "cknna": 0.3, "cca": 0.5}]}))
+                                                      "timesteps": [entry]}))
         runs[ablation] = {"metrics": str(d / "metrics.json"), "alignment": str(d / "alignment.json"),
                           "loss_curve": _png(d / "loss.png", "red"), "tsne": _png(d / "tsne.png", "green"),
                           "grid": _png(d / "grid.png", "blue")}
@@ -98,3 +102,11 @@ def test_report_renders_every_section_self_contained(run_files, tmp_path):
     assert [row[:2] for row in cells[:2]] == [["urepa", "10"], ["baseline", "11"]]  # ablation, FID
     # FID-vs-step: the target is the baseline's final FID (11 + 100/80); urepa reaches it at step 80
     assert cells[2][:3] == ["urepa", "12.25", "80"] and cells[3][:3] == ["baseline", "12.25", "80"]
+    # Alignment: every score beside its chance level; the baseline has no head, so no head scores.
+    tables = re.findall(r"<table.*?</table>", page, re.S)
+    assert re.findall(r"<th>([^<]*)</th>", tables[2]) == [
+        "ablation", "layer", "timestep", "cknna", "cknna_chance", "cca", "cca_chance", "head_token_cosine",
+        "head_token_cosine_chance", "head_cknna", "head_cknna_chance"]
+    assert cells[4] == ["urepa", "mid", "500", "0.3", "0.01", "0.5", "-0.02", "0.6", "0.4", "0.7", "0.03"]
+    assert cells[5] == ["baseline", "mid", "500", "0.2", "0.01", "0.5", "-0.02"] + ["–"] * 4
+    assert "(4 + 4 images, PCA to 2 dimensions, mean of 2 canonical correlations)" in page
