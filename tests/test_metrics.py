@@ -113,13 +113,54 @@ def test_inception_score_of_uniform_predictions_is_one():
     assert std == pytest.approx(0.0, abs=1e-12)
 
 
-def test_inception_score_of_confident_diverse_predictions_is_the_number_of_classes():
-    num_classes = 10
-    labels = np.arange(200) % num_classes  # every split of 20 holds every class twice
-    logits = 40.0 * np.eye(num_classes)[labels]
-    mean, std = inception_score(logits, num_splits=10)
-    assert mean == pytest.approx(num_classes, rel=1e-6)
-    assert std == pytest.approx(0, abs=1e-6)
+def class_major_one_hot_logits(num_classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fully confident logits in the order sample sets are written: image i is class i // per_class."""
+    labels = np.arange(num_classes * per_class) // per_class
+    return 40.0 * np.eye(num_classes)[labels], labels
+
+
+def confident_split_scores(labels: np.ndarray, order: np.ndarray, num_splits: int) -> np.ndarray:
+    """IS of each split of fully confident samples, by hand: KL(p(y|x) || p(y)) = -log p(y = label), so
+    exp(mean KL) = exp(entropy of the split's class histogram)."""
+    n = len(labels)
+    scores = []
+    for i in range(num_splits):
+        counts = np.bincount(labels[order[i * n // num_splits:(i + 1) * n // num_splits]])
+        share = counts[counts > 0] / counts.sum()
+        scores.append(np.exp(-(share * np.log(share)).sum()))
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_inception_score_of_class_ordered_confident_samples_splits_a_seeded_permutation(seed):
+    num_classes, per_class = 40, 25
+    logits, labels = class_major_one_hot_logits(num_classes, per_class)
+    mean, std = inception_score(logits, num_splits=10, seed=seed)
+    expected = confident_split_scores(labels, np.random.RandomState(seed).permutation(len(labels)), 10)
+    assert mean == pytest.approx(expected.mean(), rel=1e-6)
+    assert std == pytest.approx(expected.std(), rel=1e-5)
+    # Splits in file order would each hold 4 of the 40 classes: IS capped at C / 10.
+    assert confident_split_scores(labels, np.arange(len(labels)), 10).mean() == pytest.approx(num_classes / 10)
+    assert mean > 0.8 * num_classes  # ~35: a split of 100 draws sees most of the 40 classes
+
+
+def test_inception_score_matches_torch_fidelity_on_class_ordered_and_unordered_logits():
+    isc = pytest.importorskip("torch_fidelity.metric_isc")
+    rng = np.random.default_rng(7)
+    num_classes, per_class = 50, 30
+    # Fairly confident, noisy, class-dependent logits in the pipeline's class-major order, and a shuffled copy.
+    class_ordered = 6.0 * np.eye(num_classes)[np.arange(num_classes * per_class) // per_class] + \
+        rng.normal(size=(num_classes * per_class, num_classes))
+    unordered = class_ordered[rng.permutation(len(class_ordered))]
+    for logits in (class_ordered, unordered):
+        for seed in (0, 11):
+            reference = isc.isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=True, rng_seed=seed)
+            mean, std = inception_score(logits, num_splits=10, seed=seed)
+            assert mean == pytest.approx(reference["inception_score_mean"], rel=1e-9)
+            assert std == pytest.approx(reference["inception_score_std"], rel=1e-6)
+    # torch-fidelity without its shuffle, on the class-ordered set: the capped value the splits avoid.
+    contiguous = isc.isc_features_to_metric(torch.from_numpy(class_ordered), splits=10, shuffle=False)
+    assert contiguous["inception_score_mean"] < 0.5 * inception_score(class_ordered, 10, seed=0)[0]  # ~3.9 vs ~15
 
 
 def test_inception_score_uses_fewer_splits_than_samples():
@@ -348,6 +389,9 @@ def test_compute_metrics_against_itself_and_against_a_shifted_set(stand_in_sets,
     assert shifted["num_generated"] == shifted["num_reference"] == 24
     assert shifted["inception_score_splits"] == 10 and shifted["kid_subset_size"] == 24
     assert "NOT Inception" in shifted["feature_network"]
+    # compute_metrics' seed picks the IS permutation (24 samples in 10 splits: it changes the score).
+    reseeded = compute_metrics(gen, ref, kid_subsets=3, seed=5)["inception_score_mean"]
+    assert reseeded == inception_score(gen["logits"], 10, seed=5)[0] != shifted["inception_score_mean"]
 
 
 def test_compute_metrics_refuses_to_mix_feature_networks(stand_in_sets):

@@ -72,8 +72,12 @@ def run_files(tmp_path):
             (d / f"cfg-{scale:g}.json").write_text(json.dumps(point))
             sweep_files.append(d / f"cfg-{scale:g}.json")
         sweeps[ablation] = cfg_sweep(sweep_files)
+        entry = {"timestep": 500, "cknna": 0.3 - i / 10, "cknna_chance": 0.01, "cca": 0.5, "cca_components": 2,
+                 "cca_pca_dims": 2, "cca_fit_images": 4, "cca_scored_images": 4, "cca_chance": -0.02}
+        if ablation == "urepa":
+            entry.update(head_token_cosine=0.6, head_token_cosine_chance=0.4, head_cknna=0.7, head_cknna_chance=0.03)
         (d / "alignment.json").write_text(json.dumps({"layer": "mid", "images": 8, "has_head": ablation == "urepa",
-                                                      "timesteps": [{"timestep": 500, "cknna": 0.3, "cca": 0.5}]}))
+                                                      "timesteps": [entry]}))
         runs[ablation] = {"metrics": str(d / "metrics.json"), "alignment": str(d / "alignment.json"),
                           "loss_curve": _png(d / "loss.png", "red"), "tsne": _png(d / "tsne.png", "green"),
                           "grid": _png(d / "grid.png", "blue")}
@@ -132,6 +136,14 @@ def test_report_renders_every_section_self_contained(run_files, tmp_path):
     assert [row[-1] for row in sweep_rows[:4]] == ["", "", "✓", ""]
     # FID-vs-step: the target is the baseline's final FID (11 + 100/80); urepa reaches it at step 80
     assert cells[10][:3] == ["urepa", "12.25", "80"] and cells[11][:3] == ["baseline", "12.25", "80"]
+    # Alignment: every score beside its chance level; the baseline has no head, so no head scores.
+    tables = re.findall(r"<table.*?</table>", page, re.S)
+    assert re.findall(r"<th>([^<]*)</th>", tables[3]) == [
+        "ablation", "layer", "timestep", "cknna", "cknna_chance", "cca", "cca_chance", "head_token_cosine",
+        "head_token_cosine_chance", "head_cknna", "head_cknna_chance"]
+    assert cells[12] == ["urepa", "mid", "500", "0.3", "0.01", "0.5", "-0.02", "0.6", "0.4", "0.7", "0.03"]
+    assert cells[13] == ["baseline", "mid", "500", "0.2", "0.01", "0.5", "-0.02"] + ["–"] * 4
+    assert "(4 + 4 images, PCA to 2 dimensions, mean of 2 canonical correlations)" in page
 
 
 def test_reference_statistics_skip_and_name_unusable_validation_images(tmp_path, caplog):

@@ -171,9 +171,11 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
                        seed: int, device: torch.device, tsne_png: str | Path, batch_size: int = 32) -> dict:
     """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
 
-    Per timestep: CKNNA and CCA between image-pooled U-Net features of the analysis layer (no head:
-    comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align heads
-    were trained, also the mean token cosine and CKNNA of the heads' tokens. t-SNE at the middle
+    Per timestep: CKNNA and held-out CCA between image-pooled U-Net features of the analysis layer (no
+    head: comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align
+    heads were trained, also the mean token cosine and CKNNA of the heads' tokens. Every score comes
+    with its chance level (`*_chance`): its mean over seeded shuffled pairings of the images, which
+    keep each side's own structure and break only the correspondence. t-SNE at the middle
     timestep: head tokens and DINOv2 tokens in one map, or the raw features beside DINOv2's without a head.
     Images go through the encoders `batch_size` at a time; the noise is drawn once for the whole set,
     so the scores do not depend on the batch size.
@@ -212,9 +214,10 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     capture = FeatureCapture(pipe.unet, [layer])
     scheduler = load_noise_scheduler(sd15_dir)
     middle = timesteps[len(timesteps) // 2]
+    pairings = analysis.shuffled_pairings(len(rows), seed)
     results, at_middle = [], None
     for t in timesteps:
-        pooled, head_pooled, head_cosine = [], [], []
+        pooled, head_pooled, head_cosine, head_cosine_chance = [], [], [], []
         for start in range(0, len(rows), batch_size):
             part = slice(start, start + batch_size)
             timestep = torch.full((len(latents[part]),), t, dtype=torch.long)
@@ -226,13 +229,16 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
                 tokens = head(features).cpu()
                 head_pooled.append(tokens.mean(dim=1))
                 head_cosine.append((tokens * dino_tokens[part]).sum(-1).mean(dim=1))
+                head_cosine_chance.append(torch.stack([(tokens * dino_tokens[perm[part]]).sum(-1).mean(dim=1)
+                                                       for perm in pairings]))
         pooled = torch.cat(pooled)
-        entry = {"timestep": t, "cknna": analysis.cknna(pooled, dino_pooled),
-                 **analysis.cca_score(pooled, dino_pooled, seed=seed)}
+        entry = {"timestep": t, **analysis.alignment_scores(pooled, dino_pooled, pairings, seed)}
         if head is not None:
             head_pooled = torch.cat(head_pooled)
             entry["head_token_cosine"] = float(torch.cat(head_cosine).mean())
+            entry["head_token_cosine_chance"] = float(torch.cat(head_cosine_chance, dim=1).mean())
             entry["head_cknna"] = analysis.cknna(head_pooled, dino_pooled)
+            entry["head_cknna_chance"] = analysis.chance_level(analysis.cknna, head_pooled, dino_pooled, pairings)
         results.append(entry)
         if t == middle:
             at_middle = head_pooled if head is not None else pooled

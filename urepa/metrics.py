@@ -323,13 +323,22 @@ def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray
     return float(estimates.mean()), float(estimates.std())
 
 
-def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits), over `num_splits` contiguous splits
-    (fewer when there are fewer samples than splits). Returns the mean and std over the splits."""
+def inception_score(logits: np.ndarray, num_splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits), over `num_splits` splits (fewer when
+    there are fewer samples than splits). Returns the mean and std over the splits.
+
+    The splits cut a seeded permutation of the samples, not the samples in file order: sample sets are
+    written class by class, and contiguous splits would each hold a tenth of the classes, capping p(y)'s
+    entropy and so the score (1000 classes x 50 confident samples: 100 instead of ~910). The permutation is
+    `RandomState(seed).permutation` and split i is [i * n // k, (i + 1) * n // k), torch-fidelity's
+    convention, so the two agree for the same seed."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    log_probs = torch.log_softmax(logits, dim=1)
+    n = len(logits)
+    splits = min(num_splits, n)
+    log_probs = torch.log_softmax(logits[np.random.RandomState(seed).permutation(n)], dim=1)
     scores = []
-    for split in torch.tensor_split(log_probs, min(num_splits, len(log_probs))):
+    for i in range(splits):
+        split = log_probs[i * n // splits:(i + 1) * n // splits]
         log_marginal = torch.logsumexp(split, dim=0) - np.log(len(split))
         kl = (split.exp() * (split - log_marginal)).sum(dim=1).mean()
         scores.append(kl.exp().item())
@@ -379,7 +388,7 @@ def compute_metrics(gen_features: dict, ref: dict, kid_subsets: int = 100, kid_s
     gen = reference_statistics(gen_features)
     kid_mean, kid_std = kernel_inception_distance(gen_features["pool"], ref["pool_features"], kid_subsets,
                                                   kid_subset_size, seed)
-    is_mean, is_std = inception_score(gen_features["logits"], is_splits)
+    is_mean, is_std = inception_score(gen_features["logits"], is_splits, seed)
     precision, recall = precision_recall(gen_features["pool"], ref["pool_features"], pr_k, device=device)
     return {
         "feature_network": gen_features["feature_network"],

@@ -10,6 +10,9 @@ import pandas as pd
 
 METRIC_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("inception_score_mean", "IS"),
                   ("precision", "precision"), ("recall", "recall")]
+# Each alignment score beside its chance level (the same score on shuffled image pairings).
+ALIGNMENT_COLUMNS = ["cknna", "cknna_chance", "cca", "cca_chance", "head_token_cosine", "head_token_cosine_chance",
+                     "head_cknna", "head_cknna_chance"]
 
 
 def _image(path: str | Path, alt: str, width: int | None = None) -> str:
@@ -134,7 +137,8 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
     for ablation, result in alignment.items():
         for entry in result["timesteps"]:
             align_rows.append({"ablation": ablation, "layer": result["layer"], "timestep": entry["timestep"],
-                               **{k: v for k, v in entry.items() if k != "timestep"}})
+                               **{column: entry.get(column) for column in ALIGNMENT_COLUMNS}})
+    cca_setup = next(iter(alignment.values()))["timesteps"][0]
 
     warning = ""
     if any("stand-in" in n for n in networks):
@@ -156,7 +160,12 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
         "<h2>Alignment with DINOv2</h2>",
         "<p>On a fixed held-out batch of validation images at fixed timesteps, EMA weights. CKNNA and CCA "
         "compare the image-pooled U-Net features of the aligned layer with pooled DINOv2 tokens; token "
-        "cosine is between the align head's tokens and DINOv2's (only where a head was trained).</p>",
+        "cosine and head CKNNA compare the align head's tokens with DINOv2's (only where a head was trained). "
+        "CCA is fitted on one half of the images and scored on the other "
+        f"({cca_setup.get('cca_fit_images')} + {cca_setup.get('cca_scored_images')} images, PCA to "
+        f"{cca_setup.get('cca_pca_dims')} dimensions, mean of {cca_setup.get('cca_components')} canonical "
+        "correlations). Each <i>_chance</i> column is the same score with the DINOv2 side's images shuffled "
+        "(mean over seeded shufflings): what unrelated features of the same structure would score.</p>",
         _table(pd.DataFrame(align_rows)),
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in runs.items()),
         "<h2>Samples</h2>",
