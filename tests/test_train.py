@@ -274,8 +274,9 @@ def test_smoke_run_lowers_the_token_loss(smoke_run):
     assert log["step"].tolist() == list(range(1, smoke_run["settings"]["max_steps"] + 1))
     assert np.isfinite(log[["loss", "loss_diff", "loss_token", "loss_manifold", "lr", "grad_norm"]].to_numpy()).all()
     first, last = log["loss_token"].iloc[:10].mean(), log["loss_token"].iloc[-10:].mean()
-    # Measured: ~0.92 -> ~0.61 (a third lower); random heads start near 1 (cosine ~ 0).
-    assert first > 0.8
+    # A random head starts near 1 (cosine ~ 0); at the smoke tier's lr 3e-3 the first ten steps already
+    # average ~0.74 and the last ten ~0.5.
+    assert log["loss_token"].iloc[0] > 0.9
     assert last < 0.8 * first, f"token loss went from {first:.3f} to {last:.3f}"
 
 
