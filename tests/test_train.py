@@ -608,6 +608,21 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
     assert any(not torch.equal(first[k], second[k]) for k in first), "the old weights were re-exported"
 
 
+@pytest.mark.parametrize("report_to", ["tensorboard", "none"])
+def test_experiment_tracking_is_selectable(data, tmp_path, report_to):
+    settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
+    run_dir = train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]),
+                        settings, tmp_path / "train_state", tmp_path / "model", SEED, CPU, 0, "test", **VIEW,
+                        report_to=report_to)
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert bool(events) == (report_to == "tensorboard")
+    if events:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        accumulator = EventAccumulator(str(events[0].parent)).Reload()
+        assert [e.step for e in accumulator.Scalars("loss_token")] == [1, 2]
+
+
 def test_run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finished_run(data, tmp_path, caplog):
     """Change a setting, then change it back: the first run's finished state is found again and re-exported
     as it was (no step trained again), while the other setting's run keeps its own state."""

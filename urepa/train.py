@@ -100,7 +100,7 @@ class Trainer:
     def __init__(self, unet, noise_scheduler, dataset: CachedRows, rows: np.ndarray, clip_embeddings: np.ndarray,
                  null_index: int, token_dim: int, token_grid: int, latent_scaling: float, settings: dict,
                  run_dir: str | Path, seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0,
-                 time_phases: bool = False):
+                 time_phases: bool = False, report_to: str = "tensorboard"):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
@@ -111,7 +111,7 @@ class Trainer:
         cpu = device.type == "cpu"
         self.accelerator = Accelerator(
             mixed_precision="no" if cpu else settings["mixed_precision"], cpu=cpu,
-            log_with="tensorboard", project_config=ProjectConfiguration(
+            log_with=None if report_to == "none" else report_to, project_config=ProjectConfiguration(
                 project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tensorboard")),
         )
         self.device = self.accelerator.device
@@ -254,7 +254,9 @@ class Trainer:
         settings = self.settings
         start = self.resume()
         max_steps = settings["max_steps"]
-        self.accelerator.init_trackers("urepa")
+        # Scalars only: trackers take flat hyper-parameters (align_layers, align_schedule as text).
+        self.accelerator.init_trackers("urepa", config={
+            k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in settings.items()})
         log_path = self.run_dir / "train_log.csv"
         main = self.accelerator.is_main_process
         if main:
@@ -344,7 +346,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, states_dir: str | Path,
               model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str,
-              image_size: int, dino_size: int) -> Path:
+              image_size: int, dino_size: int, report_to: str = "tensorboard") -> Path:
     """Check the caches against this run's inputs (`image_size`: the VAE's square; `dino_size`: DINOv2's
     input size for that square), train (resuming if possible), export artifacts. Returns the run's state
     folder: `states_dir/<identity>/` (see `claim_run_state`)."""
@@ -372,7 +374,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers)
+        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers, report_to=report_to)
 
     def snapshot(trainer: Trainer, step: int) -> None:
         if trainer.accelerator.is_main_process:
