@@ -1,26 +1,32 @@
-# The embedded smoke tier's inputs: a generated ILSVRC tree and tiny random models in the real layouts.
+# Inputs of the tiers that generate their own (source smoke or rehearsal), under results/<tier>/inputs/ in
+# the real layouts: an ILSVRC image tree, and random models (SD-1.5 pipeline, DINOv2, and for the
+# rehearsal tier's FID clean-fid's Inception file), tiny for smoke, the real architectures for rehearsal.
 
 
-rule smoke_imagenet:
+rule generated_imagenet:
     output:
         directory("results/{tier}/inputs/imagenet"),
     params:
-        classes=lambda w: tier_of(w)["smoke_classes"],
-        train_images=lambda w: tier_of(w)["smoke_train_images"],
-        val_images=lambda w: tier_of(w)["smoke_val_images"],
+        spec=lambda w: tier_of(w)["generated"],
     log:
-        "results/{tier}/logs/smoke_imagenet.log",
+        "results/{tier}/logs/generated_imagenet.log",
+    benchmark:
+        "results/{tier}/benchmarks/generated_imagenet.tsv"
     script:
-        "../scripts/smoke_imagenet.py"
+        "../scripts/generated_imagenet.py"
 
 
-rule smoke_models:
+rule generated_model:
     output:
-        sd15=directory("results/{tier}/inputs/sd15"),
-        dinov2=directory("results/{tier}/inputs/dinov2"),
+        directory("results/{tier}/inputs/{model}"),
+    wildcard_constraints:
+        model="sd15|dinov2|inception",
     params:
         image_size=lambda w: tier_of(w)["image_size"],
+        full_size=lambda w: tier_of(w)["source"] == "rehearsal",
     log:
-        "results/{tier}/logs/smoke_models.log",
+        "results/{tier}/logs/generated_{model}.log",
+    benchmark:
+        "results/{tier}/benchmarks/generated_{model}.tsv"
     script:
-        "../scripts/smoke_models.py"
+        "../scripts/generated_model.py"

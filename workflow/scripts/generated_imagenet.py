@@ -1,8 +1,6 @@
-"""Generate the smoke tier's ILSVRC-layout image tree."""
-from urepa import smoke
+"""Generate the tier's ILSVRC-layout image tree."""
+from urepa import generated
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
-params = snakemake.params
-smoke.make_imagenet_tree(snakemake.output[0], params.classes, params.train_images, params.val_images,
-                         seed=snakemake.config["seed"])
+generated.make_imagenet_tree(snakemake.output[0], seed=snakemake.config["seed"], **snakemake.params.spec)
