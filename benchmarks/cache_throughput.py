@@ -117,9 +117,9 @@ def main(argv=None) -> None:
             results.append(("VAE latents", f"{tier['image_size']} px", len(table), "images", wall, load))
         if "dino" in args.only:
             load = timed(load_dinov2, dinov2, device)
-            wall = timed(build_dino_cache, csv, cache_dir / "dino_tokens.zarr", dinov2, tier["dino_resize"],
-                         tier["dino_crop"], batch_size, workers, device)
-            results.append(("DINOv2 tokens", f"{tier['dino_crop']} px", len(table), "images", wall, load))
+            wall = timed(build_dino_cache, csv, cache_dir / "dino_tokens.zarr", dinov2, tier["image_size"],
+                         tier["dino_size"], batch_size, workers, device)
+            results.append(("DINOv2 tokens", f"{tier['dino_size']} px", len(table), "images", wall, load))
         if "clip" in args.only:
             load = timed(load_text_encoder, sd15_dir, device)
             wall = timed(build_clip_cache, classes_csv, cache_dir / "clip_embeddings.zarr", sd15_dir, device)

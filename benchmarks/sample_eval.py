@@ -52,7 +52,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         unet, vae, scheduler_config, text_dim = build_models(args.scale, Path(tmp), device, dtype)
-        scheduler = make_sampler(args.sampler, scheduler_config, "v")
+        scheduler = make_sampler(args.sampler, scheduler_config)
         size = unet.config.sample_size
         for batch in args.batch_sizes:
             cond = torch.randn(batch, 77, text_dim, device=device, dtype=dtype)

@@ -11,7 +11,7 @@ from urepa.subset import build_subset, list_classes
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SMOKE_IMAGE_SIZE = 128          # VAE input: 128 px -> 4 x 16 x 16 latents
-DINO_RESIZE, DINO_CROP = 64, 56   # 56 px / patch 14 -> a 4 x 4 token grid
+DINO_SIZE = 56                  # the 128 px square at 56 px / patch 14 -> a 4 x 4 token grid
 CACHE_BATCH = 4
 CPU = torch.device("cpu")
 
@@ -41,7 +41,7 @@ def smoke_caches(smoke_inputs, tmp_path_factory) -> dict:
         "root": root, "csv": csv, "table": table, "classes_csv": classes_csv, "classes": classes,
         "vae": build_vae_cache(csv, root / "vae_latents.zarr", smoke_inputs["sd15"], SMOKE_IMAGE_SIZE, CACHE_BATCH,
                                0, CPU),
-        "dino": build_dino_cache(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"], DINO_RESIZE, DINO_CROP,
+        "dino": build_dino_cache(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"], SMOKE_IMAGE_SIZE, DINO_SIZE,
                                  CACHE_BATCH, 0, CPU),
         "clip": build_clip_cache(classes_csv, root / "clip_embeddings.zarr", smoke_inputs["sd15"], CPU, batch_size=2),
     }

@@ -24,7 +24,7 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import CACHE_BATCH, CPU, DINO_CROP, DINO_RESIZE, SMOKE_IMAGE_SIZE
+from conftest import CACHE_BATCH, CPU, DINO_SIZE, SMOKE_IMAGE_SIZE
 from urepa import caches, generated, sd15
 from urepa.caches import (
     CachedRows,
@@ -37,7 +37,7 @@ from urepa.caches import (
     valid_rows,
     weights_fingerprint,
 )
-from urepa.dinov2 import dinov2_transform, load_dinov2
+from urepa.dinov2 import dinov2_transform, dinov2_view, load_dinov2
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = CACHE_BATCH
@@ -49,7 +49,7 @@ def build_vae(csv, out, sd15_dir, batch_size=BATCH):
 
 
 def build_dino(csv, out, dinov2_dir, batch_size=BATCH):
-    return build_dino_cache(csv, out, dinov2_dir, DINO_RESIZE, DINO_CROP, batch_size, 0, CPU)
+    return build_dino_cache(csv, out, dinov2_dir, SMOKE_IMAGE_SIZE, DINO_SIZE, batch_size, 0, CPU)
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_vae_cache_shapes(built):
 def test_dino_cache_shapes_and_unit_norm_tokens(built, dino_model):
     group = open_cache(built["dino"])
     tokens = group["tokens"]
-    grid = DINO_CROP // 14
+    grid = DINO_SIZE // 14
     assert tokens.shape == (len(built["table"]), grid * grid, dino_model.dim)
     assert tokens.dtype == np.float16
     norms = np.linalg.norm(as_float(tokens[:]), axis=-1)
@@ -109,7 +109,7 @@ def test_clip_cache_rows_are_class_prompts_then_the_empty_prompt(built, smoke_in
     prompts = group.attrs["prompts"]
     assert prompts[-1] == "" and group.attrs["null_index"] == len(classes)
     assert prompts[:-1] == [f"a photo of a {name}" for name in classes["name"]]
-    assert prompts[0] == "a photo of a tench"  # first name of LOC_synset_mapping.txt's description
+    assert prompts[0] == "a photo of a tench"  # n01440764's name in urepa/data/imagenet_classes.tsv
     tokenizer, text_encoder = sd15.load_text_encoder(smoke_inputs["sd15"], CPU)
     for index in (0, len(classes)):  # a class prompt and the null prompt, encoded alone
         ids = tokenizer([prompts[index]], padding="max_length", truncation=True, max_length=77,
@@ -145,7 +145,7 @@ def test_vae_rows_align_with_csv(built, vae_model):
 
 def test_dino_rows_align_with_csv(built, dino_model):
     paths = built["table"]["img_path"].tolist()
-    transform = dinov2_transform(DINO_RESIZE, DINO_CROP)
+    transform = dinov2_transform(SMOKE_IMAGE_SIZE, DINO_SIZE)
 
     def encode(path):
         with Image.open(path) as image:
@@ -165,8 +165,8 @@ def test_metadata_attributes(built, smoke_inputs, dino_model):
     dino = dict(open_cache(built["dino"]).attrs)
     assert dino["encoder"] == dino_model.name
     assert dino["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["dinov2"])
-    assert (dino["dim"], dino["grid"], dino["patch_size"], dino["image_size"]) == (dino_model.dim, 4, 14, DINO_CROP)
-    assert dino["resize"] == DINO_RESIZE and dino["num_tokens"] == 16
+    assert (dino["dim"], dino["grid"], dino["patch_size"], dino["image_size"]) == (dino_model.dim, 4, 14, DINO_SIZE)
+    assert dino["view"] == dinov2_view(SMOKE_IMAGE_SIZE, DINO_SIZE) and dino["num_tokens"] == 16
     assert dino["csv_sha256"] == digest and dino["num_rows"] == len(built["table"])
     for attrs in (vae, dino):
         assert attrs["complete"] is True and attrs["errors"] == [] and attrs["num_invalid"] == 0

@@ -5,7 +5,8 @@ import torch
 
 from urepa import sample as sample_module
 from urepa.sample import generate_samples, load_finetuned_pipeline, sample_grid, sample_latents
-from urepa.sd15 import load_unet
+from urepa.sd15 import load_noise_scheduler, load_unet
+from urepa.train import trained_scheduler
 
 SETTINGS = {"sampler": "ddim", "steps": 3, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 0.7}
 
@@ -19,6 +20,8 @@ def pipeline(smoke_inputs, tmp_path_factory):
         for p in unet.mid_block.parameters():
             p.add_(0.01)
     unet.save_pretrained(weights / "unet")
+    # What a `v` run exports beside its weights: the training schedule with its parameterisation.
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "v").save_pretrained(weights / "scheduler")
     return load_finetuned_pipeline(smoke_inputs["sd15"], weights, "partial", torch.device("cpu"))
 
 
@@ -30,7 +33,7 @@ def clip():
 def _sample(pipeline, clip, out, **overrides):
     settings = {**SETTINGS, **overrides}
     return generate_samples(pipeline, clip, null_index=3, num_classes=3, images_per_class=2, out_dir=out,
-                            settings=settings, prediction="v", seed=5, batch_size=4)
+                            settings=settings, seed=5, batch_size=4)
 
 
 def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
@@ -53,7 +56,7 @@ def test_same_seed_gives_identical_pngs(pipeline, clip, tmp_path):
 def test_image_depends_on_its_index_not_its_batch(pipeline, clip, tmp_path):
     whole = _sample(pipeline, clip, tmp_path / "whole")
     settings = {**SETTINGS}
-    one_by_one = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "single", settings, "v", seed=5, batch_size=1)
+    one_by_one = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "single", settings, seed=5, batch_size=1)
     from PIL import Image
     for i in range(6):
         a = np.asarray(Image.open(whole / f"{i:06d}.png"), dtype=np.int16)
@@ -111,7 +114,7 @@ class RecordingUNet(torch.nn.Module):
 
 def test_guidance_is_applied_only_inside_the_interval(pipeline):
     unet = RecordingUNet()
-    scheduler = sample_module.make_sampler("ddim", pipeline.scheduler.config, "v")
+    scheduler = sample_module.make_sampler("ddim", pipeline.scheduler.config)
     noise = torch.randn(2, 4, 8, 8)
     cond = torch.randn(2, 77, 32)
     sample_latents(unet, scheduler, cond, cond, noise, 10, cfg_scale=7.5, guidance_low=0.0, guidance_high=0.7)
@@ -121,12 +124,28 @@ def test_guidance_is_applied_only_inside_the_interval(pipeline):
     assert {b for _, b in unet.calls} == {2, 4}
 
 
-def test_samplers_follow_the_trained_parameterisation(pipeline):
+def test_samplers_follow_the_parameterisation_exported_with_the_weights(pipeline, smoke_inputs, tmp_path):
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"  # from the weights' scheduler/, not SD's
     for name in ("ddim", "euler", "dpmpp"):
-        assert sample_module.make_sampler(name, pipeline.scheduler.config, "v").config.prediction_type == "v_prediction"
-    assert sample_module.make_sampler("ddim", pipeline.scheduler.config, "epsilon").config.prediction_type == "epsilon"
+        assert sample_module.make_sampler(name, pipeline.scheduler.config).config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="sampler must be one of"):
-        sample_module.make_sampler("heun", pipeline.scheduler.config, "v")
+        sample_module.make_sampler("heun", pipeline.scheduler.config)
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="no scheduler/ folder"):
+        load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "partial", torch.device("cpu"))
+
+
+def test_manifest_gives_the_guidance_interval_in_sigma(pipeline, clip, tmp_path):
+    import json
+
+    out = _sample(pipeline, clip, tmp_path / "m")
+    manifest = json.loads((out / "sampling.json").read_text())
+    # SD-1.5's scaled-linear betas by hand: t/T = 0.7 -> t = 700 -> sigma ~ 3.33; t = 0 -> sigma ~ 0.029.
+    alpha_bar = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+    sigma = np.sqrt((1 - alpha_bar) / alpha_bar)
+    assert manifest["guidance_sigma_high"] == pytest.approx(sigma[700], rel=1e-4)  # diffusers keeps float32
+    assert manifest["guidance_sigma_low"] == pytest.approx(sigma[0], rel=1e-4)
+    assert manifest["prediction_type"] == "v_prediction"
 
 
 def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):

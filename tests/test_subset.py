@@ -9,7 +9,7 @@ from urepa.caches import build_clip_cache
 from urepa.subset import build_subset, choose_classes, list_classes
 
 
-def test_classes_sorted_with_names_from_the_mapping(smoke_inputs):
+def test_classes_sorted_with_names_from_the_table(smoke_inputs):
     classes = list_classes(smoke_inputs["imagenet"])
     assert list(classes["synset"]) == sorted(classes["synset"])
     assert list(classes["class_id"]) == list(range(len(classes)))

@@ -24,9 +24,10 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import SMOKE_IMAGE_SIZE
+from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE
 from urepa import generated
 from urepa.caches import (
     CachedRows,
@@ -45,6 +46,7 @@ CONFIG = load_yaml(REPO / "config" / "config.yaml")
 CPU = torch.device("cpu")
 BATCH = 4
 SEED = 0
+VIEW = {"image_size": SMOKE_IMAGE_SIZE, "dino_size": DINO_SIZE}  # the view the shared caches were built with
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def settings_for(ablation: str = "urepa", **overrides) -> dict:
 def run(data, settings, out: Path, caches: dict | None = None, seed: int = SEED) -> tuple[Path, Path]:
     run_dir, model_dir = out / "train_state", out / "model"
     train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]), str(data["dinov2"]),
-              settings, run_dir, model_dir, seed, CPU, 0, "test")
+              settings, run_dir, model_dir, seed, CPU, 0, "test", **VIEW)
     return run_dir, model_dir
 
 
@@ -130,7 +132,7 @@ from urepa.train import train_run
 setup_logging()
 a = json.load(open(sys.argv[1]))
 train_run(a["caches"], a["sd15"], a["dinov2"], a["settings"], a["run_dir"], a["model_dir"], a["seed"],
-          torch.device("cpu"), 0, "resume test")
+          torch.device("cpu"), 0, "resume test", image_size=a["image_size"], dino_size=a["dino_size"])
 """
 
 
@@ -151,7 +153,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
 
     def args(name):
         return {"caches": {k: str(v) for k, v in data["caches"].items()}, "sd15": str(data["sd15"]),
-                "dinov2": str(data["dinov2"]), "settings": settings, "seed": SEED,
+                "dinov2": str(data["dinov2"]), "settings": settings, "seed": SEED, **VIEW,
                 "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
 
     # The reference run and the run to be killed, side by side (one thread each on the two cores).
@@ -273,7 +275,7 @@ def test_alignment_analysis_of_the_run_does_not_depend_on_the_batch_size(smoke_r
 
     def analyse(batch_size: int) -> dict:
         return alignment_analysis(val_csv, data["sd15"], data["dinov2"], smoke_run["model_dir"] / "ema", clip,
-                                  smoke_run["settings"], SMOKE_IMAGE_SIZE, 64, 56, 12, [100, 500, 900], SEED, CPU,
+                                  smoke_run["settings"], SMOKE_IMAGE_SIZE, DINO_SIZE, 12, [100, 500, 900], SEED, CPU,
                                   tmp_path / f"tsne-{batch_size}.png", batch_size=batch_size)
 
     whole, batched = analyse(32), analyse(5)
@@ -370,6 +372,49 @@ def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data,
                          "final snapshot vs EMA export")
 
 
+def test_exported_folder_loads_into_a_stock_pipeline_with_its_parameterisation(data, smoke_run, tmp_path):
+    """The README's three lines give a stock StableDiffusionPipeline the run's EMA weights and the scheduler
+    they were trained for; unguided, it then makes the very images our own sampler makes."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from urepa.sample import generate_samples, initial_noise, load_finetuned_pipeline
+
+    ema = smoke_run["model_dir"] / "ema"
+    pipe = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), safety_checker=None, local_files_only=True)
+    pipe.load_lora_weights(str(ema))
+    pipe.scheduler = DDIMScheduler.from_pretrained(str(ema), subfolder="scheduler")
+    assert smoke_run["settings"]["prediction"] == "epsilon"  # the default: SD-1.5 is an epsilon model
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod,
+                               DDIMScheduler.from_pretrained(str(data["sd15"]), subfolder="scheduler").alphas_cumprod)
+
+    clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")
+    embeddings = clip["embeddings"][:]
+    settings = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0}
+    ours = generate_samples(load_finetuned_pipeline(data["sd15"], ema, "lora", CPU), embeddings,
+                            clip.attrs["null_index"], num_classes=1, images_per_class=2, out_dir=tmp_path / "ours",
+                            settings=settings, seed=3, batch_size=2)
+    size = SMOKE_IMAGE_SIZE // 8
+    noise = torch.stack([initial_noise(i, 3, (4, size, size)) for i in range(2)])
+    stock = pipe(prompt_embeds=torch.from_numpy(embeddings[[0, 0]]).float(), num_inference_steps=3, guidance_scale=1.0,
+                 latents=noise, output_type="np").images
+    for i in range(2):
+        ours_image = np.asarray(Image.open(ours / f"{i:06d}.png"), dtype=np.int16)
+        assert np.abs(ours_image - np.round(stock[i] * 255).astype(np.int16)).max() <= 1
+
+
+def test_v_prediction_is_exported_with_its_scheduler_and_warned_about_with_lora(data, tmp_path, caplog):
+    from diffusers import DDIMScheduler
+
+    settings = settings_for(prediction="v", max_steps=2, checkpoint_every=2, eval_interval=2)
+    with caplog.at_level(logging.WARNING):
+        _, model_dir = run(data, settings, tmp_path)
+    assert "prediction 'v' with LoRA" in caplog.text and "epsilon model" in caplog.text
+    for folder in (model_dir, model_dir / "ema", model_dir / "snapshots" / "step-0000002"):
+        scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+        assert scheduler.config.prediction_type == "v_prediction", folder
+
+
 def test_partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks(data, tmp_path):
     from diffusers import UNet2DConditionModel
 
@@ -416,7 +461,18 @@ def test_dino_cache_from_another_encoder_is_refused_before_training(data, tmp_pa
     run_dir = tmp_path / "run" / "train_state"
     with pytest.raises(CacheMismatchError, match="encoder_fingerprint"):
         train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(other), settings,
-                  run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test")
+                  run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test", **VIEW)
+    assert not run_dir.exists()
+
+
+def test_dino_cache_of_another_view_is_refused_before_training(data, tmp_path):
+    """A token cache of another DINOv2 view (here: the VAE's square seen at 2x the size) is not reused."""
+    settings = settings_for(max_steps=2)
+    run_dir = tmp_path / "run" / "train_state"
+    with pytest.raises(CacheMismatchError, match="view"):
+        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]), settings,
+                  run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test",
+                  image_size=SMOKE_IMAGE_SIZE, dino_size=2 * DINO_SIZE)
     assert not run_dir.exists()
 
 

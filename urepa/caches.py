@@ -30,6 +30,8 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 from zarr.core.sync import sync
 
+from .subset import prompt_for
+
 log = logging.getLogger(__name__)
 
 DONE_CHUNK = 4096
@@ -193,13 +195,14 @@ def build_vae_cache(csv_path, out_path, sd15_dir, image_size: int, batch_size: i
                              batch_size, num_workers, "VAE latents")
 
 
-def build_dino_cache(csv_path, out_path, dinov2_path, resize: int, crop: int, batch_size: int,
+def build_dino_cache(csv_path, out_path, dinov2_path, image_size: int, input_size: int, batch_size: int,
                      num_workers: int, device: torch.device) -> Path:
-    """Final-norm DINOv2 patch tokens of the clean image (official eval transform), L2-normalised, float16."""
-    from .dinov2 import dinov2_transform, load_dinov2
+    """Final-norm DINOv2 patch tokens, L2-normalised, float16, of the same `image_size` square the VAE
+    cache encodes, resized to `input_size` (see `dinov2_transform`)."""
+    from .dinov2 import dinov2_transform, dinov2_view, load_dinov2
 
     encoder = load_dinov2(dinov2_path, device)
-    meta = encoder.metadata(crop)
+    meta = encoder.metadata(input_size)
 
     @torch.no_grad()
     def encode(images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -208,14 +211,10 @@ def build_dino_cache(csv_path, out_path, dinov2_path, resize: int, crop: int, ba
         return {"tokens": tokens.float().half().cpu().numpy()}
 
     attrs = {"cache": "dino_tokens", **meta, "encoder_fingerprint": weights_fingerprint(dinov2_path),
-             "resize": resize, "num_tokens": meta["grid"] ** 2}
+             "view": dinov2_view(image_size, input_size), "num_tokens": meta["grid"] ** 2}
     return build_image_cache(csv_path, out_path, {"tokens": ((meta["grid"] ** 2, meta["dim"]), "float16")},
-                             attrs, dinov2_transform(resize, crop), (3, crop, crop), encode,
+                             attrs, dinov2_transform(image_size, input_size), (3, input_size, input_size), encode,
                              batch_size, num_workers, "DINOv2 tokens")
-
-
-def prompt_for(class_name: str) -> str:
-    return f"a photo of a {class_name}"
 
 
 @torch.no_grad()

@@ -78,16 +78,26 @@ class DinoV2Encoder(nn.Module):
         return F.normalize(patch_tokens.float(), dim=-1)
 
 
-def dinov2_transform(resize: int = 256, crop: int = 224) -> transforms.Compose:
-    """DINOv2's official evaluation transform for a PIL image: resize the short side (bicubic), center-crop,
-    to tensor, ImageNet mean/std."""
+def dinov2_transform(image_size: int, input_size: int = 224) -> transforms.Compose:
+    """DINOv2's view of exactly the square the VAE encodes: shorter side to `image_size`, centre crop
+    (as `caches.vae_transform`), then that square resized to the encoder's `input_size`, no further crop
+    (as REPA feeds its encoder). DINOv2's own eval transform (resize 256, crop 224) would see only the
+    central 87.5 %, so border tokens would sit up to one token away from their U-Net counterparts.
+    Bicubic with antialiasing, ImageNet mean/std."""
+    bicubic = transforms.InterpolationMode.BICUBIC
     return transforms.Compose([
         transforms.Lambda(to_rgb),
-        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(crop),
+        transforms.Resize(image_size, interpolation=bicubic, antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.Resize((input_size, input_size), interpolation=bicubic, antialias=True),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def dinov2_view(image_size: int, input_size: int) -> str:
+    """The view a token cache records and training checks: which square, seen at which size."""
+    return f"vae-square {image_size}px resized to {input_size}px, no crop"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -119,7 +119,7 @@ def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):
 
 @torch.no_grad()
 def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, settings: dict,
-                       image_size: int, dino_resize: int, dino_crop: int, count: int, timesteps: list[int],
+                       image_size: int, dino_size: int, count: int, timesteps: list[int],
                        seed: int, device: torch.device, tsne_png: str | Path, batch_size: int = 32) -> dict:
     """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
 
@@ -148,7 +148,7 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
         return torch.stack(tensors).to(device)
 
     encoder = load_dinov2(dinov2_path, device)
-    to_dino = dinov2_transform(dino_resize, dino_crop)
+    to_dino = dinov2_transform(image_size, dino_size)
     dino_tokens = torch.cat([encoder(images(paths, to_dino)).float().cpu() for paths in chunks])
     del encoder
     dino_pooled = dino_tokens.mean(dim=1)

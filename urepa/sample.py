@@ -35,9 +35,10 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finetune: str, device: torch.device,
                             dtype: torch.dtype | None = None):
     """SD-1.5 from its local folder with the fine-tuned weights in: LoRA through
-    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning.
+    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; and the
+    scheduler config the weights were trained for (their scheduler/ folder: the prediction type).
     `dtype`: default `inference_dtype(device)`."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from .sd15 import check_sd15_dir
 
@@ -47,6 +48,10 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finet
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    dtype=dtype, local_files_only=True)
     weights_dir = Path(weights_dir)
+    if not (weights_dir / "scheduler").is_dir():
+        raise FileNotFoundError(f"{weights_dir} has no scheduler/ folder: the weights do not say which "
+                                f"parameterisation they were trained for; re-export them with this version")
+    pipe.scheduler = DDPMScheduler.from_pretrained(weights_dir, subfolder="scheduler", local_files_only=True)
     if finetune == "lora":
         pipe.load_lora_weights(weights_dir)
         pipe.fuse_lora()
@@ -57,15 +62,23 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finet
     return pipe.to(device)
 
 
-def make_sampler(name: str, base_config, prediction: str):
-    """A diffusers scheduler of the chosen kind on SD-1.5's schedule, for the trained parameterisation."""
+def make_sampler(name: str, trained_config):
+    """A diffusers scheduler of the chosen kind on the schedule and parameterisation the weights were
+    trained for (`trained_config`: their exported scheduler config)."""
     import diffusers
 
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     cls_name, extra = SAMPLERS[name]
-    return getattr(diffusers, cls_name).from_config(
-        base_config, prediction_type="v_prediction" if prediction == "v" else "epsilon", **extra)
+    return getattr(diffusers, cls_name).from_config(trained_config, **extra)
+
+
+def noise_level(scheduler, fraction: float) -> float:
+    """sigma = sqrt((1 - abar) / abar) of the training timestep t = fraction * T (clamped to the schedule):
+    the guidance interval on the noise-level axis that EDM-style papers quote."""
+    num_train = scheduler.config.num_train_timesteps
+    alpha_bar = float(scheduler.alphas_cumprod[min(num_train - 1, round(fraction * num_train))])
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
 
 
 def initial_noise(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -104,14 +117,16 @@ def class_of(index: int, images_per_class: int) -> int:
 
 
 def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_classes: int, images_per_class: int,
-                     out_dir: str | Path, settings: dict, prediction: str, seed: int, batch_size: int) -> Path:
+                     out_dir: str | Path, settings: dict, seed: int, batch_size: int) -> Path:
     """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable)."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     manifest = {"sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
                 "guidance_low": settings["guidance_low"], "guidance_high": settings["guidance_high"],
-                "prediction": prediction, "seed": seed, "num_classes": num_classes,
+                "guidance_sigma_low": noise_level(pipe.scheduler, settings["guidance_low"]),
+                "guidance_sigma_high": noise_level(pipe.scheduler, settings["guidance_high"]),
+                "prediction_type": pipe.scheduler.config.prediction_type, "seed": seed, "num_classes": num_classes,
                 "images_per_class": images_per_class}
     manifest_path = partial / "sampling.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
@@ -121,7 +136,7 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     device = pipe.unet.device
-    scheduler = make_sampler(settings["sampler"], pipe.scheduler.config, prediction)
+    scheduler = make_sampler(settings["sampler"], pipe.scheduler.config)
     total = num_classes * images_per_class
     todo = [i for i in range(total) if not (partial / f"{i:06d}.png").exists()]
     if len(todo) < total:

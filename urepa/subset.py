@@ -1,11 +1,15 @@
 """Stage 1: a uniform, seeded per-class sample of an ILSVRC tree, written as a CSV.
 
 Class id = index of the synset in sorted order of the train folder, so ids match the usual
-ImageNet-1k label order; names come from LOC_synset_mapping.txt when present.
+ImageNet-1k label order. Names (prompts and report labels) come from the curated table shipped in
+urepa/data/imagenet_classes.tsv; a synset it lacks takes LOC_synset_mapping.txt's first synonym,
+else its id.
 """
 from __future__ import annotations
 
 import logging
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,47 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SUBSET_COLUMNS = ["id", "img_path", "class_id", "synset"]
 
 
+def prompt_for(class_name: str) -> str:
+    return f"a photo of a {class_name}"
+
+
+def prompt_key(class_name: str) -> str:
+    """What CLIP's tokenizer reads of a class's prompt: it lower-cases and collapses whitespace, so
+    names equal under this key give one embedding."""
+    return " ".join(prompt_for(class_name).split()).lower()
+
+
+@cache
+def imagenet_class_names() -> dict[str, str]:
+    """synset -> curated name for the 1000 ILSVRC-2012 classes (package data, so installed copies
+    carry it). LOC_synset_mapping.txt's first synonyms repeat ("crane" is a bird and a machine)."""
+    table = files("urepa").joinpath("data", "imagenet_classes.tsv").read_text(encoding="utf-8")
+    rows = [line.split("\t") for line in table.splitlines()[1:]]
+    return {synset: name for synset, name in rows}
+
+
+def _mapping_names(mapping: Path) -> dict[str, str]:
+    """synset -> first synonym of LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca")."""
+    names = {}
+    for line in mapping.read_text().splitlines():
+        synset, _, description = line.partition(" ")
+        first = description.split(",")[0].strip()
+        if first:
+            names[synset] = first
+    return names
+
+
+def _check_distinct_prompts(synsets: list[str], names: list[str]) -> None:
+    by_key: dict[str, list[tuple[str, str]]] = {}
+    for synset, name in zip(synsets, names):
+        by_key.setdefault(prompt_key(name), []).append((synset, name))
+    shared = ["{} share {!r}".format(" and ".join(s for s, _ in group), group[0][1])
+              for group in by_key.values() if len(group) > 1]
+    if shared:
+        raise ValueError("classes would be trained on one prompt (CLIP lower-cases it): " + "; ".join(shared)
+                         + ". Give them distinct names in LOC_synset_mapping.txt.")
+
+
 def list_classes(imagenet_dir: str | Path) -> pd.DataFrame:
     """class_id, synset, name for every synset folder under Data/CLS-LOC/train."""
     root = Path(imagenet_dir)
@@ -26,19 +71,20 @@ def list_classes(imagenet_dir: str | Path) -> pd.DataFrame:
     synsets = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not synsets:
         raise FileNotFoundError(f"{train_dir} holds no class folders")
-    names = {}
-    mapping = root / "LOC_synset_mapping.txt"
-    if mapping.is_file():
-        for line in mapping.read_text().splitlines():
-            synset, _, description = line.partition(" ")
-            names[synset] = description.split(",")[0].strip()
-    else:
-        log.warning("%s not found: class names default to synset ids", mapping)
-    return pd.DataFrame({
-        "class_id": range(len(synsets)),
-        "synset": synsets,
-        "name": [names.get(s, s) for s in synsets],
-    })
+    curated = imagenet_class_names()
+    uncurated = [s for s in synsets if s not in curated]
+    mapped = {}
+    if uncurated:
+        mapping = root / "LOC_synset_mapping.txt"
+        if mapping.is_file():
+            mapped = _mapping_names(mapping)
+        unnamed = [s for s in uncurated if s not in mapped]
+        if unnamed:
+            log.warning("%d synsets are neither ImageNet-1k classes nor named in %s: their names are their "
+                        "ids (%s)", len(unnamed), mapping, ", ".join(unnamed[:5]))
+    names = [curated.get(s) or mapped.get(s, s) for s in synsets]
+    _check_distinct_prompts(synsets, names)
+    return pd.DataFrame({"class_id": range(len(synsets)), "synset": synsets, "name": names})
 
 
 def _images_in(folder: Path) -> list[Path]:

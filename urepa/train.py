@@ -30,6 +30,8 @@ from .report import plot_losses
 
 log = logging.getLogger(__name__)
 
+# `train.prediction` -> diffusers' `prediction_type`.
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
 LOG_COLUMNS = ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr", "grad_norm",
                "step_time"]
 
@@ -115,6 +117,12 @@ class Trainer:
         self.device = self.accelerator.device
         self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
         self.prediction = settings["prediction"]
+        if self.prediction == "v" and settings["finetune"] == "lora":
+            log.warning(
+                "prediction 'v' with LoRA: SD-1.5 is an epsilon model, and v = sqrt(abar)*eps - sqrt(1-abar)*x0 "
+                "asks LoRA layers in the 8x8 blocks to learn to subtract a full-resolution copy of x_t "
+                "(weight 1/sqrt(abar), ~14.6 at t = 999) behind frozen skips and conv_out. Both baseline and "
+                "U-REPA would then measure that re-parameterisation, not alignment; use prediction: epsilon.")
 
         # The LoRA (gaussian) and align-head initialisations draw from torch's global generator, whose
         # default seed differs per process: seed it, so `seed` fixes the starting weights too.
@@ -292,7 +300,8 @@ class Trainer:
 
     def save_weights(self, out_dir: str | Path) -> None:
         """The current trainable weights in diffusers form (LoRA: pytorch_lora_weights.safetensors,
-        loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/ folder), plus heads."""
+        loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/ folder), the scheduler
+        config they were trained for (scheduler/, with its prediction_type), plus heads."""
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
@@ -308,6 +317,7 @@ class Trainer:
             StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
         else:
             model.unet.save_pretrained(out_dir / "unet")
+        trained_scheduler(self.noise_scheduler, self.prediction).save_pretrained(out_dir / "scheduler")
         if model.heads:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
                       out_dir / "align_heads.safetensors")
@@ -319,6 +329,12 @@ class Trainer:
             }, indent=2))
 
 
+def trained_scheduler(noise_scheduler, prediction: str):
+    """SD-1.5's training schedule with the parameterisation this run trained: what a sampler must use.
+    A stock pipeline with SD-1.5's own scheduler would read a `v` model's output as epsilon."""
+    return type(noise_scheduler).from_config(noise_scheduler.config, prediction_type=PREDICTION_TYPES[prediction])
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop rows a killed run logged after its last checkpoint: they are about to be redone."""
     if path.exists():
@@ -327,14 +343,18 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, run_dir: str | Path,
-              model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str) -> None:
-    """Check the caches against this run's inputs, train (resuming if possible), export artifacts."""
+              model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str,
+              image_size: int, dino_size: int) -> None:
+    """Check the caches against this run's inputs (`image_size`: the VAE's square; `dino_size`: DINOv2's
+    input size for that square), train (resuming if possible), export artifacts."""
+    from .dinov2 import dinov2_view
     from .sd15 import load_noise_scheduler, load_unet
 
     csv_sha = file_digest(caches["csv"])
-    vae = check_cache(caches["vae"], {"csv_sha256": csv_sha,
+    vae = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size,
                                       "encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "vae")})
-    dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path)})
+    dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
+                                        "view": dinov2_view(image_size, dino_size)})
     clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
     table = pd.read_csv(caches["csv"])
     rows = valid_rows(vae, dino)

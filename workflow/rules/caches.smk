@@ -26,8 +26,8 @@ rule cache_dino:
     output:
         directory("results/{tier}/cache/dino_tokens.zarr"),
     params:
-        resize=lambda w: tier_of(w)["dino_resize"],
-        crop=lambda w: tier_of(w)["dino_crop"],
+        image_size=lambda w: tier_of(w)["image_size"],
+        dino_size=lambda w: tier_of(w)["dino_size"],
     threads: 2
     log:
         "results/{tier}/logs/cache_dino.log",

@@ -91,8 +91,7 @@ rule alignment:
         images=lambda w: tier_of(w)["analysis_images"],
         timesteps=config["evaluate"]["analysis_timesteps"],
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
-        dino_resize=lambda w: tier_of(w)["dino_resize"],
-        dino_crop=lambda w: tier_of(w)["dino_crop"],
+        dino_size=lambda w: tier_of(w)["dino_size"],
         image_size=lambda w: tier_of(w)["image_size"],
     threads: 2
     log:

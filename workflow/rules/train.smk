@@ -15,6 +15,8 @@ rule train_unet:
     params:
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
         run_dir="results/{tier}/{ablation}/train_state",
+        image_size=lambda w: tier_of(w)["image_size"],
+        dino_size=lambda w: tier_of(w)["dino_size"],
     threads: 2
     log:
         "results/{tier}/{ablation}/logs/train_unet.log",

@@ -5,6 +5,6 @@ from urepa.runtime import resolve_device, set_threads, setup_logging
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
 config = snakemake.config
-build_dino_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.dinov2, snakemake.params.resize,
-                 snakemake.params.crop, config["cache"]["batch_size"], config["num_workers"],
+build_dino_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.dinov2, snakemake.params.image_size,
+                 snakemake.params.dino_size, config["cache"]["batch_size"], config["num_workers"],
                  resolve_device(config["device"]))
