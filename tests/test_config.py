@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO, SCHEMA
 from urepa import config as urepa_config
@@ -52,6 +53,83 @@ def test_ablations_override_tier_which_overrides_defaults(config):
         urepa_config.tier_settings(config, "tierD")
 
 
+@pytest.mark.parametrize("tier", ["tierA", "tierB", "tierC"])
+@pytest.mark.parametrize("finetune", ["lora", "partial", "full"])
+def test_real_tiers_default_to_epsilon_and_an_uncropped_dinov2_view(config, tier, finetune):
+    """SD-1.5 is an epsilon model in every fine-tuning mode; DINOv2 sees the VAE's 512 px square at 224 px
+    (16 x 16 tokens), not a resize-256 / crop-224 view."""
+    config["train"]["finetune"] = finetune
+    for ablation in config["ablations"]:
+        assert urepa_config.train_settings(config, tier, ablation)["prediction"] == "epsilon"
+    settings = urepa_config.tier_settings(config, tier)
+    assert (settings["image_size"], settings["dino_size"]) == (512, 224)
+    assert not {"dino_resize", "dino_crop"} & settings.keys()
+
+
+def test_default_run_compares_urepa_with_baseline_on_the_same_caches(config):
+    assert config["compare"] == ["urepa", "baseline"]
+    assert config["sample"]["cfg_sweep"] == [1.5, 2.0, 3.0, 4.5, 7.5]
+    broken = copy.deepcopy(config)
+    broken["tiers"]["smoke"]["compare"] = ["urepa", "basline"]
+    with pytest.raises(urepa_config.ConfigError, match=r"'tiers.smoke.compare': unknown ablation 'basline'"):
+        urepa_config.validate(broken, SCHEMA)
+
+
+def _command_line(config, overrides: dict) -> dict:
+    """What Snakemake does with --config: YAML's BaseLoader (every scalar a string), merged in depth."""
+    from snakemake.utils import update_config
+
+    command_line = {key: yaml.load(value, Loader=yaml.BaseLoader) for key, value in overrides.items()}
+    update_config(config, command_line)
+    urepa_config.apply_command_line(config, command_line, SCHEMA)
+    return config
+
+
+def test_nested_command_line_values_are_typed_by_the_schema_and_win(config):
+    config["tiers"]["tierA"]["train"]["max_steps"] = 60000
+    config["ablations"]["urepa"] = {"max_steps": 7}
+    _command_line(config, {"train": "{max_steps: 500, snr_gamma: 5.0, learning_rate: null, "
+                                    "gradient_checkpointing: true, align_schedule: {kind: cosine}}",
+                           "tiers": "{tierA: {images_per_class: 100}, smoke: {compare: [urepa, token_only]}}"})
+    urepa_config.validate(config, SCHEMA)
+    assert urepa_config.tier_settings(config, "tierA")["images_per_class"] == 100
+    assert urepa_config.tier_settings(config, "tierA")["val_images_per_class"] == 10  # the rest of the tier stays
+    assert config["tiers"]["smoke"]["compare"] == ["urepa", "token_only"]
+    for tier in ("smoke", "tierA"):  # the tier's and the ablation's max_steps no longer win over the command line
+        settings = urepa_config.train_settings(config, tier, "urepa")
+        assert settings["max_steps"] == 500 and settings["snr_gamma"] == 5.0
+        assert settings["align_schedule"]["kind"] == "cosine" and settings["gradient_checkpointing"] is True
+    # Other tier settings and other ablations' presets are left alone.
+    assert urepa_config.train_settings(config, "smoke", "baseline")["align_coeff"] == 0
+    assert urepa_config.train_settings(config, "smoke", "urepa")["batch_size"] == 8
+
+
+def test_a_tier_value_on_the_command_line_beats_the_global_one(config):
+    _command_line(config, {"train": "{max_steps: 500}", "tiers": "{smoke: {train: {max_steps: 50}}}"})
+    assert urepa_config.train_settings(config, "smoke", "urepa")["max_steps"] == 50
+    assert urepa_config.train_settings(config, "tierA", "urepa")["max_steps"] == 500
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": "{max_stepz: 5}"}, r"'train.max_stepz' is not a known key \(did you mean 'max_steps'\?\)"),
+    ({"train": "{max_steps: many}"}, r"'train.max_steps': 'many' is not of type 'integer'"),
+    ({"tiers": "{tierA: {images_per_class: -3}}"}, r"'tiers.tierA.images_per_class': -3 is less than the minimum"),
+])
+def test_bad_command_line_values_are_named(config, overrides, message):
+    with pytest.raises(urepa_config.ConfigError, match=message):
+        urepa_config.validate(_command_line(config, overrides), SCHEMA)
+
+
+def test_snakemake_takes_nested_overrides_from_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config",
+                             "train={max_steps: 50}", "tiers={smoke: {train: {eval_interval: 25}}}"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for step in (25, 50):
+        assert f"curve/step-{step:07d}" in result.stdout
+    assert "curve/step-0000040" not in result.stdout
+
+
 def test_tier_c_reuses_tier_b_data(config):
     assert urepa_config.data_tier(config, "tierC") == "tierB"
     assert urepa_config.data_tier(config, "tierA") == "tierA"
@@ -80,6 +158,27 @@ def test_incomplete_real_inputs_are_named_before_any_job(config, tmp_path):
     assert "lacks text_encoder/, tokenizer/, scheduler/" in text
     assert "'dinov2'" in text and "neither a folder with config.json nor a .pth file" in text
     assert "inception-2015-12-05.pt" in text
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_bytes(b"<html>404 Not Found</html>"), "is not a readable PyTorch checkpoint"),
+    (lambda p: __import__("torch").save({"state_dict": {}}, p), "is a PyTorch file but holds no DINOv2 weights"),
+])
+def test_a_file_named_like_a_dinov2_checkpoint_is_opened_before_any_job(config, tmp_path, make, problem):
+    """A download that saved an error page (or another model) as dinov2_vitl14_pretrain.pth fails at once."""
+    fake = tmp_path / "dinov2_vitl14_pretrain.pth"
+    make(fake)
+    config.update(dinov2=str(fake))
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.check_real_paths(config, "tierA")
+    assert f"config key 'dinov2': '{fake}' {problem}" in str(error.value)
+
+
+def test_a_dinov2_folder_of_another_model_is_named(config, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    config.update(dinov2=str(tmp_path))
+    with pytest.raises(urepa_config.ConfigError, match="model_type 'vit', not a DINOv2"):
+        urepa_config.check_real_paths(config, "tierA")
 
 
 def test_snakemake_dry_run_names_the_missing_path(tmp_path):

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from urepa.evaluate import add_targets, fid_curve, held_out_rows, steps_to_target
-from urepa.report import fid_summary, plot_fid_curves, render_report
+from urepa.evaluate import add_targets, cfg_sweep, fid_curve, held_out_rows, steps_to_target
+from urepa.report import fid_summary, plot_cfg_sweeps, plot_fid_curves, render_report
 
 STAND_IN = "stand-in (random conv net, seed 0; NOT Inception)"
 
@@ -43,7 +43,7 @@ def _png(path, colour):
 
 @pytest.fixture
 def run_files(tmp_path):
-    runs, curves, metrics = {}, {}, {}
+    runs, curves, sweeps, metrics = {}, {}, {}, {}
     for i, ablation in enumerate(["urepa", "baseline"]):
         d = tmp_path / ablation
         d.mkdir()
@@ -59,42 +59,71 @@ def run_files(tmp_path):
             (d / f"point-{step}.json").write_text(json.dumps(point))
             points.append(d / f"point-{step}.json")
         curves[ablation] = fid_curve(points)
+        # CFG sweep written in the order Snakemake lists the scales; FID lowest at 3.0 for urepa, 2.0 for baseline.
+        sweep_files = []
+        for scale, fid in ((7.5, 30.0), (1.5, 14.0), (3.0, 9.0 + 2 * i), (2.0, 10.0)):
+            point = {**m, "fid": fid, "precision": 0.1 * scale, "num_generated": 12,
+                     "sampling": {**m["sampling"], "cfg_scale": scale}}
+            (d / f"cfg-{scale:g}.json").write_text(json.dumps(point))
+            sweep_files.append(d / f"cfg-{scale:g}.json")
+        sweeps[ablation] = cfg_sweep(sweep_files)
         (d / "alignment.json").write_text(json.dumps({"layer": "mid", "images": 8, "has_head": ablation == "urepa",
                                                       "timesteps": [{"timestep": 500, "cknna": 0.3, "cca": 0.5}]}))
         runs[ablation] = {"metrics": str(d / "metrics.json"), "alignment": str(d / "alignment.json"),
                           "loss_curve": _png(d / "loss.png", "red"), "tsne": _png(d / "tsne.png", "green"),
                           "grid": _png(d / "grid.png", "blue")}
-    return runs, curves, metrics
+    return runs, curves, sweeps, metrics
+
+
+def test_cfg_sweep_orders_scales_and_finds_the_lowest_fid(run_files):
+    _, _, sweeps, _ = run_files
+    assert [p["cfg_scale"] for p in sweeps["urepa"]["points"]] == [1.5, 2.0, 3.0, 7.5]
+    assert [p["fid"] for p in sweeps["urepa"]["points"]] == [14.0, 10.0, 9.0, 30.0]
+    assert [p["precision"] for p in sweeps["urepa"]["points"]] == pytest.approx([0.15, 0.2, 0.3, 0.75])
+    assert sweeps["urepa"]["best"]["cfg_scale"] == 3.0 and sweeps["urepa"]["best"]["fid"] == 9.0
+    assert sweeps["baseline"]["best"]["cfg_scale"] == 2.0 and sweeps["baseline"]["best"]["fid"] == 10.0
+    assert sweeps["urepa"]["best"]["num_generated"] == 12
 
 
 def test_fid_curve_collects_points_in_step_order(run_files):
-    _, curves, _ = run_files
+    _, curves, _, _ = run_files
     assert [p["step"] for p in curves["urepa"]["points"]] == [40, 80]
     assert curves["urepa"]["points"][0]["num_samples"] == 12
 
 
 def test_fid_summary_keeps_the_headline_numbers(run_files):
-    _, _, metrics = run_files
-    summary = fid_summary(metrics)
+    _, _, sweeps, metrics = run_files
+    summary = fid_summary(metrics, sweeps)
     assert set(summary) == {"urepa", "baseline"}
+    assert summary["urepa"]["cfg_sweep_best"]["fid"] == 9.0 and summary["urepa"]["cfg_sweep_best"]["cfg_scale"] == 3.0
     assert summary["urepa"]["fid"] == 10.0 and summary["urepa"]["num_generated"] == 24
     assert summary["baseline"]["sampling"]["steps"] == 25 and summary["urepa"]["checkpoint_step"] == 120
 
 
 def test_report_renders_every_section_self_contained(run_files, tmp_path):
-    runs, curves, _ = run_files
+    runs, curves, sweeps, _ = run_files
     add_targets(curves, None)
     plot_fid_curves(curves, tmp_path / "curves.png")
-    render_report("smoke", runs, curves, tmp_path / "curves.png", tmp_path / "report.html")
+    plot_cfg_sweeps(sweeps, tmp_path / "sweep.png")
+    render_report("smoke", runs, curves, sweeps, tmp_path / "curves.png", tmp_path / "sweep.png",
+                  tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
-    for heading in ("Ablations", "FID vs training step", "Training losses", "Alignment with DINOv2", "Samples"):
+    for heading in ("Ablations", "Guidance scale", "FID vs training step", "Training losses", "Alignment with DINOv2",
+                    "Samples"):
         assert f"<h2>{heading}</h2>" in page
     assert "Stand-in feature network" in page
-    # 1 FID curve + 2 runs x (loss curve, t-SNE, sample grid), all embedded: no file references
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 7
+    # FID curve + CFG sweep + 2 runs x (loss curve, t-SNE, sample grid), all embedded: no file references
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 8
     assert "src=\"/" not in page and "file://" not in page
     cells = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", page, re.S)]
     cells = [row for row in cells if row]
     assert [row[:2] for row in cells[:2]] == [["urepa", "10"], ["baseline", "11"]]  # ablation, FID
+    header = re.findall(r"<th>([^<]*)</th>", page.split("</thead>")[0])
+    assert cells[0][header.index("ΔFID vs baseline")] == "-1" and cells[1][header.index("ΔFID vs baseline")] == "–"
+    assert cells[0][header.index("best-CFG FID")] == "9" and cells[0][header.index("at CFG")] == "3"
+    # the sweep table: 2 runs x 4 scales, in scale order, best marked
+    sweep_rows = cells[2:10]
+    assert [row[:2] for row in sweep_rows[:4]] == [["urepa", "1.5"], ["urepa", "2"], ["urepa", "3"], ["urepa", "7.5"]]
+    assert [row[-1] for row in sweep_rows[:4]] == ["", "", "✓", ""]
     # FID-vs-step: the target is the baseline's final FID (11 + 100/80); urepa reaches it at step 80
-    assert cells[2][:3] == ["urepa", "12.25", "80"] and cells[3][:3] == ["baseline", "12.25", "80"]
+    assert cells[10][:3] == ["urepa", "12.25", "80"] and cells[11][:3] == ["baseline", "12.25", "80"]

@@ -1,4 +1,6 @@
 """Stage 4: reproducible, resumable class-balanced sampling with interval-limited guidance."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -30,10 +32,13 @@ def clip():
     return np.random.default_rng(0).standard_normal((4, 77, 32)).astype(np.float32)  # 3 classes + null
 
 
-def _sample(pipeline, clip, out, **overrides):
+WEIGHTS = "digest-of-the-weights"
+
+
+def _sample(pipeline, clip, out, weights_digest=WEIGHTS, **overrides):
     settings = {**SETTINGS, **overrides}
     return generate_samples(pipeline, clip, null_index=3, num_classes=3, images_per_class=2, out_dir=out,
-                            settings=settings, seed=5, batch_size=4)
+                            settings=settings, seed=5, batch_size=4, weights_digest=weights_digest)
 
 
 def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
@@ -56,7 +61,8 @@ def test_same_seed_gives_identical_pngs(pipeline, clip, tmp_path):
 def test_image_depends_on_its_index_not_its_batch(pipeline, clip, tmp_path):
     whole = _sample(pipeline, clip, tmp_path / "whole")
     settings = {**SETTINGS}
-    one_by_one = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "single", settings, seed=5, batch_size=1)
+    one_by_one = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "single", settings, seed=5, batch_size=1,
+                                  weights_digest=WEIGHTS)
     from PIL import Image
     for i in range(6):
         a = np.asarray(Image.open(whole / f"{i:06d}.png"), dtype=np.int16)
@@ -90,14 +96,43 @@ def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip,
     assert not list(out.glob("*.tmp.png"))
 
 
-def test_other_settings_discard_the_partial_set(pipeline, clip, tmp_path, caplog):
+def test_other_settings_set_the_partial_set_aside(pipeline, clip, tmp_path, caplog):
     partial = tmp_path / "s.partial"
     partial.mkdir()
     (partial / "sampling.json").write_text('{"steps": 999}')
     (partial / "000000.png").write_bytes(b"stale")
     out = _sample(pipeline, clip, tmp_path / "s")
     assert (out / "000000.png").read_bytes() != b"stale"
-    assert "other settings" in caplog.text
+    assert "other weights or settings" in caplog.text
+    (stale,) = tmp_path.glob("s.partial.stale-*")
+    assert (stale / "000000.png").read_bytes() == b"stale"  # set aside, not deleted
+
+
+def test_a_partial_set_of_other_weights_is_not_continued(pipeline, clip, tmp_path, monkeypatch):
+    """Killed after 4 images of model A, restarted on model B (a retrained run): all 6 images come from B."""
+    reference = _sample(pipeline, clip, tmp_path / "reference", weights_digest="model-B")
+    _sample(pipeline, clip, tmp_path / "first", weights_digest="model-A")
+    partial = tmp_path / "mixed.partial"
+    partial.mkdir()
+    (tmp_path / "first" / "sampling.json").rename(partial / "sampling.json")
+    for i in range(4):  # stand-ins for model A's images: any bytes that B would not write
+        (partial / f"{i:06d}.png").write_bytes(b"from model A")
+    out = _sample(pipeline, clip, tmp_path / "mixed", weights_digest="model-B")
+    for i in range(6):
+        assert (out / f"{i:06d}.png").read_bytes() == (reference / f"{i:06d}.png").read_bytes()
+    assert json.loads((out / "sampling.json").read_text())["weights_sha256"] == "model-B"
+    assert len(list(tmp_path.glob("mixed.partial.stale-*"))) == 1
+
+
+def test_the_batch_size_is_part_of_a_partial_sets_identity(pipeline, clip, tmp_path):
+    partial = tmp_path / "b.partial"
+    partial.mkdir()
+    _sample(pipeline, clip, tmp_path / "first")
+    (tmp_path / "first" / "sampling.json").rename(partial / "sampling.json")
+    manifest = json.loads((partial / "sampling.json").read_text())
+    assert manifest["batch_size"] == 4
+    generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "b", SETTINGS, seed=5, batch_size=2, weights_digest=WEIGHTS)
+    assert len(list(tmp_path.glob("b.partial.stale-*"))) == 1
 
 
 class RecordingUNet(torch.nn.Module):
@@ -136,8 +171,6 @@ def test_samplers_follow_the_parameterisation_exported_with_the_weights(pipeline
 
 
 def test_manifest_gives_the_guidance_interval_in_sigma(pipeline, clip, tmp_path):
-    import json
-
     out = _sample(pipeline, clip, tmp_path / "m")
     manifest = json.loads((out / "sampling.json").read_text())
     # SD-1.5's scaled-linear betas by hand: t/T = 0.7 -> t = 700 -> sigma ~ 3.33; t = 0 -> sigma ~ 0.029.

@@ -377,6 +377,7 @@ def test_exported_folder_loads_into_a_stock_pipeline_with_its_parameterisation(d
     they were trained for; unguided, it then makes the very images our own sampler makes."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from urepa.caches import directory_digest
     from urepa.sample import generate_samples, initial_noise, load_finetuned_pipeline
 
     ema = smoke_run["model_dir"] / "ema"
@@ -393,7 +394,7 @@ def test_exported_folder_loads_into_a_stock_pipeline_with_its_parameterisation(d
     settings = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0}
     ours = generate_samples(load_finetuned_pipeline(data["sd15"], ema, "lora", CPU), embeddings,
                             clip.attrs["null_index"], num_classes=1, images_per_class=2, out_dir=tmp_path / "ours",
-                            settings=settings, seed=3, batch_size=2)
+                            settings=settings, seed=3, batch_size=2, weights_digest=directory_digest(ema))
     size = SMOKE_IMAGE_SIZE // 8
     noise = torch.stack([initial_noise(i, 3, (4, size, size)) for i in range(2)])
     stock = pipe(prompt_embeds=torch.from_numpy(embeddings[[0, 0]]).float(), num_inference_steps=3, guidance_scale=1.0,
@@ -525,6 +526,27 @@ def test_training_skips_rows_marked_invalid(data, tmp_path, caplog):
     assert skipped not in seen and len(np.unique(seen)) == num_rows - 1
 
 
+def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(data, tmp_path, caplog):
+    """Same settings, CSV, encoders and code, but the cache was rebuilt and one image is now invalid: the
+    finished state belongs to other data, so it is set aside and the run trains on the new rows."""
+    settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
+    vae_path = tmp_path / "vae_latents.zarr"
+    copy_cache(data["caches"]["vae"], vae_path)
+    caches = {**data["caches"], "vae": vae_path}
+    run_dir, model_dir = run(data, settings, tmp_path / "run", caches)
+    first = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
+    vae = zarr.open_group(str(vae_path), mode="r+")
+    vae["valid"][0] = False
+    vae.attrs["errors"] = [{"row": 0, "error": "OSError: image file is truncated"}]
+    with caplog.at_level(logging.WARNING):
+        run(data, settings, tmp_path / "run", caches)
+    assert "other caches" in caplog.text
+    assert len(list((tmp_path / "run").glob("train_state.stale-*"))) == 1
+    assert json.loads((model_dir / "config.json").read_text())["trained_rows"] == len(data["table"]) - 1
+    second = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(first[k], second[k]) for k in first), "the old weights were re-exported"
+
+
 def test_state_of_other_settings_or_training_code_is_set_aside_not_resumed(tmp_path, caplog):
     run_dir = tmp_path / "train_state"
     identity = {"settings": {"align_coeff": 0.8}, "seed": 0, "code": training_code_digest()}
@@ -534,7 +556,7 @@ def test_state_of_other_settings_or_training_code_is_set_aside_not_resumed(tmp_p
     assert (run_dir / "checkpoints").is_dir()
     with caplog.at_level(logging.WARNING):
         _claim_run_dir(run_dir, {**identity, "code": "edited"})
-    assert "other code:" in caplog.text
+    assert "other code;" in caplog.text
     assert not (run_dir / "checkpoints").exists()
     stale = list(tmp_path.glob("train_state.stale-*"))
     assert len(stale) == 1 and (stale[0] / "checkpoints").is_dir()

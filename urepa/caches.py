@@ -27,8 +27,9 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm.auto import tqdm
 from zarr.core.sync import sync
+
+from .runtime import progress, set_aside
 
 from .subset import prompt_for
 
@@ -47,6 +48,28 @@ class CacheMismatchError(RuntimeError):
 
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def directory_digest(path: str | Path) -> str:
+    """SHA-256 over every file's relative name and full contents: the identity of exported weights. (A
+    partial fine-tune changes tensors in the middle of a 3.4 GB file, which `weights_fingerprint` skips.)"""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def content_digest(group: zarr.Group) -> str:
+    """Identity of a sealed cache's contents for a training run: its metadata (inputs, encoder, view, the
+    invalid rows and why) and its valid-row mask. A cache rebuilt from damaged images differs here."""
+    digest = hashlib.sha256(json.dumps(dict(group.attrs), sort_keys=True, default=str).encode())
+    if "valid" in group:
+        digest.update(np.asarray(group["valid"][:]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def weights_fingerprint(path: str | Path) -> str:
@@ -106,8 +129,7 @@ def _open_partial(partial: Path, arrays: dict[str, tuple[tuple[int, ...], str]],
         group = zarr.open_group(str(partial), mode="r+")
         if group.attrs.get("build") == attrs["build"]:
             return group
-        log.warning("discarding %s: it was started from other inputs", partial)
-        shutil.rmtree(partial)
+        set_aside(partial, "was started from other inputs or settings")
     group = create_row_cache(partial, arrays, num_rows)
     group.attrs.update({**attrs, "errors": [], "complete": False})
     return group
@@ -134,7 +156,8 @@ def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[s
     """Encode every CSV row's image into `arrays` of a zarr group at `out_path`, resumably."""
     csv_path, out_path = Path(csv_path), Path(out_path)
     table = pd.read_csv(csv_path)
-    attrs = {**attrs, "csv_sha256": file_digest(csv_path), "num_rows": len(table)}
+    # The batch size is part of the build: batched convolutions round differently (outputs differ by an LSB).
+    attrs = {**attrs, "csv_sha256": file_digest(csv_path), "num_rows": len(table), "batch_size": batch_size}
     attrs["build"] = hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()[:16]
     partial = out_path.with_name(out_path.name + ".partial")
     group = _open_partial(partial, arrays, len(table), attrs)
@@ -144,7 +167,7 @@ def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[s
     loader = DataLoader(ImageRows(table["img_path"].tolist(), todo, transform, image_shape),
                         batch_size=batch_size, num_workers=num_workers)
     errors = list(group.attrs["errors"])
-    for rows, images, problems in tqdm(loader, desc=desc, unit="batch"):
+    for rows, images, problems in progress(loader, desc=desc, unit="batch"):
         rows = rows.numpy()
         ok = np.array([not p for p in problems])
         for row, problem in zip(rows[~ok], np.array(problems)[~ok]):
@@ -227,7 +250,7 @@ def build_clip_cache(classes_csv, out_path, sd15_dir, device: torch.device, batc
     prompts = [prompt_for(name) for name in classes["name"]] + [""]
     tokenizer, text_encoder = load_text_encoder(sd15_dir, device)
     chunks = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="CLIP prompts", unit="batch"):
+    for start in progress(range(0, len(prompts), batch_size), desc="CLIP prompts", unit="batch"):
         ids = tokenizer(prompts[start:start + batch_size], padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         chunks.append(text_encoder(ids.to(device))[0].half().cpu().numpy())

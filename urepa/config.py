@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,89 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{where}': {error.message}"
 
 
+def apply_command_line(config: dict, command_line: dict, schema_path: str | Path) -> None:
+    """Type and rank the `--config` values Snakemake has merged into `config`, in place.
+
+    Snakemake reads nested command-line values (`--config 'train={max_steps: 500}'`) as strings: each string
+    where the schema wants a number, boolean, null, list or object is read as YAML. And the command line wins:
+    precedence, lowest first, is config.yaml's `train`, the tier's `train`, the ablation's preset, the command
+    line. A `train` key given on the command line is therefore removed from the tier blocks and ablation
+    presets that set it (otherwise they would silently win), unless the command line set it there too."""
+    schema = load_yaml(schema_path)
+    _type_strings(config, schema, [])
+    for path in _leaf_paths(command_line.get("train", {})):
+        for tier, settings in config.get("tiers", {}).items():
+            if _get(command_line, ["tiers", tier, "train", *path]) is None:
+                _drop(settings.get("train", {}), path)
+        for name, preset in config.get("ablations", {}).items():
+            if _get(command_line, ["ablations", name, *path]) is None:
+                _drop(preset, path)
+
+
+def _type_strings(node, schema: dict, path: list[str]) -> None:
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        where = [*path, str(key)] if isinstance(node, dict) else [*path, "[]"]
+        if isinstance(value, str):
+            node[key] = _typed(value, _schema_at(schema, where))
+        else:
+            _type_strings(value, schema, where)
+
+
+def _leaf_paths(mapping: dict, prefix: tuple = ()) -> list[list[str]]:
+    paths = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            paths += _leaf_paths(value, (*prefix, key))
+        else:
+            paths.append([*prefix, key])
+    return paths
+
+
+def _get(mapping, path: list[str]):
+    for part in path:
+        if not isinstance(mapping, dict) or part not in mapping:
+            return None
+        mapping = mapping[part]
+    return mapping
+
+
+def _schema_at(schema: dict, path: list[str]) -> dict:
+    """The schema of the value at `path` ("[]": a list item; {} where the schema does not say: validation
+    reports it)."""
+    node = schema
+    for part in path:
+        while "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        if part == "[]":
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(part) or node.get("additionalProperties") or {}
+        if not isinstance(node, dict):
+            return {}
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _typed(value, node: dict):
+    """A string from the command line read as YAML where the schema wants a number, boolean, null, list or
+    object; left as it is where a string is allowed."""
+    kinds = node.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if isinstance(value, str) and "string" not in kinds and "enum" not in node:
+        return yaml.safe_load(value)
+    return value
+
+
+def _drop(mapping: dict, path: list[str]) -> None:
+    for part in path[:-1]:
+        mapping = mapping.get(part)
+        if not isinstance(mapping, dict):
+            return
+    mapping.pop(path[-1], None)
+
+
 def validate(config: dict, schema_path: str | Path) -> None:
     """Validate against the JSON schema; raise ConfigError naming every offending key."""
     schema = load_yaml(schema_path)
@@ -53,9 +137,12 @@ def _check_names(config: dict) -> None:
     problems = []
     if config["tier"] not in config["tiers"]:
         problems.append(f"config key 'tier': unknown tier '{config['tier']}'; defined tiers: {', '.join(config['tiers'])}")
-    for name in [config["ablation"], *config["compare"]]:
-        if name not in config["ablations"]:
-            problems.append(f"unknown ablation '{name}'; defined ablations: {', '.join(config['ablations'])}")
+    for key, names in [("ablation", [config["ablation"]]), ("compare", config["compare"]),
+                       *((f"tiers.{tier}.compare", s.get("compare", [])) for tier, s in config["tiers"].items())]:
+        for name in names:
+            if name not in config["ablations"]:
+                problems.append(f"config key '{key}': unknown ablation '{name}'; "
+                                f"defined ablations: {', '.join(config['ablations'])}")
     for tier, settings in config["tiers"].items():
         for key in ("sample_preset", "curve_preset"):
             if settings[key] not in config["sample"]["presets"]:
@@ -114,8 +201,32 @@ def _layout_problems(config: dict) -> list[str]:
     dinov2 = paths.get("dinov2")
     if dinov2 and not ((dinov2 / "config.json").is_file() or (dinov2.is_file() and dinov2.suffix == ".pth")):
         found["dinov2"] = "is neither a folder with config.json nor a .pth file"
+    elif dinov2 and (problem := _dinov2_content_problem(dinov2)):
+        found["dinov2"] = problem
     return [f"config key '{key}': '{paths[key]}' {problem}; expected {REAL_TIER_PATHS[key]}"
             for key, problem in found.items()]
+
+
+def _dinov2_content_problem(path: Path) -> str | None:
+    """Open what the `dinov2` key names, cheaply (a memory-mapped checkpoint, a JSON config), so that a file
+    merely named like a checkpoint fails here, in one line, not hours later in a pile of tracebacks."""
+    if path.is_dir():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as error:
+            return f"has a config.json that is not readable JSON ({error})"
+        if model_type not in ("dinov2", "dinov2_with_registers"):
+            return f"has a config.json of model_type {model_type!r}, not a DINOv2"
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # pickle, zip and format errors alike: the file is not a checkpoint
+        return f"is not a readable PyTorch checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    if not isinstance(state, dict) or "patch_embed.proj.weight" not in state:
+        return "is a PyTorch file but holds no DINOv2 weights (no patch_embed.proj.weight)"
+    return None
 
 
 def check_real_paths(config: dict, tier: str) -> None:

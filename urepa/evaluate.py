@@ -74,6 +74,24 @@ def fid_curve(point_files: list[str | Path]) -> dict:
     return {"points": sorted(points, key=lambda p: p["step"])}
 
 
+SWEEP_METRICS = ("fid", "sfid", "precision", "recall", "inception_score_mean", "num_generated")
+
+
+def cfg_sweep(point_files: list[str | Path]) -> dict:
+    """One run's metrics against the guidance scale (same weights, sampler, images and seed at every scale),
+    and the scale with the lowest FID."""
+    points = []
+    for path in point_files:
+        m = json.loads(Path(path).read_text())
+        points.append({"cfg_scale": m["sampling"]["cfg_scale"], **{k: m[k] for k in SWEEP_METRICS},
+                       "sampling": m["sampling"]})
+    if not points:
+        raise ValueError("a CFG sweep needs at least one scale")
+    points.sort(key=lambda p: p["cfg_scale"])
+    best = min(points, key=lambda p: p["fid"])
+    return {"points": points, "best": {k: v for k, v in best.items() if k != "sampling"}}
+
+
 def add_targets(curves: dict[str, dict], target_fid: float | None) -> float | None:
     """Set each curve's target and first step reaching it. Target: the configured FID, else the
     baseline's final FID when the baseline is compared (how soon each run matches the baseline)."""

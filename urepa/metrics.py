@@ -28,7 +28,8 @@ from cleanfid.resize import make_resizer
 from PIL import Image
 from scipy import linalg
 from torch import nn
-from tqdm.auto import tqdm
+
+from .runtime import progress
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -227,7 +228,7 @@ def extract_features(network: FeatureNetwork, images: Sequence[str | Path] | Ite
         batches = (network.features(center_crop_square_batch(batch) if center_crop else batch) for batch in source)
     total = len(source) if hasattr(source, "__len__") else None
     collected: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
-    for batch_features in tqdm(batches, total=total, desc=description, unit="batch"):
+    for batch_features in progress(batches, total=total, desc=description, unit="batch"):
         for key, value in batch_features.items():
             collected[key].append(value)
     if not collected["pool"]:
@@ -308,7 +309,7 @@ def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray
         raise ValueError(f"KID needs at least 2 samples per set, got {len(gen)} and {len(ref)}")
     rng = np.random.default_rng(seed)
     estimates = np.empty(num_subsets)
-    for i in tqdm(range(num_subsets), desc="KID subsets", leave=False):
+    for i in progress(range(num_subsets), desc="KID subsets", leave=False):
         x = gen[rng.choice(len(gen), m, replace=False)]
         y = ref[rng.choice(len(ref), m, replace=False)]
         k_xx = (x @ x.T / dim + 1) ** 3

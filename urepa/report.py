@@ -22,11 +22,14 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
 
 
-def fid_summary(metrics: dict[str, dict]) -> dict:
-    """results/<tier>/fid.json: the headline numbers of every compared ablation."""
+def fid_summary(metrics: dict[str, dict], sweeps: dict[str, dict]) -> dict:
+    """results/<tier>/fid.json: the headline numbers of every compared ablation (its final sample set at the
+    configured sampler), and beside them the best point of its CFG sweep (fewer samples and the curve
+    sampler: compare it across ablations, not with the headline FID)."""
     keys = ["fid", "sfid", "kid_mean", "kid_std", "inception_score_mean", "inception_score_std", "precision",
             "recall", "num_generated", "num_reference", "feature_network", "sampling", "checkpoint_step", "weights"]
-    return {ablation: {k: m.get(k) for k in keys} for ablation, m in metrics.items()}
+    return {ablation: {**{k: m.get(k) for k in keys}, "cfg_sweep_best": sweeps[ablation]["best"]}
+            for ablation, m in metrics.items()}
 
 
 def plot_losses(log_csv: str | Path, out_png: str | Path, title: str) -> None:
@@ -77,10 +80,39 @@ def plot_fid_curves(curves: dict[str, dict], out_png: str | Path) -> None:
     plt.close(fig)
 
 
-def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, dict], fid_curve_png: str | Path,
-                  out_html: str | Path) -> None:
+def plot_cfg_sweeps(sweeps: dict[str, dict], out_png: str | Path) -> None:
+    """FID, precision and recall against the guidance scale, one line per ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ablation, sweep in sweeps.items():
+        scales = [p["cfg_scale"] for p in sweep["points"]]
+        for ax, key in zip(axes, ("fid", "precision", "recall")):
+            ax.plot(scales, [p[key] for p in sweep["points"]], marker="o", label=ablation)
+    for ax, label in zip(axes, ("FID", "precision", "recall")):
+        ax.set_xlabel("CFG scale")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def _sweep_rows(sweeps: dict[str, dict]) -> list[dict]:
+    return [{"ablation": a, "CFG scale": p["cfg_scale"], "FID": p["fid"], "sFID": p["sfid"], "precision": p["precision"],
+             "recall": p["recall"], "IS": p["inception_score_mean"], "samples": p["num_generated"],
+             "best": "✓" if p["cfg_scale"] == s["best"]["cfg_scale"] else ""}
+            for a, s in sweeps.items() for p in s["points"]]
+
+
+def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, dict], sweeps: dict[str, dict],
+                  fid_curve_png: str | Path, cfg_sweep_png: str | Path, out_html: str | Path) -> None:
     """`runs[ablation]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
-    tsne.png and sample_grid.png; `curves[ablation]` its FID-vs-step points with target and step."""
+    tsne.png and sample_grid.png; `curves[ablation]` its FID-vs-step points with target and step;
+    `sweeps[ablation]` its CFG sweep."""
     metrics = {a: json.loads(Path(p["metrics"]).read_text()) for a, p in runs.items()}
     alignment = {a: json.loads(Path(p["alignment"]).read_text()) for a, p in runs.items()}
     networks = {m["feature_network"] for m in metrics.values()}
@@ -88,6 +120,10 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
     rows = []
     for ablation, m in metrics.items():
         row = {"ablation": ablation, **{label: m.get(key) for key, label in METRIC_COLUMNS}}
+        if "baseline" in metrics and ablation != "baseline":
+            row["ΔFID vs baseline"] = m["fid"] - metrics["baseline"]["fid"]
+        row["best-CFG FID"] = sweeps[ablation]["best"]["fid"]
+        row["at CFG"] = sweeps[ablation]["best"]["cfg_scale"]
         row.update(samples=m["num_generated"], step=m.get("checkpoint_step"),
                    sampler=_sampling_text(m["sampling"]))
         rows.append(row)
@@ -109,6 +145,11 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
         f"<h1>urepa — {html.escape(tier)}</h1>",
         f"<p>Feature network: {html.escape(', '.join(sorted(networks)))}</p>", warning,
         "<h2>Ablations</h2>", _table(pd.DataFrame(rows)),
+        "<p>FID, sFID, IS and precision/recall of the final sample set (EMA weights); ΔFID is against the "
+        "baseline (negative: better). Best-CFG FID is the lowest FID of the run's CFG sweep (curve sampler, fewer "
+        "samples): compare it across ablations, not with the FID column.</p>",
+        "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
+        _table(pd.DataFrame(_sweep_rows(sweeps))),
         "<h2>FID vs training step</h2>", _image(fid_curve_png, "FID vs step", 700), _table(pd.DataFrame(curve_rows)),
         "<h2>Training losses</h2>",
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1000)}" for a, p in runs.items()),
@@ -129,5 +170,7 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
 
 
 def _sampling_text(sampling: dict) -> str:
-    return (f"{sampling['sampler']} {sampling['steps']} steps, CFG {sampling['cfg_scale']} "
-            f"in t/T∈[{sampling['guidance_low']}, {sampling['guidance_high']}]")
+    interval = f"t/T∈[{sampling['guidance_low']}, {sampling['guidance_high']}]"
+    if "guidance_sigma_low" in sampling:
+        interval += f", σ∈[{sampling['guidance_sigma_low']:.3g}, {sampling['guidance_sigma_high']:.3g}]"
+    return f"{sampling['sampler']} {sampling['steps']} steps, CFG {sampling['cfg_scale']} in {interval}"

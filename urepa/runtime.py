@@ -1,21 +1,60 @@
 """Process set-up shared by every stage: logging to the rule's log file, device and thread choice."""
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr and, when given, to the stage's log file (created with its folder)."""
+    """Log to stderr and, when given, to the stage's log file (created with its folder). Python warnings and
+    an uncaught exception's traceback go to the log too: Snakemake points at the log file when a rule fails."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind, error, trace) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    logging.getLogger("urepa").critical("stopped by %s: %s", kind.__name__, error, exc_info=(kind, error, trace))
+
+
+class progress(tqdm):
+    """A tqdm bar that also logs its state (done/total, rate, ETA) every `log_every` seconds and when it
+    closes, so a rule's log file shows how far a job got; the bar itself goes to the terminal only."""
+
+    def __init__(self, *args, log_every: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._log_every, self._logged_at = log_every, time.monotonic()
+
+    def update(self, n: float = 1):
+        displayed = super().update(n)
+        if not self.disable and time.monotonic() - self._logged_at >= self._log_every:
+            self._log_state()
+        return displayed
+
+    def close(self) -> None:
+        if not self.disable and not getattr(self, "_closed_logged", False):
+            self._closed_logged = True
+            self._log_state()
+        super().close()
+
+    def _log_state(self) -> None:
+        self._logged_at = time.monotonic()
+        logging.getLogger("urepa.progress").info("%s", self.format_meter(**self.format_dict))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -27,3 +66,49 @@ def resolve_device(device: str) -> torch.device:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
+
+
+def set_aside(path: str | Path, reason: str) -> Path:
+    """Move unfinished work that belongs to something else out of the way (`<name>.stale-<time>`) instead of
+    deleting it or continuing it: hours of GPU work are never thrown away, and never mixed into another run."""
+    path = Path(path)
+    stale = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    suffix = 1
+    while stale.exists():
+        stale, suffix = stale.with_name(f"{stale.name}-{suffix}"), suffix + 1
+    path.rename(stale)
+    logging.getLogger(__name__).warning("%s %s: moved to %s", path, reason, stale)
+    return stale
+
+
+RESULTS_LOCK = ".urepa.lock"
+_held_locks: list = []  # open handles keep their flock for the life of the process
+
+
+class ResultsFolderBusy(RuntimeError):
+    """Another invocation is working on the same results folder."""
+
+
+def lock_results_folder(folder: str | Path) -> None:
+    """Take an exclusive, non-blocking OS lock (flock) on `folder` for the rest of this process.
+
+    Snakemake's own lock is checked and then written, not taken atomically: two invocations started in the
+    same second both pass it, and one's cleanup can delete what the other has just finished. flock is
+    atomic, and the kernel releases it when the holder dies, so a killed run never leaves it stale."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / RESULTS_LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResultsFolderBusy(
+            f"{folder}/ is in use by another snakemake invocation ({holder}). One results folder takes one "
+            f"invocation at a time: wait for it to finish or stop it. Nothing was started or deleted.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held_locks.append(handle)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+
+from .runtime import progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +118,24 @@ def class_of(index: int, images_per_class: int) -> int:
 
 
 def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_classes: int, images_per_class: int,
-                     out_dir: str | Path, settings: dict, seed: int, batch_size: int) -> Path:
-    """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable)."""
+                     out_dir: str | Path, settings: dict, seed: int, batch_size: int, weights_digest: str) -> Path:
+    """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable).
+
+    A partial set is continued only if it was started by the same weights (`weights_digest`, e.g.
+    `caches.directory_digest` of the weights folder), sampler settings, seed and batch size; one of any other
+    identity is set aside, so a set never mixes images of two models."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    manifest = {"sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
+    manifest = {"weights_sha256": weights_digest, "batch_size": batch_size, "sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
                 "guidance_low": settings["guidance_low"], "guidance_high": settings["guidance_high"],
                 "guidance_sigma_low": noise_level(pipe.scheduler, settings["guidance_low"]),
                 "guidance_sigma_high": noise_level(pipe.scheduler, settings["guidance_high"]),
                 "prediction_type": pipe.scheduler.config.prediction_type, "seed": seed, "num_classes": num_classes,
                 "images_per_class": images_per_class}
     manifest_path = partial / "sampling.json"
-    if manifest_path.exists() and json.loads(manifest_path.read_text()) != manifest:
-        log.warning("discarding %s: it was sampled with other settings", partial)
-        shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+    if partial.exists() and (not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest):
+        set_aside(partial, "was sampled from other weights or settings")
+    partial.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2))
 
     device = pipe.unet.device
@@ -143,7 +146,7 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
         log.info("resuming sampling: %d of %d images already written", total - len(todo), total)
     clip = torch.from_numpy(np.asarray(clip_embeddings)).to(device, pipe.unet.dtype)
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    for start in tqdm(range(0, len(todo), batch_size), desc="sample", unit="batch"):
+    for start in progress(range(0, len(todo), batch_size), desc="sample", unit="batch"):
         indices = todo[start:start + batch_size]
         noise = torch.stack([initial_noise(i, seed, (channels, size, size)) for i in indices]).to(device)
         cond = clip[[class_of(i, images_per_class) for i in indices]]

@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
-from .caches import CachedRows, check_cache, file_digest, valid_rows, weights_fingerprint
+from .caches import CachedRows, check_cache, content_digest, file_digest, valid_rows, weights_fingerprint
 from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target
 from .models import AlignedUNet, make_trainable
 from .report import plot_losses
+from .runtime import progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class Trainer:
             writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
             if main and log_file.tell() == 0:
                 writer.writeheader()
-            progress = tqdm(total=max_steps, initial=start, desc="train", unit="step",
+            progress = progress(total=max_steps, initial=start, desc="train", unit="step",
                             disable=not self.accelerator.is_main_process)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
             while self.state.step < max_steps:
@@ -366,7 +366,8 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
                          f"{unet.config.cross_attention_dim}")
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     _claim_run_dir(run_dir, {"settings": settings, "seed": seed, "csv_sha256": csv_sha,
-                             "dino": dino.attrs["encoder_fingerprint"], "vae": vae.attrs["encoder_fingerprint"],
+                             "caches": {"vae": content_digest(vae), "dino": content_digest(dino),
+                                        "clip": content_digest(clip)},
                              "code": training_code_digest()})
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
@@ -410,15 +411,13 @@ def training_code_digest() -> str:
 
 
 def _claim_run_dir(run_dir: Path, identity: dict) -> None:
-    """Resume only a run of the same settings, data and training code; set any other run's state aside,
-    not delete it."""
+    """Resume only a run of the same settings, data (cache contents included) and training code; set any
+    other run's state aside, not delete it."""
     marker = run_dir / "run.json"
     previous = json.loads(marker.read_text()) if marker.exists() else identity
     if previous != identity:
         changed = sorted(key for key in identity.keys() | previous.keys() if previous.get(key) != identity.get(key))
-        stale = run_dir.with_name(f"{run_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("%s holds a run with other %s: moved to %s, starting afresh", run_dir, ", ".join(changed), stale)
-        run_dir.rename(stale)
+        set_aside(run_dir, f"holds a run with other {', '.join(changed)}; starting afresh")
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(identity, indent=2, sort_keys=True))
 

@@ -5,12 +5,20 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
 from urepa import config as urepa_config
+from urepa import runtime as urepa_runtime
 
-urepa_config.validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+urepa_config.apply_command_line(config, workflow.config_settings.config, SCHEMA)  # typed; the command line wins
+urepa_config.validate(config, SCHEMA)
 TIER = config["tier"]
 ABLATION = config["ablation"]
 urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation: fail now, by name
 urepa_config.check_real_paths(config, TIER)
+
+
+onstart:
+    # After the DAG is built and before any job starts (not on dry runs): one invocation per results folder.
+    urepa_runtime.lock_results_folder("results")
 
 
 def tier_of(wildcards):

@@ -36,7 +36,7 @@ rule metrics:
         "results/{tier}/{ablation}/metrics.json",
     params:
         network=lambda w: tier_of(w)["feature_network"],
-        sampling=final_sampling,
+        checkpoint_step=None,  # the final step, read from the model folder
     threads: 2
     log:
         "results/{tier}/{ablation}/logs/metrics.log",
@@ -46,20 +46,20 @@ rule metrics:
         "../scripts/metrics.py"
 
 
-rule curve_point:
+rule point_metrics:
     input:
-        samples="results/{tier}/{ablation}/curve/step-{step}/samples",
+        samples="results/{tier}/{ablation}/{point}/samples",
         reference="results/{tier}/reference_stats.npz",
         model="results/{tier}/{ablation}/model",
         inception=inception_dir,
     output:
-        "results/{tier}/{ablation}/curve/step-{step}/metrics.json",
+        "results/{tier}/{ablation}/{point}/metrics.json",
     params:
         network=lambda w: tier_of(w)["feature_network"],
-        sampling=curve_sampling,
+        checkpoint_step=lambda w: point_of(w)[1] if point_of(w)[0] == "step" else None,
     threads: 2
     log:
-        "results/{tier}/{ablation}/logs/curve_point-{step}.log",
+        "results/{tier}/{ablation}/{point}/metrics.log",
     script:
         "../scripts/metrics.py"
 
@@ -74,6 +74,18 @@ rule fid_curve:
         "results/{tier}/{ablation}/logs/fid_curve.log",
     script:
         "../scripts/fid_curve.py"
+
+
+rule cfg_sweep:
+    input:
+        lambda w: [f"results/{w.tier}/{w.ablation}/cfg_sweep/cfg-{scale_name(s)}/metrics.json"
+                   for s in cfg_scales(w.tier)],
+    output:
+        "results/{tier}/{ablation}/cfg_sweep.json",
+    log:
+        "results/{tier}/{ablation}/logs/cfg_sweep.log",
+    script:
+        "../scripts/cfg_sweep.py"
 
 
 rule alignment:

@@ -2,7 +2,9 @@
 
 
 def compared(tier):
-    return config["compare"] or [config["ablation"]]
+    """The tier's `compare` list (else the global one), with the chosen `ablation` added when absent."""
+    names = urepa_config.tier_settings(config, tier).get("compare", config["compare"])
+    return list(dict.fromkeys([*names, config["ablation"]]))
 
 
 def run_outputs(tier):
@@ -10,6 +12,7 @@ def run_outputs(tier):
         a: {
             "metrics": f"results/{tier}/{a}/metrics.json",
             "curve": f"results/{tier}/{a}/fid_curve.json",
+            "cfg_sweep": f"results/{tier}/{a}/cfg_sweep.json",
             "alignment": f"results/{tier}/{a}/alignment.json",
             "loss_curve": f"results/{tier}/{a}/model",
             "tsne": f"results/{tier}/{a}/tsne.png",
@@ -21,9 +24,11 @@ def run_outputs(tier):
 
 rule fid_summary:
     input:
-        unpack(lambda w: {a: f"results/{w.tier}/{a}/metrics.json" for a in compared(w.tier)}),
+        lambda w: [run[key] for run in run_outputs(w.tier).values() for key in ("metrics", "cfg_sweep")],
     output:
         "results/{tier}/fid.json",
+    params:
+        runs=lambda w: run_outputs(w.tier),
     log:
         "results/{tier}/logs/fid_summary.log",
     script:
@@ -37,6 +42,7 @@ rule report:
     output:
         html="results/{tier}/report.html",
         curves=report("results/{tier}/fid_curve.png", caption="../report/fid_curve.rst", category="FID vs step"),
+        sweep=report("results/{tier}/cfg_sweep.png", caption="../report/cfg_sweep.rst", category="CFG sweep"),
     params:
         runs=lambda w: run_outputs(w.tier),
         target_fid=config["evaluate"]["target_fid"],

@@ -1,6 +1,5 @@
 """Stage 5: FID, sFID, KID, IS, precision/recall of a sample folder against the tier's reference."""
 import json
-import re
 from pathlib import Path
 
 from urepa.evaluate import score_samples
@@ -11,11 +10,12 @@ setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
 config = snakemake.config
 sampling = json.loads((Path(snakemake.input.samples) / "sampling.json").read_text())
-step = snakemake.wildcards.get("step")
-checkpoint_step = int(step) if step else json.loads((Path(snakemake.input.model) / "config.json").read_text())["final_step"]
+step = snakemake.params.checkpoint_step
+if step is None:  # the final EMA weights
+    step = json.loads((Path(snakemake.input.model) / "config.json").read_text())["final_step"]
 inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
 network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
                                 resolve_device(config["device"]))
 result = score_samples(snakemake.input.samples, snakemake.input.reference, network, config["evaluate"]["batch_size"],
-                       {"sampling": sampling, "checkpoint_step": checkpoint_step, "weights": "EMA"})
+                       {"sampling": sampling, "checkpoint_step": step, "weights": "EMA"})
 Path(snakemake.output[0]).write_text(json.dumps(result, indent=2))

@@ -1,14 +1,17 @@
-"""Stage 6: the tier's report page and its FID-vs-step figure."""
+"""Stage 6: the tier's report page and its FID-vs-step and CFG-sweep figures."""
 import json
 from pathlib import Path
 
 from urepa.evaluate import add_targets
-from urepa.report import plot_fid_curves, render_report
+from urepa.report import plot_cfg_sweeps, plot_fid_curves, render_report
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 runs = {a: {**paths, "loss_curve": f"{paths['loss_curve']}/loss_curve.png"} for a, paths in snakemake.params.runs.items()}
 curves = {a: json.loads(Path(p["curve"]).read_text()) for a, p in runs.items()}
+sweeps = {a: json.loads(Path(p["cfg_sweep"]).read_text()) for a, p in runs.items()}
 add_targets(curves, snakemake.params.target_fid)
 plot_fid_curves(curves, snakemake.output.curves)
-render_report(snakemake.wildcards.tier, runs, curves, snakemake.output.curves, snakemake.output.html)
+plot_cfg_sweeps(sweeps, snakemake.output.sweep)
+render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
+              snakemake.output.html)

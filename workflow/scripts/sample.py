@@ -2,6 +2,7 @@
 import pandas as pd
 import zarr
 
+from urepa.caches import directory_digest
 from urepa.runtime import resolve_device, set_threads, setup_logging
 from urepa.sample import generate_samples, load_finetuned_pipeline, sample_grid
 
@@ -14,5 +15,5 @@ pipe = load_finetuned_pipeline(snakemake.input.sd15, params.weights, params.sett
                                resolve_device(config["device"]))
 generate_samples(pipe, clip["embeddings"][:], clip.attrs["null_index"], len(class_names), params.images_per_class,
                  snakemake.output.samples, params.sampling, config["seed"],
-                 config["sample"]["batch_size"])
+                 config["sample"]["batch_size"], weights_digest=directory_digest(params.weights))
 sample_grid(snakemake.output.samples, snakemake.output.grid, params.images_per_class, class_names)

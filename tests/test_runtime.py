@@ -1,0 +1,29 @@
+"""Process set-up shared by the stages: a rule's log explains a failure and shows how far the job got."""
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+FAILING_STAGE = textwrap.dedent("""
+    import sys, warnings
+    from urepa.runtime import progress, setup_logging
+    setup_logging(sys.argv[1])
+    for _ in progress(range(5), desc="encode", unit="batch", log_every=0.0):
+        pass
+    warnings.warn("tokens of row 3 look odd")
+    raise ValueError("cache row 7 holds NaN")
+""")
+
+
+def test_a_failing_stage_leaves_progress_warnings_and_its_traceback_in_the_log(tmp_path):
+    script, log = tmp_path / "stage.py", tmp_path / "logs" / "stage.log"
+    script.write_text(FAILING_STAGE)
+    result = subprocess.run([sys.executable, str(script), str(log)], capture_output=True, text=True, cwd=REPO,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    text = log.read_text()
+    assert "encode: 100%" in text and "5/5" in text  # done / total, with rate and ETA fields
+    assert "tokens of row 3 look odd" in text
+    assert "Traceback (most recent call last)" in text and "ValueError: cache row 7 holds NaN" in text
+    assert "stopped by ValueError" in text

@@ -1,0 +1,9 @@
+"""Stage 5: one run's metrics against the guidance scale, gathered."""
+import json
+from pathlib import Path
+
+from urepa.evaluate import cfg_sweep
+from urepa.runtime import setup_logging
+
+setup_logging(snakemake.log[0])
+Path(snakemake.output[0]).write_text(json.dumps(cfg_sweep(list(snakemake.input)), indent=2))
