@@ -213,8 +213,10 @@ def test_unreadable_images_are_recorded_as_invalid_rows(built, smoke_inputs, tmp
     garbage = images / "garbage.JPEG"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     missing = images / "missing.JPEG"
-    # Batches of 2: (0, 1) (2, 3) (4, 5*) (6*, 7*) (8, 9): one batch part bad, one wholly bad.
-    bad = {5: truncated, 6: garbage, 7: missing}
+    tiny = images / "tiny.JPEG"  # opens fine, but a 1x1 image carries nothing to encode at 128 px
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)
+    # Batches of 2: (0, 1) (2, 3) (4, 5*) (6*, 7*) (8, 9*): two batches part bad, one wholly bad.
+    bad = {5: truncated, 6: garbage, 7: missing, 9: tiny}
     rows = []
     for i in range(10):
         source = table.iloc[min(i, 6)].copy()
@@ -239,6 +241,7 @@ def test_unreadable_images_are_recorded_as_invalid_rows(built, smoke_inputs, tmp
         assert {e["row"]: e["path"] for e in errors} == {row: str(path) for row, path in bad.items()}
         reasons = {e["row"]: e["error"] for e in errors}
         assert "FileNotFoundError" in reasons[7]
+        assert "1x1 px is smaller than 32 px on a side" in reasons[9]
         assert all(reasons[row] for row in bad)
     np.testing.assert_array_equal(valid_rows(vae, dino), good)
     # The good rows are the same images as in the main caches, so they encode to the same tokens.

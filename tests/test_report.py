@@ -27,17 +27,22 @@ def test_default_target_is_the_baselines_final_fid():
     assert add_targets(curves, 22.0) == 22.0 and curves["urepa"]["steps_to_target"] == 20
 
 
-def test_held_out_batch_is_class_balanced_and_fixed(tmp_path):
-    table = pd.DataFrame({"id": range(12), "img_path": [f"{i}.png" for i in range(12)],
-                          "class_id": [0] * 6 + [1] * 3 + [2] * 3, "synset": "s"})
+def test_held_out_batch_is_class_balanced_fixed_and_passes_over_unusable_images(tmp_path, caplog):
+    paths = [_png(tmp_path / f"{i}.png", (i, i, i)) for i in range(12)]
+    (tmp_path / "1.png").write_bytes(b"not a png")               # class 0's second image: damaged
+    Image.new("RGB", (1, 1)).save(tmp_path / "6.png")          # class 1's first image: 1x1
+    table = pd.DataFrame({"id": range(12), "img_path": paths, "class_id": [0] * 6 + [1] * 3 + [2] * 3, "synset": "s"})
     table.to_csv(tmp_path / "val.csv", index=False)
-    rows = held_out_rows(tmp_path / "val.csv", 6)
+    skipped = []
+    rows = held_out_rows(tmp_path / "val.csv", 6, skipped)
     assert rows["class_id"].value_counts().tolist() == [2, 2, 2]
+    assert rows["id"].tolist() == [0, 9, 7, 10, 2, 8]  # rank-major; a later image of the class steps in
+    assert sorted(skipped) == sorted([paths[1], paths[6]]) and paths[1] in caplog.text
     assert rows.equals(held_out_rows(tmp_path / "val.csv", 6))
 
 
 def _png(path, colour):
-    Image.new("RGB", (40, 30), colour).save(path)
+    Image.new("RGB", (40, 36), colour).save(path)
     return str(path)
 
 
@@ -127,3 +132,28 @@ def test_report_renders_every_section_self_contained(run_files, tmp_path):
     assert [row[-1] for row in sweep_rows[:4]] == ["", "", "✓", ""]
     # FID-vs-step: the target is the baseline's final FID (11 + 100/80); urepa reaches it at step 80
     assert cells[10][:3] == ["urepa", "12.25", "80"] and cells[11][:3] == ["baseline", "12.25", "80"]
+
+
+def test_reference_statistics_skip_and_name_unusable_validation_images(tmp_path, caplog):
+    import numpy as np
+
+    from urepa.evaluate import reference_statistics
+    from urepa.metrics import StandInFeatures, extract_features, load_statistics
+
+    good = [_png(tmp_path / f"{i}.png", (40 * i, 20, 200 - 30 * i)) for i in range(5)]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    paths = good[:2] + [str(tmp_path / "broken.png")] + good[2:] + [str(tmp_path / "tiny.png")]
+    pd.DataFrame({"id": range(7), "img_path": paths, "class_id": 0, "synset": "s"}).to_csv(tmp_path / "val.csv",
+                                                                                          index=False)
+    network = StandInFeatures()
+    reference_statistics(tmp_path / "val.csv", 32, network, tmp_path / "ref.npz", batch_size=3)
+    stats = load_statistics(tmp_path / "ref.npz")
+    assert stats["num_images"] == 5
+    assert sorted(stats["skipped"].tolist()) == sorted([str(tmp_path / "broken.png"), str(tmp_path / "tiny.png")])
+    assert str(tmp_path / "broken.png") in caplog.text and "smaller than 32 px" in caplog.text
+    # The statistics are those of the usable images alone.
+    from urepa.evaluate import SquareImages
+    arrays = np.stack([SquareImages(good, 32)[i][0] for i in range(5)])
+    expected = extract_features(network, [arrays])
+    np.testing.assert_allclose(stats["pool_mu"], expected["pool"].astype(np.float64).mean(axis=0), rtol=1e-5)

@@ -39,7 +39,7 @@ from urepa.evaluate import alignment_analysis, analysis_layer
 from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
-from urepa.train import LOG_COLUMNS, StepBatches, Trainer, _claim_run_dir, train_run, training_code_digest
+from urepa.train import LOG_COLUMNS, StepBatches, Trainer, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_yaml(REPO / "config" / "config.yaml")
@@ -65,10 +65,17 @@ def settings_for(ablation: str = "urepa", **overrides) -> dict:
 
 
 def run(data, settings, out: Path, caches: dict | None = None, seed: int = SEED) -> tuple[Path, Path]:
-    run_dir, model_dir = out / "train_state", out / "model"
-    train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]), str(data["dinov2"]),
-              settings, run_dir, model_dir, seed, CPU, 0, "test", **VIEW)
+    """Train into out/train_state/<identity>/ and out/model/; returns (the run's state folder, model folder)."""
+    model_dir = out / "model"
+    run_dir = train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]),
+                        str(data["dinov2"]), settings, out / "train_state", model_dir, seed, CPU, 0, "test", **VIEW)
     return run_dir, model_dir
+
+
+def state_of(states_dir: Path) -> Path:
+    """The one run state (identity folder) under a train_state/ folder."""
+    (state,) = [marker.parent for marker in states_dir.glob("*/run.json")]
+    return state
 
 
 def make_trainer(data, settings, run_dir, vae_path=None, seed: int = SEED) -> Trainer:
@@ -159,19 +166,20 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
     # The reference run and the run to be killed, side by side (one thread each on the two cores).
     reference, reference_log = _start_child(script, args("uninterrupted"), "uninterrupted", tmp_path)
     victim, victim_log = _start_child(script, args("resumed"), "killed", tmp_path)
-    checkpoints = tmp_path / "resumed" / "train_state" / "checkpoints"
+    states = tmp_path / "resumed" / "train_state"
     # Kill while checkpoint-8 is being written (resume then starts from checkpoint-4, redoes logged
     # steps 5-8 and overwrites the half-written folder) or, if that window is missed, just after it.
     deadline = time.monotonic() + 300
     try:
         while victim.poll() is None and time.monotonic() < deadline:
-            if (checkpoints / "checkpoint-8.tmp").exists() or (checkpoints / "checkpoint-8").exists():
+            if any(states.glob("*/checkpoints/checkpoint-8.tmp")) or any(states.glob("*/checkpoints/checkpoint-8")):
                 break
             time.sleep(0.002)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
     killed = victim.returncode == -signal.SIGKILL
+    checkpoints = state_of(states) / "checkpoints"
     if killed:
         complete = sorted(p.name for p in checkpoints.glob("checkpoint-*[0-9]"))
         assert complete and complete[-1] in ("checkpoint-4", "checkpoint-8"), complete
@@ -192,8 +200,10 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
                  "ema/pytorch_lora_weights.safetensors", "ema/align_heads.safetensors"):
         assert_tensors_equal(load_file(a / "model" / name), load_file(b / "model" / name), name)
     # The final training state: model, EMA, optimiser moments and step, LR schedule, generator.
-    final_a = checkpoint_state(a / "train_state" / "checkpoints" / "checkpoint-12")
-    final_b = checkpoint_state(b / "train_state" / "checkpoints" / "checkpoint-12")
+    state_a, state_b = state_of(a / "train_state"), state_of(b / "train_state")
+    assert state_a.name == state_b.name  # one identity: the same settings, data and code
+    final_a = checkpoint_state(state_a / "checkpoints" / "checkpoint-12")
+    final_b = checkpoint_state(state_b / "checkpoints" / "checkpoint-12")
     assert_tensors_equal(final_a["model"], final_b["model"], "model.safetensors")
     assert final_a["ema"]["optimization_step"] == final_b["ema"]["optimization_step"] == 12
     assert len(final_a["ema"]["shadow_params"]) == len(final_b["ema"]["shadow_params"]) > 0
@@ -209,7 +219,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
             assert torch.equal(opt_a[index][moment], opt_b[index][moment])
     assert final_a["scheduler"] == final_b["scheduler"]
     # The step log: every step exactly once, with the values the uninterrupted run logged.
-    log_a, log_b = read_log(a / "train_state"), read_log(b / "train_state")
+    log_a, log_b = read_log(state_a), read_log(state_b)
     assert log_b["step"].tolist() == list(range(1, 13))
     columns = [c for c in LOG_COLUMNS if c != "step_time"]
     pd.testing.assert_frame_equal(log_a[columns], log_b[columns], check_exact=True)
@@ -235,7 +245,7 @@ def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_pa
     with pytest.raises(FloatingPointError) as error:
         run(data, settings, tmp_path / "run", caches)
     message = str(error.value)
-    checkpoints = tmp_path / "run" / "train_state" / "checkpoints"
+    checkpoints = state_of(tmp_path / "run" / "train_state") / "checkpoints"
     assert "step 5" in message and str(checkpoints / "checkpoint-4") in message
     # The newest checkpoint is complete and is the last good one; no half-written folder is newest.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]
@@ -243,7 +253,7 @@ def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_pa
     saved = checkpoint_state(checkpoints / "checkpoint-4")
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     # ... and loadable: a new trainer resumes from it at step 4 with its weights.
-    trainer = make_trainer(data, settings, tmp_path / "run" / "train_state", vae_path)
+    trainer = make_trainer(data, settings, checkpoints.parent, vae_path)
     assert trainer.resume() == 4
     assert trainer.ema.optimization_step == 4
     assert_tensors_equal(trainer.model.state_dict(), saved["model"], "resumed model")
@@ -528,7 +538,7 @@ def test_training_skips_rows_marked_invalid(data, tmp_path, caplog):
 
 def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(data, tmp_path, caplog):
     """Same settings, CSV, encoders and code, but the cache was rebuilt and one image is now invalid: the
-    finished state belongs to other data, so it is set aside and the run trains on the new rows."""
+    finished state belongs to other data, so the run trains anew on the new rows, beside it."""
     settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
     vae_path = tmp_path / "vae_latents.zarr"
     copy_cache(data["caches"]["vae"], vae_path)
@@ -538,26 +548,31 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
     vae = zarr.open_group(str(vae_path), mode="r+")
     vae["valid"][0] = False
     vae.attrs["errors"] = [{"row": 0, "error": "OSError: image file is truncated"}]
-    with caplog.at_level(logging.WARNING):
-        run(data, settings, tmp_path / "run", caches)
-    assert "other caches" in caplog.text
-    assert len(list((tmp_path / "run").glob("train_state.stale-*"))) == 1
+    with caplog.at_level(logging.INFO, logger="urepa.train"):
+        second_run_dir, _ = run(data, settings, tmp_path / "run", caches)
+    assert "new identity, training from step 0" in caplog.text and run_dir.name in caplog.text
+    assert second_run_dir != run_dir and (run_dir / "checkpoints" / "checkpoint-2").is_dir()  # kept
+    assert json.loads((second_run_dir / "run.json").read_text())["caches"]["vae"] != \
+        json.loads((run_dir / "run.json").read_text())["caches"]["vae"]
     assert json.loads((model_dir / "config.json").read_text())["trained_rows"] == len(data["table"]) - 1
     second = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first), "the old weights were re-exported"
 
 
-def test_state_of_other_settings_or_training_code_is_set_aside_not_resumed(tmp_path, caplog):
-    run_dir = tmp_path / "train_state"
-    identity = {"settings": {"align_coeff": 0.8}, "seed": 0, "code": training_code_digest()}
-    _claim_run_dir(run_dir, identity)
-    (run_dir / "checkpoints").mkdir()
-    _claim_run_dir(run_dir, identity)  # the same run: its state stays to be resumed
-    assert (run_dir / "checkpoints").is_dir()
-    with caplog.at_level(logging.WARNING):
-        _claim_run_dir(run_dir, {**identity, "code": "edited"})
-    assert "other code;" in caplog.text
-    assert not (run_dir / "checkpoints").exists()
-    stale = list(tmp_path.glob("train_state.stale-*"))
-    assert len(stale) == 1 and (stale[0] / "checkpoints").is_dir()
-    assert json.loads((run_dir / "run.json").read_text())["code"] == "edited"
+def test_run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finished_run(data, tmp_path, caplog):
+    """Change a setting, then change it back: the first run's finished state is found again and re-exported
+    as it was (no step trained again), while the other setting's run keeps its own state."""
+    settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
+    first_dir, model_dir = run(data, settings, tmp_path)
+    first = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
+    other_dir, _ = run(data, {**settings, "align_coeff": 0.5}, tmp_path)
+    assert other_dir != first_dir and json.loads((other_dir / "run.json").read_text())["settings"]["align_coeff"] == 0.5
+    finished = (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="urepa.train"):
+        reverted_dir, _ = run(data, settings, tmp_path)
+    assert reverted_dir == first_dir and "resumed where it was left" in caplog.text
+    assert (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns == finished
+    assert read_log(first_dir)["step"].tolist() == [1, 2]
+    assert_tensors_equal(load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors"), first, "re-exported EMA")
+    assert json.loads((model_dir / "config.json").read_text())["run_state"] == str(first_dir)
+    assert sorted(p.parent for p in (tmp_path / "train_state").glob("*/run.json")) == sorted([first_dir, other_dir])

@@ -102,6 +102,23 @@ def vae_transform(image_size: int) -> transforms.Compose:
     ])
 
 
+# Smaller images carry too little to encode at 512 px or to score at 299 px: such a file is treated as unusable,
+# like an unreadable one (ImageNet's smallest real images are well above this).
+MIN_IMAGE_SIDE = 32
+
+
+class UnusableImage(ValueError):
+    """An image file that opens but is too small to use."""
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as a fully decoded RGB image; raises, saying why, for an unreadable or too small file."""
+    with Image.open(path) as image:
+        if min(image.size) < MIN_IMAGE_SIDE:
+            raise UnusableImage(f"{image.size[0]}x{image.size[1]} px is smaller than {MIN_IMAGE_SIDE} px on a side")
+        return image.convert("RGB")
+
+
 class ImageRows(Dataset):
     """Images of chosen CSV rows. An unreadable image yields a zero tensor and the reason, so the
     batch goes on and the row is recorded as invalid (never written as if it were data)."""
@@ -115,10 +132,8 @@ class ImageRows(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            with Image.open(self.paths[row]) as image:
-                tensor = self.transform(image.convert("RGB"))
-            return row, tensor, ""
-        except Exception as error:  # corrupt, truncated, missing or unsupported file
+            return row, self.transform(open_rgb(self.paths[row])), ""
+        except Exception as error:  # corrupt, truncated, missing, unsupported or too small file
             return row, torch.zeros(self.shape), f"{type(error).__name__}: {error}"
 
 

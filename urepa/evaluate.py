@@ -8,18 +8,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from . import metrics
+from .caches import open_rgb
 from .sample import sample_paths
 
 log = logging.getLogger(__name__)
 
 
 class SquareImages(Dataset):
-    """Reference images prepared like samples: shorter side to `size` (bicubic), centre crop, uint8 HWC."""
+    """Reference images prepared like samples: shorter side to `size` (bicubic), centre crop, uint8 HWC.
+    Items are (array or None, path, problem): an unusable file is reported, not raised, so one damaged
+    validation image is skipped and named instead of stopping the job."""
 
     def __init__(self, paths: list[str], size: int):
         self.paths = paths
@@ -31,20 +33,35 @@ class SquareImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        with Image.open(self.paths[i]) as image:
-            return np.asarray(self.transform(image.convert("RGB")))
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, str, str]:
+        try:
+            return np.asarray(self.transform(open_rgb(self.paths[i]))), self.paths[i], ""
+        except Exception as error:  # corrupt, truncated, missing, unsupported or too small file
+            return None, self.paths[i], f"{type(error).__name__}: {error}"
 
 
 def reference_statistics(val_csv: str | Path, image_size: int, network, out_npz: str | Path, batch_size: int,
                          num_workers: int = 0) -> None:
-    """Feature statistics of the tier's validation subset, computed once and shared by all ablations."""
+    """Feature statistics of the tier's validation subset, computed once and shared by all ablations.
+    Unusable images are skipped, each named in the log, and counted in the statistics (`skipped`)."""
     paths = pd.read_csv(val_csv)["img_path"].tolist()
     loader = DataLoader(SquareImages(paths, image_size), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=np.stack)
-    features = metrics.extract_features(network, loader, description="reference features")
-    metrics.save_statistics(out_npz, features)
-    log.info("reference statistics of %d images with %s", len(paths), features["feature_network"])
+                        collate_fn=list)
+    skipped = []
+
+    def usable_batches():
+        for items in loader:
+            for _, path, problem in items:
+                if problem:
+                    log.warning("skipping validation image %s: %s", path, problem)
+                    skipped.append(path)
+            if usable := [array for array, _, problem in items if not problem]:
+                yield np.stack(usable)
+
+    features = metrics.extract_features(network, usable_batches(), description="reference features")
+    metrics.save_statistics(out_npz, features, skipped=skipped)
+    log.info("reference statistics of %d images with %s (%d skipped)", len(paths) - len(skipped),
+             features["feature_network"], len(skipped))
 
 
 def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, batch_size: int,
@@ -54,8 +71,9 @@ def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, b
     features = metrics.extract_features(network, paths, batch_size=batch_size, description="sample features")
     # Precision / recall compares every sample with every reference image (50k x 50k at 2048-d): on
     # the feature network's device, the GPU where there is one.
-    result = metrics.compute_metrics(features, metrics.load_statistics(reference_npz), device=network.device)
-    return {**result, **extra}
+    reference = metrics.load_statistics(reference_npz)
+    result = metrics.compute_metrics(features, reference, device=network.device)
+    return {**result, "num_reference_skipped": len(reference.get("skipped", [])), **extra}
 
 
 def steps_to_target(points: list[dict], target: float | None) -> int | None:
@@ -104,11 +122,23 @@ def add_targets(curves: dict[str, dict], target_fid: float | None) -> float | No
 
 
 # -- alignment analyses ---------------------------------------------------------------------------
-def held_out_rows(val_csv: str | Path, count: int) -> pd.DataFrame:
-    """A fixed, class-balanced held-out batch: the first images of each class in turn."""
+def held_out_rows(val_csv: str | Path, count: int, skipped: list | None = None) -> pd.DataFrame:
+    """A fixed, class-balanced held-out batch: the first usable images of each class in turn. Unusable files
+    are passed over (named in the log, and appended to `skipped` when given); only candidates are opened."""
     table = pd.read_csv(val_csv)
     table["rank"] = table.groupby("class_id").cumcount()
-    return table.sort_values(["rank", "class_id"]).head(count).reset_index(drop=True)
+    chosen = []
+    for index, path in table.sort_values(["rank", "class_id"])["img_path"].items():
+        if len(chosen) == count:
+            break
+        try:
+            open_rgb(path)
+            chosen.append(index)
+        except Exception as error:  # corrupt, truncated, missing, unsupported or too small file
+            log.warning("skipping validation image %s: %s: %s", path, type(error).__name__, error)
+            if skipped is not None:
+                skipped.append(path)
+    return table.loc[chosen].reset_index(drop=True)
 
 
 def analysis_layer(align_layers: list[str]) -> str:
@@ -150,19 +180,19 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     """
     from . import analysis
     from .caches import vae_transform
-    from .dinov2 import dinov2_transform, load_dinov2, to_rgb
+    from .dinov2 import dinov2_transform, load_dinov2
     from .models import FeatureCapture
     from .sample import load_finetuned_pipeline
     from .sd15 import load_noise_scheduler
 
-    rows = held_out_rows(val_csv, count)
+    skipped: list[str] = []
+    rows = held_out_rows(val_csv, count, skipped)
     chunks = [rows["img_path"].iloc[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
 
     def images(paths, transform) -> torch.Tensor:
         tensors = []
         for path in paths:
-            with Image.open(path) as image:
-                tensors.append(transform(to_rgb(image)))
+            tensors.append(transform(open_rgb(path)))
         return torch.stack(tensors).to(device)
 
     encoder = load_dinov2(dinov2_path, device)
@@ -209,4 +239,5 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     capture.remove()
     analysis.tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
                        title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
-    return {"layer": layer, "images": len(rows), "has_head": head is not None, "timesteps": results}
+    return {"layer": layer, "images": len(rows), "skipped_images": skipped, "has_head": head is not None,
+            "timesteps": results}

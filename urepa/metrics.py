@@ -256,10 +256,12 @@ def reference_statistics(features: dict) -> dict:
             "feature_network": features["feature_network"], "num_images": len(features["pool"])}
 
 
-def save_statistics(path: str | Path, features: dict) -> None:
-    """Reference statistics of a feature dict (from `extract_features`) to an .npz."""
+def save_statistics(path: str | Path, features: dict, skipped: list[str] = ()) -> None:
+    """Reference statistics of a feature dict (from `extract_features`) to an .npz, with the paths of the
+    images that could not be used (`skipped`)."""
     stats = reference_statistics(features)
     stats["feature_network"] = np.array(stats["feature_network"])  # a unicode array: loads without pickle
+    stats["skipped"] = np.array(list(skipped), dtype=str)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # a file object, so numpy keeps the exact name (no added .npz)
         np.savez(f, **stats)

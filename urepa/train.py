@@ -264,7 +264,7 @@ class Trainer:
             writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
             if main and log_file.tell() == 0:
                 writer.writeheader()
-            progress = progress(total=max_steps, initial=start, desc="train", unit="step",
+            bar = progress(total=max_steps, initial=start, desc="train", unit="step",
                             disable=not self.accelerator.is_main_process)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
             while self.state.step < max_steps:
@@ -276,15 +276,15 @@ class Trainer:
                 values["step"] = self.state.step
                 writer.writerow({k: values[k] for k in LOG_COLUMNS})
                 self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.step)
-                progress.update(1)
-                progress.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}")
                 # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
                 if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
                     on_snapshot(self, self.state.step)
                 if self.state.step % settings["checkpoint_every"] == 0 or self.state.step == max_steps:
                     log_file.flush()
                     self.save_checkpoint()
-            progress.close()
+            bar.close()
         self.accelerator.end_training()
 
     # -- artifacts --------------------------------------------------------------------------------
@@ -342,11 +342,12 @@ def _truncate_log(path: Path, step: int) -> None:
         table[table["step"] <= step].to_csv(path, index=False)
 
 
-def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, run_dir: str | Path,
+def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, states_dir: str | Path,
               model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str,
-              image_size: int, dino_size: int) -> None:
+              image_size: int, dino_size: int) -> Path:
     """Check the caches against this run's inputs (`image_size`: the VAE's square; `dino_size`: DINOv2's
-    input size for that square), train (resuming if possible), export artifacts."""
+    input size for that square), train (resuming if possible), export artifacts. Returns the run's state
+    folder: `states_dir/<identity>/` (see `claim_run_state`)."""
     from .dinov2 import dinov2_view
     from .sd15 import load_noise_scheduler, load_unet
 
@@ -364,11 +365,10 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     if unet.config.cross_attention_dim != clip.attrs["dim"]:
         raise ValueError(f"CLIP cache dim {clip.attrs['dim']} does not match the U-Net's cross-attention dim "
                          f"{unet.config.cross_attention_dim}")
-    run_dir, model_dir = Path(run_dir), Path(model_dir)
-    _claim_run_dir(run_dir, {"settings": settings, "seed": seed, "csv_sha256": csv_sha,
-                             "caches": {"vae": content_digest(vae), "dino": content_digest(dino),
-                                        "clip": content_digest(clip)},
-                             "code": training_code_digest()})
+    model_dir = Path(model_dir)
+    run_dir = claim_run_state(Path(states_dir), {
+        "settings": settings, "seed": seed, "csv_sha256": csv_sha, "code": training_code_digest(),
+        "caches": {"vae": content_digest(vae), "dino": content_digest(dino), "clip": content_digest(clip)}})
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
@@ -381,8 +381,10 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
 
     trainer.run(on_snapshot=snapshot)
     if not trainer.accelerator.is_main_process:
-        return
-    model_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    if model_dir.exists():  # a previous export of this rule (Snakemake removes it first; direct calls do not)
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
     trainer.save_weights(model_dir)
     with trainer.ema_weights():
         trainer.save_weights(model_dir / "ema")
@@ -393,8 +395,9 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
         "settings": settings, "seed": seed, "sd15_dir": str(sd15_dir), "dinov2": str(dinov2_path),
         "caches": {name: str(path) for name, path in caches.items()},
         "token_grid": dino.attrs["grid"], "token_dim": dino.attrs["dim"], "trained_rows": int(len(rows)),
-        "final_step": trainer.state.step,
+        "final_step": trainer.state.step, "run_state": str(run_dir),
     }, indent=2))
+    return run_dir
 
 
 TRAINING_CODE = ("losses.py", "models.py", "train.py")
@@ -410,16 +413,28 @@ def training_code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def _claim_run_dir(run_dir: Path, identity: dict) -> None:
-    """Resume only a run of the same settings, data (cache contents included) and training code; set any
-    other run's state aside, not delete it."""
+def claim_run_state(states_dir: Path, identity: dict) -> Path:
+    """The state folder of the run with this identity (settings, seed, data with the caches' contents,
+    training code): `states_dir/<digest of the identity>/`, with the identity in its run.json.
+
+    Every identity keeps its own folder, so state is resumed only by the very same run, never mixed with
+    another's, and going back to a setting finds its run where it was left: a finished one is re-exported
+    at once instead of being trained again (on tierB that is days)."""
+    canonical = json.dumps(identity, sort_keys=True)
+    run_dir = states_dir / hashlib.sha256(canonical.encode()).hexdigest()[:16]
     marker = run_dir / "run.json"
-    previous = json.loads(marker.read_text()) if marker.exists() else identity
-    if previous != identity:
-        changed = sorted(key for key in identity.keys() | previous.keys() if previous.get(key) != identity.get(key))
-        set_aside(run_dir, f"holds a run with other {', '.join(changed)}; starting afresh")
+    others = sorted(p.parent.name for p in states_dir.glob("*/run.json") if p.parent != run_dir)
+    if marker.exists():
+        if json.dumps(json.loads(marker.read_text()), sort_keys=True) != canonical:
+            set_aside(run_dir, "records another identity than its name says")
+        else:
+            log.info("run state %s: this identity's state, resumed where it was left", run_dir)
+    else:
+        log.info("run state %s: new identity, training from step 0%s", run_dir,
+                 f" (states of other identities kept beside it: {', '.join(others)})" if others else "")
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    return run_dir
 
 
 def _link_tree(source: Path, destination: Path) -> None:

@@ -1,5 +1,6 @@
-# Stage 3: U-REPA fine-tuning of one (tier, ablation) run. Checkpoints live in train_state/, which is
-# not an output, so a killed or failed run started again resumes instead of starting over.
+# Stage 3: U-REPA fine-tuning of one (tier, ablation) run. Checkpoints live in train_state/<identity>/, which
+# is not an output, so a killed or failed run started again resumes instead of starting over, and a run whose
+# settings, data and code were seen before finds its state again.
 
 
 rule train_unet:
@@ -14,7 +15,7 @@ rule train_unet:
         model=directory("results/{tier}/{ablation}/model"),
     params:
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
-        run_dir="results/{tier}/{ablation}/train_state",
+        states_dir="results/{tier}/{ablation}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
     threads: 2
