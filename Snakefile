@@ -10,7 +10,7 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/smoke.smk"
+include: "workflow/rules/generated.smk"
 include: "workflow/rules/subset.smk"
 include: "workflow/rules/caches.smk"
 include: "workflow/rules/train.smk"

@@ -1,7 +1,7 @@
 """Cache-building throughput: images/s for the VAE-latent and DINOv2-token caches, prompts/s for the
 CLIP-embedding cache, through the same `urepa.caches.build_*` calls the workflow's cache rules make.
 
-By default the inputs are the smoke tier's, generated into a temporary folder with `urepa.smoke` at the
+By default the inputs are the smoke tier's, generated into a temporary folder with `urepa.generated` at the
 sizes config/config.yaml gives the tier (image tree, tiny random SD-1.5 and DINOv2); pass
 --imagenet-dir / --sd15-dir / --dinov2 to measure real inputs (e.g. on a GPU box with --tier tierA).
 Device, batch size and workers default to the config's `device`, `cache.batch_size` and `num_workers`.
@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from urepa import smoke  # noqa: E402
+from urepa import generated  # noqa: E402
 from urepa.caches import build_clip_cache, build_dino_cache, build_vae_cache  # noqa: E402
 from urepa.config import load_yaml, tier_settings  # noqa: E402
 from urepa.runtime import resolve_device, set_threads, setup_logging  # noqa: E402
@@ -87,10 +87,10 @@ def main(argv=None) -> None:
         # Inputs: given paths, or the smoke tier's generated ones (at the tier's sizes).
         imagenet = args.imagenet_dir
         if imagenet is None:
-            imagenet = smoke.make_imagenet_tree(work / "imagenet", tier.get("smoke_classes", 4),
-                                                tier.get("smoke_train_images", 24), 0, seed=seed)
-        sd15_dir = args.sd15_dir or smoke.make_tiny_sd15(work / "sd15", tier["image_size"], seed=seed)
-        dinov2 = args.dinov2 or smoke.make_tiny_dinov2(work / "dinov2", seed=seed)
+            spec = {"classes": 4, "train_images": 24, **tier.get("generated", {}), "val_images": 0}
+            imagenet = generated.make_imagenet_tree(work / "imagenet", seed=seed, **spec)
+        sd15_dir = args.sd15_dir or generated.make_sd15(work / "sd15", tier["image_size"], seed=seed)
+        dinov2 = args.dinov2 or generated.make_dinov2(work / "dinov2", seed=seed)
 
         table = build_subset(imagenet, args.images_per_class or tier["images_per_class"], seed)
         if args.repeat > 1:

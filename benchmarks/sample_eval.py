@@ -17,16 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from urepa import metrics, smoke
+from urepa import generated, metrics
 from urepa.sample import decode, initial_noise, make_sampler, sample_latents
-from urepa.sd15 import SD15_UNET_CONFIG
-
-# vae/config.json of stable-diffusion-v1-5 (the decoder's real cost)
-SD15_VAE_CONFIG = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512, "scaling_factor": 0.18215,
-}
+from urepa.sd15 import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 
 def build_models(scale: str, workdir: Path, device: torch.device, dtype: torch.dtype):
@@ -35,12 +28,11 @@ def build_models(scale: str, workdir: Path, device: torch.device, dtype: torch.d
     from urepa.sd15 import load_unet, load_vae
 
     if scale == "smoke":
-        sd15 = smoke.make_tiny_sd15(workdir / "sd15", image_size=128)
+        sd15 = generated.make_sd15(workdir / "sd15", image_size=128)
         unet, vae, text_dim = load_unet(sd15), load_vae(sd15), 32
     else:
         unet, vae, text_dim = UNet2DConditionModel(**SD15_UNET_CONFIG), AutoencoderKL(**SD15_VAE_CONFIG), 768
-    scheduler_config = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                     steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True).config
+    scheduler_config = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG).config
     return unet.to(device, dtype).eval(), vae.to(device, dtype).eval(), scheduler_config, text_dim
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from urepa import smoke
+from urepa import generated
 from urepa.config import load_yaml, train_settings
 from urepa.sd15 import SD15_UNET_CONFIG
 
@@ -49,7 +49,7 @@ def build_parts(scale: str, workdir: Path):
     from urepa.sd15 import load_noise_scheduler, load_unet
 
     if scale == "smoke":
-        sd15 = smoke.make_tiny_sd15(workdir / "sd15", image_size=128)
+        sd15 = generated.make_sd15(workdir / "sd15", image_size=128)
         unet_factory = lambda: load_unet(sd15)  # noqa: E731
         scheduler = load_noise_scheduler(sd15)
         latent, tokens, text = (4, 16, 16), (16, 64), (77, 32)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from urepa import smoke
+from urepa import generated
 from urepa.caches import build_clip_cache, build_dino_cache, build_vae_cache
 from urepa.subset import build_subset, list_classes
 
@@ -20,10 +20,10 @@ CPU = torch.device("cpu")
 def smoke_inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smoke_inputs")
     return {
-        "imagenet": smoke.make_imagenet_tree(root / "imagenet", num_classes=3, train_per_class=10,
-                                             val_per_class=4, seed=0),
-        "sd15": smoke.make_tiny_sd15(root / "sd15", SMOKE_IMAGE_SIZE, seed=0),
-        "dinov2": smoke.make_tiny_dinov2(root / "dinov2", seed=0),
+        "imagenet": generated.make_imagenet_tree(root / "imagenet", classes=3, train_images=10,
+                                                 val_images=4, seed=0),
+        "sd15": generated.make_sd15(root / "sd15", SMOKE_IMAGE_SIZE, seed=0),
+        "dinov2": generated.make_dinov2(root / "dinov2", seed=0),
     }
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import CACHE_BATCH, CPU, DINO_SIZE, SMOKE_IMAGE_SIZE
-from urepa import caches, sd15, smoke
+from urepa import caches, generated, sd15
 from urepa.caches import (
     CachedRows,
     CacheMismatchError,
@@ -194,7 +194,7 @@ def test_check_cache_rejects_another_csv(built, tmp_path):
 
 
 def test_check_cache_rejects_another_encoder(built, tmp_path):
-    other = smoke.make_tiny_dinov2(tmp_path / "other_dinov2", seed=1)  # same architecture, other weights
+    other = generated.make_dinov2(tmp_path / "other_dinov2", seed=1)  # same architecture, other weights
     with pytest.raises(CacheMismatchError, match="encoder_fingerprint"):
         check_cache(built["dino"], {"encoder_fingerprint": weights_fingerprint(other)})
     with pytest.raises(CacheMismatchError, match="grid"):

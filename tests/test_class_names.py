@@ -4,7 +4,7 @@ from importlib.resources import files
 
 import pytest
 
-from urepa import smoke
+from urepa import generated
 from urepa.subset import imagenet_class_names, list_classes, prompt_for
 
 TABLE = files("urepa").joinpath("data", "imagenet_classes.tsv")
@@ -43,8 +43,8 @@ def test_mapping_file_collisions_are_resolved():
 def _tree_with_custom_synsets(root, mapping_lines: dict[str, str], unmapped: list[str] = ()):
     """The smoke tree's eight real classes plus synset folders outside ImageNet-1k, named (or not) in
     the mapping file."""
-    root = smoke.make_imagenet_tree(root, num_classes=len(smoke.SMOKE_CLASSES), train_per_class=1,
-                                    val_per_class=0)
+    root = generated.make_imagenet_tree(root, classes=len(generated.CLASSES), train_images=1,
+                                        val_images=0)
     train_dir = root / "Data" / "CLS-LOC" / "train"
     for synset in [*mapping_lines, *unmapped]:
         (train_dir / synset).mkdir()
@@ -54,8 +54,8 @@ def _tree_with_custom_synsets(root, mapping_lines: dict[str, str], unmapped: lis
 
 
 def test_imagenet_classes_take_the_curated_names_over_the_mapping(tmp_path):
-    root = smoke.make_imagenet_tree(tmp_path, num_classes=len(smoke.SMOKE_CLASSES), train_per_class=1,
-                                    val_per_class=0)
+    root = generated.make_imagenet_tree(tmp_path, classes=len(generated.CLASSES), train_images=1,
+                                        val_images=0)
     classes = list_classes(root)
     curated = imagenet_class_names()
     assert list(classes["name"]) == [curated[s] for s in classes["synset"]]

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE
-from urepa import smoke
+from urepa import generated
 from urepa.caches import (
     CachedRows,
     CacheMismatchError,
@@ -516,7 +516,7 @@ def test_baseline_builds_no_heads_or_hooks_and_logs_no_token_loss(data, tmp_path
 
 # -- 6. caches from another encoder -----------------------------------------------------------------
 def test_dino_cache_from_another_encoder_is_refused_before_training(data, tmp_path):
-    other = smoke.make_tiny_dinov2(tmp_path / "other_dinov2", seed=1)
+    other = generated.make_dinov2(tmp_path / "other_dinov2", seed=1)
     settings = settings_for(max_steps=2)
     run_dir = tmp_path / "run" / "train_state"
     with pytest.raises(CacheMismatchError, match="encoder_fingerprint"):

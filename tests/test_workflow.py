@@ -24,13 +24,13 @@ def test_a_second_invocation_stops_at_once_and_deletes_nothing(tmp_path):
         running.write("pid 4242 on gpu-node-7, since 2026-11-23 09:00:00\n")
         running.flush()
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the first invocation holds
-        second = snakemake(tmp_path, "results/smoke/inputs/imagenet", "--forcerun", "smoke_imagenet")
+        second = snakemake(tmp_path, "results/smoke/inputs/imagenet", "--forcerun", "generated_imagenet")
     assert second.returncode != 0
     output = second.stdout + second.stderr
     assert "in use by another snakemake invocation (pid 4242 on gpu-node-7" in output
     assert "Nothing was started or deleted" in output
     assert (finished / "finished.txt").read_text() == "hours of work"
     # The lock dies with its holder: the next invocation runs.
-    third = snakemake(tmp_path, "results/smoke/inputs/imagenet", "--forcerun", "smoke_imagenet")
+    third = snakemake(tmp_path, "results/smoke/inputs/imagenet", "--forcerun", "generated_imagenet")
     assert third.returncode == 0, third.stderr[-2000:]
     assert (finished / "Data" / "CLS-LOC" / "train").is_dir()

@@ -170,6 +170,10 @@ def data_tier(config: dict, tier: str) -> str:
     return data_from
 
 
+# Tier sources whose inputs the workflow generates under results/<tier>/inputs/: tiny models (smoke) or the
+# real architectures with random weights (rehearsal). Any other source (imagenet) reads config's paths.
+GENERATED_SOURCES = ("smoke", "rehearsal")
+
 REAL_TIER_PATHS = {
     "imagenet_dir": "an ILSVRC root holding Data/CLS-LOC/train/<synset>/*.JPEG",
     "sd15_dir": "a diffusers stable-diffusion-v1-5 folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/",
@@ -226,8 +230,9 @@ def _dinov2_content_problem(path: Path) -> str | None:
 
 
 def check_real_paths(config: dict, tier: str) -> None:
-    """Fail before any job starts when a real tier's local input is not where config says."""
-    if tier_settings(config, tier)["source"] != "imagenet":
+    """Fail before any job starts when a real tier's local input is not where config says. Tiers that
+    generate their inputs (smoke, rehearsal) read none of these paths."""
+    if tier_settings(config, tier)["source"] in GENERATED_SOURCES:
         return
     problems = []
     for key, expected in REAL_TIER_PATHS.items():

@@ -29,6 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_DIM = 64
 
 MODEL_CLASSES = {"dinov2": Dinov2Model, "dinov2_with_registers": Dinov2WithRegistersModel}
+# config.json of facebook/dinov2-large (ViT-L/14, trained at 518 px): 16 x 16 tokens of 1024 at 224 px.
+# Builds the real architecture with random weights for the rehearsal tier.
+DINOV2_VITL14_CONFIG = {
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4, "patch_size": 14,
+    "image_size": 518, "layerscale_value": 1.0, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "qkv_bias": True,
+    "use_swiglu_ffn": False,
+}
 
 
 def expected_what(path: str | Path) -> str:

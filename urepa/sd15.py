@@ -1,5 +1,5 @@
-"""Loading Stable Diffusion 1.5 components from a local diffusers folder (real weights or the smoke
-tier's tiny ones: the same calls). Nothing is ever fetched from a hub."""
+"""Loading Stable Diffusion 1.5 components from a local diffusers folder (real weights or the generated
+ones of the smoke and rehearsal tiers: the same calls). Nothing is ever fetched from a hub."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,9 @@ import torch
 
 from .config import SD15_SUBFOLDERS
 
-# unet/config.json of stable-diffusion-v1-5: builds the real-shape U-Net (random or on the meta
-# device) for tests and benchmarks where the weights are not on disk.
+# The configs of stable-diffusion-v1-5's folders: they build the real architectures (random or on the
+# meta device) for the rehearsal tier, tests and benchmarks, where the weights are not on disk.
+# unet/config.json:
 SD15_UNET_CONFIG = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
     "center_input_sample": False, "cross_attention_dim": 768,
@@ -17,6 +18,28 @@ SD15_UNET_CONFIG = {
     "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
     "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# vae/config.json: 512 px images <-> 4 x 64 x 64 latents.
+SD15_VAE_CONFIG = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 512, "scaling_factor": 0.18215,
+}
+# text_encoder/config.json: CLIP ViT-L/14's text tower, 77 x 768 hidden states. The token ids are the
+# tokenizer's own (the generated inputs use a smaller one; its ids fit this vocabulary).
+SD15_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05,
+    "projection_dim": 768,
+}
+# scheduler/scheduler_config.json: the PNDM configuration SD-1.5 ships; DDPM and the samplers read the
+# same beta schedule from it, and `clip_sample: false` (DDIM's default would clip x0 to [-1, 1], which is
+# wrong for latents). Build it with `PNDMScheduler.from_config`, which keeps that key.
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+    "clip_sample": False,
 }
 
 

@@ -114,13 +114,29 @@ def _val_labels(root: Path, val_dir: Path) -> dict[str, list[Path]]:
     return {s: sorted(p) for s, p in by_synset.items()}
 
 
-def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, split: str = "train") -> pd.DataFrame:
-    """Sample `images_per_class` images of every class, reproducibly for a seed.
+def choose_classes(classes: pd.DataFrame, num_classes: int | None, seed: int) -> pd.DataFrame:
+    """A seeded choice of `num_classes` of the classes (all of them when None), kept in synset order and
+    re-indexed 0..N-1, so that class ids index the CLIP cache's N + 1 rows. The same seed and N give the
+    same classes to the train subset, the validation subset and the class list."""
+    if num_classes is None:
+        return classes
+    if not 1 <= num_classes <= len(classes):
+        raise ValueError(f"cannot choose {num_classes} classes: the train folder holds {len(classes)}")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(classes), num_classes, replace=False))
+    return classes.iloc[chosen].reset_index(drop=True).assign(class_id=range(num_classes))
+
+
+def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, split: str = "train",
+                 num_classes: int | None = None) -> pd.DataFrame:
+    """Sample `images_per_class` images of every class (of `num_classes` chosen ones, see
+    `choose_classes`), reproducibly for a seed.
 
     A class with fewer images keeps all it has; each such class is logged.
     """
     root = Path(imagenet_dir)
-    classes = list_classes(root)
+    all_classes = list_classes(root)
+    index_of = dict(zip(all_classes["synset"], all_classes["class_id"]))
+    classes = choose_classes(all_classes, num_classes, seed)
     split_dir = root / "Data" / "CLS-LOC" / split
     if split == "train":
         per_synset = {s: _images_in(split_dir / s) for s in classes["synset"]}
@@ -136,8 +152,9 @@ def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, spl
         if len(paths) < images_per_class:
             log.warning("class %s (%s) has %d %s images, fewer than %d: keeping all of them",
                         class_id, synset, len(paths), split, images_per_class)
-        # One generator per class: adding or removing a class leaves the others' samples unchanged.
-        rng = np.random.default_rng([seed, int(class_id)])
+        # One generator per synset, keyed by its index among all classes: adding, removing or choosing
+        # classes leaves the others' samples unchanged.
+        rng = np.random.default_rng([seed, int(index_of[synset])])
         for path in _sample(paths, images_per_class, rng):
             rows.append((path.stem, str(path.resolve()), int(class_id), synset))
     return pd.DataFrame(rows, columns=SUBSET_COLUMNS)

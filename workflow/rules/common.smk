@@ -30,20 +30,22 @@ def data_dir(tier):
     return f"results/{urepa_config.data_tier(config, tier)}"
 
 
-def real_or_smoke(key, smoke_path):
-    """Input function: the config path of a real tier, or the smoke tier's generated one."""
+def real_or_generated(key, folder):
+    """Input function: the config path of a real tier, or the folder the workflow generates for a smoke or
+    rehearsal tier (workflow/rules/generated.smk)."""
 
     def inputs(wildcards):
-        if tier_of(wildcards)["source"] == "smoke":
-            return f"results/{wildcards.tier}/inputs/{smoke_path}"
+        if tier_of(wildcards)["source"] in urepa_config.GENERATED_SOURCES:
+            return f"results/{wildcards.tier}/inputs/{folder}"
         return config[key]
 
     return inputs
 
 
-imagenet_dir = real_or_smoke("imagenet_dir", "imagenet")
-sd15_dir = real_or_smoke("sd15_dir", "sd15")
-dinov2_path = real_or_smoke("dinov2", "dinov2")
+imagenet_dir = real_or_generated("imagenet_dir", "imagenet")
+sd15_dir = real_or_generated("sd15_dir", "sd15")
+dinov2_path = real_or_generated("dinov2", "dinov2")
+inception_path = real_or_generated("inception_dir", "inception")
 
 
 def cache_paths(tier):

@@ -3,8 +3,9 @@
 
 
 def inception_dir(wildcards):
-    """Real tiers read clean-fid's Inception from config; the smoke tier uses a stand-in network."""
-    return [config["inception_dir"]] if tier_of(wildcards)["feature_network"] == "inception" else []
+    """clean-fid's Inception folder (from config, or the rehearsal tier's generated one); none for the
+    stand-in network."""
+    return [inception_path(wildcards)] if tier_of(wildcards)["feature_network"] == "inception" else []
 
 
 rule reference_stats:

@@ -10,6 +10,7 @@ rule subset:
     params:
         split="train",
         images_per_class=lambda w: tier_of(w)["images_per_class"],
+        classes=lambda w: tier_of(w).get("classes"),
     log:
         "results/{tier}/logs/subset.log",
     script:
@@ -24,6 +25,7 @@ rule val_subset:
     params:
         split="val",
         images_per_class=lambda w: tier_of(w)["val_images_per_class"],
+        classes=lambda w: tier_of(w).get("classes"),
     log:
         "results/{tier}/logs/val_subset.log",
     script:

@@ -13,7 +13,9 @@ sampling = json.loads((Path(snakemake.input.samples) / "sampling.json").read_tex
 step = snakemake.params.checkpoint_step
 if step is None:  # the final EMA weights
     step = json.loads((Path(snakemake.input.model) / "config.json").read_text())["final_step"]
-network = build_feature_network(snakemake.params.network, config["inception_dir"], resolve_device(config["device"]))
+inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
+network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
+                                resolve_device(config["device"]))
 result = score_samples(snakemake.input.samples, snakemake.input.reference, network, config["evaluate"]["batch_size"],
                        {"sampling": sampling, "checkpoint_step": step, "weights": "EMA"})
 Path(snakemake.output[0]).write_text(json.dumps(result, indent=2))

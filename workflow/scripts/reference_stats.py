@@ -6,6 +6,8 @@ from urepa.runtime import resolve_device, set_threads, setup_logging
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
 config = snakemake.config
-network = build_feature_network(snakemake.params.network, config["inception_dir"], resolve_device(config["device"]))
+inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
+network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
+                                resolve_device(config["device"]))
 reference_statistics(snakemake.input.csv, snakemake.params.image_size, network, snakemake.output[0],
                      config["evaluate"]["batch_size"], config["num_workers"])
