@@ -339,9 +339,9 @@ def test_partial_from_another_csv_is_discarded(built, smoke_inputs, tmp_path, mo
     other_csv = tmp_path / "reversed.csv"
     built["table"].iloc[::-1].to_csv(other_csv, index=False)
     encoded = counting_vae_loader(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="urepa.caches"):
+    with caplog.at_level(logging.INFO):
         build_vae(other_csv, out, smoke_inputs["sd15"])
-    assert "discarding" in caplog.text and "other inputs" in caplog.text
+    assert "was started from other inputs" in caplog.text and len(list(tmp_path.glob("*.partial.stale-*"))) == 1
     assert "resuming" not in caplog.text
     assert sum(encoded) == len(built["table"])
     group = open_cache(out)

@@ -308,8 +308,8 @@ def held_out_csv(data, tmp_path_factory) -> Path:
     """16 images per class of the training tree's classes, drawn apart from it (another seed): more
     held-out images than the shared tree's 4 per class, for a score that is not dominated by sampling."""
     root = tmp_path_factory.mktemp("held_out")
-    tree = smoke.make_imagenet_tree(root / "imagenet", num_classes=data["table"]["class_id"].nunique(),
-                                    train_per_class=0, val_per_class=16, seed=1)
+    tree = generated.make_imagenet_tree(root / "imagenet", classes=data["table"]["class_id"].nunique(),
+                                        train_images=0, val_images=16, seed=1)
     build_subset(tree, images_per_class=16, seed=0, split="val").to_csv(root / "held_out.csv", index=False)
     return root / "held_out.csv"
 
