@@ -34,3 +34,27 @@ def test_a_second_invocation_stops_at_once_and_deletes_nothing(tmp_path):
     third = snakemake(tmp_path, "results/smoke/inputs/imagenet", "--forcerun", "generated_imagenet")
     assert third.returncode == 0, third.stderr[-2000:]
     assert (finished / "Data" / "CLS-LOC" / "train").is_dir()
+
+
+def _planned_outputs(workdir, *args):
+    """The outputs a dry run would build, from Snakemake's job listing."""
+    run = snakemake(workdir, "-n", *args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {line.split("output:", 1)[1].strip() for line in run.stdout.splitlines() if "output:" in line}
+
+
+def test_seeds_are_part_of_every_runs_path_and_coexist(tmp_path):
+    """`--config seed=7` adds seed 7's runs of every compared ablation beside seed 0's (each its own training,
+    samples and analyses), `seeds=[...]` lists several; data jobs stay shared by all seeds."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    with_seed = _planned_outputs(tmp_path, "--config", "seed=7")
+    for ablation in ("urepa", "baseline"):
+        for output in ("model", "metrics.json", "alignment.json", "cfg_sweep.json", "fid_curve.json"):
+            assert f"results/smoke/{ablation}/seed-0/{output}" in with_seed
+            assert f"results/smoke/{ablation}/seed-7/{output}" in with_seed
+    seed_0 = {o for o in with_seed if "seed-0" in o}
+    assert {o for o in with_seed if "seed-7" in o} == {o.replace("seed-0", "seed-7") for o in seed_0}
+    three = _planned_outputs(tmp_path, "--config", "seeds=[0, 1, 2]")
+    assert {o for o in three if o.endswith("/model")} == {
+        f"results/smoke/{a}/seed-{s}/model" for a in ("urepa", "baseline") for s in (0, 1, 2)}
+    assert sum(o == "results/smoke/subset.csv, results/smoke/classes.csv" for o in three) == 1

@@ -110,14 +110,17 @@ def cfg_sweep(point_files: list[str | Path]) -> dict:
     return {"points": points, "best": {k: v for k, v in best.items() if k != "sampling"}}
 
 
-def add_targets(curves: dict[str, dict], target_fid: float | None) -> float | None:
-    """Set each curve's target and first step reaching it. Target: the configured FID, else the
-    baseline's final FID when the baseline is compared (how soon each run matches the baseline)."""
-    if target_fid is None and "baseline" in curves and curves["baseline"]["points"]:
-        target_fid = curves["baseline"]["points"][-1]["fid"]
-    for curve in curves.values():
-        curve["target_fid"] = target_fid
-        curve["steps_to_target"] = steps_to_target(curve["points"], target_fid)
+def add_targets(curves: dict[str, dict[int, dict]], target_fid: float | None) -> float | None:
+    """Set each run's (`curves[ablation][seed]`) target and first step reaching it. Target: the configured FID,
+    else the baseline's final FID (mean over its seeds) when the baseline is compared: how soon each run
+    matches the baseline."""
+    baseline_finals = [c["points"][-1]["fid"] for c in curves.get("baseline", {}).values() if c["points"]]
+    if target_fid is None and baseline_finals:
+        target_fid = float(np.mean(baseline_finals))
+    for by_seed in curves.values():
+        for curve in by_seed.values():
+            curve["target_fid"] = target_fid
+            curve["steps_to_target"] = steps_to_target(curve["points"], target_fid)
     return target_fid
 
 

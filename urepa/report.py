@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 METRIC_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("inception_score_mean", "IS"),
@@ -25,14 +26,35 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
 
 
-def fid_summary(metrics: dict[str, dict], sweeps: dict[str, dict]) -> dict:
-    """results/<tier>/fid.json: the headline numbers of every compared ablation (its final sample set at the
-    configured sampler), and beside them the best point of its CFG sweep (fewer samples and the curve
-    sampler: compare it across ablations, not with the headline FID)."""
-    keys = ["fid", "sfid", "kid_mean", "kid_std", "inception_score_mean", "inception_score_std", "precision",
-            "recall", "num_generated", "num_reference", "feature_network", "sampling", "checkpoint_step", "weights"]
-    return {ablation: {**{k: m.get(k) for k in keys}, "cfg_sweep_best": sweeps[ablation]["best"]}
-            for ablation, m in metrics.items()}
+HEADLINE_KEYS = ["fid", "sfid", "kid_mean", "kid_std", "inception_score_mean", "inception_score_std", "precision",
+                 "recall", "num_generated", "num_reference", "feature_network", "sampling", "checkpoint_step", "weights"]
+# Scores whose spread over seeds fid.json and the report give.
+SPREAD_KEYS = ("fid", "sfid")
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; none for one value) of a score over seeds."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def fid_summary(metrics: dict[str, dict[int, dict]], sweeps: dict[str, dict[int, dict]]) -> dict:
+    """results/<tier>/fid.json from `metrics[ablation][seed]` and `sweeps[ablation][seed]`: per ablation, the
+    headline numbers of each seed's run (its final sample set at the configured sampler, and the best point of
+    its CFG sweep: fewer samples and the curve sampler, so compare it across ablations, not with the headline
+    FID), their mean ± std over the seeds present, and FID's difference to the baseline paired by seed."""
+    summary = {}
+    for ablation, by_seed in metrics.items():
+        runs = {f"seed-{seed}": {**{k: m.get(k) for k in HEADLINE_KEYS}, "cfg_sweep_best": sweeps[ablation][seed]["best"]}
+                for seed, m in sorted(by_seed.items())}
+        summary[ablation] = {"seeds": sorted(by_seed), **{k: spread([m[k] for m in by_seed.values()]) for k in SPREAD_KEYS},
+                             "runs": runs}
+        paired = sorted(set(by_seed) & set(metrics.get("baseline", {})))
+        if ablation != "baseline" and paired:
+            summary[ablation]["fid_vs_baseline"] = {
+                **spread([by_seed[s]["fid"] - metrics["baseline"][s]["fid"] for s in paired]), "seeds": paired}
+    return summary
 
 
 def plot_losses(log_csv: str | Path, out_png: str | Path, title: str) -> None:
@@ -105,38 +127,65 @@ def plot_cfg_sweeps(sweeps: dict[str, dict], out_png: str | Path) -> None:
 
 
 def _sweep_rows(sweeps: dict[str, dict]) -> list[dict]:
-    return [{"ablation": a, "CFG scale": p["cfg_scale"], "FID": p["fid"], "sFID": p["sfid"], "precision": p["precision"],
+    return [{"run": a, "CFG scale": p["cfg_scale"], "FID": p["fid"], "sFID": p["sfid"], "precision": p["precision"],
              "recall": p["recall"], "IS": p["inception_score_mean"], "samples": p["num_generated"],
              "best": "✓" if p["cfg_scale"] == s["best"]["cfg_scale"] else ""}
             for a, s in sweeps.items() for p in s["points"]]
 
 
-def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, dict], sweeps: dict[str, dict],
-                  fid_curve_png: str | Path, cfg_sweep_png: str | Path, out_html: str | Path) -> None:
-    """`runs[ablation]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
-    tsne.png and sample_grid.png; `curves[ablation]` its FID-vs-step points with target and step;
-    `sweeps[ablation]` its CFG sweep."""
-    metrics = {a: json.loads(Path(p["metrics"]).read_text()) for a, p in runs.items()}
-    alignment = {a: json.loads(Path(p["alignment"]).read_text()) for a, p in runs.items()}
-    networks = {m["feature_network"] for m in metrics.values()}
+def run_labels(runs: dict[str, dict[int, object]]) -> dict[str, tuple[str, int]]:
+    """A label per (ablation, seed) run: the ablation's name, with the seed once any ablation has several."""
+    several = any(len(by_seed) > 1 for by_seed in runs.values())
+    return {f"{a} · seed {seed}" if several else a: (a, seed) for a, by_seed in runs.items() for seed in by_seed}
+
+
+def by_label(nested: dict[str, dict[int, object]]) -> dict[str, object]:
+    """`nested[ablation][seed]` keyed by run label instead."""
+    return {label: nested[a][seed] for label, (a, seed) in run_labels(nested).items()}
+
+
+def _mean_std(values: list[float]) -> str:
+    summary = spread(values)
+    return f"{summary['mean']:.4g}" if summary["std"] is None else f"{summary['mean']:.4g} ± {summary['std']:.2g}"
+
+
+def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
+                  sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
+                  out_html: str | Path) -> None:
+    """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
+    tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
+    `sweeps[ablation][seed]` its CFG sweep. Headline scores are mean ± std over the seeds present."""
+    labels = run_labels(runs)
+    metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
+               for a, by_seed in runs.items()}
+    alignment = {label: json.loads(Path(runs[a][seed]["alignment"]).read_text()) for label, (a, seed) in labels.items()}
+    networks = {m["feature_network"] for by_seed in metrics.values() for m in by_seed.values()}
+    summary = fid_summary(metrics, sweeps)
 
     rows = []
-    for ablation, m in metrics.items():
-        row = {"ablation": ablation, **{label: m.get(key) for key, label in METRIC_COLUMNS}}
-        if "baseline" in metrics and ablation != "baseline":
-            row["ΔFID vs baseline"] = m["fid"] - metrics["baseline"]["fid"]
-        row["best-CFG FID"] = sweeps[ablation]["best"]["fid"]
-        row["at CFG"] = sweeps[ablation]["best"]["cfg_scale"]
-        row.update(samples=m["num_generated"], step=m.get("checkpoint_step"),
-                   sampler=_sampling_text(m["sampling"]))
+    for ablation, by_seed in metrics.items():
+        row = {"ablation": ablation, "seeds": len(by_seed)}
+        row.update({label: _mean_std([m[key] for m in by_seed.values()]) for key, label in METRIC_COLUMNS})
+        if "fid_vs_baseline" in summary[ablation]:
+            paired = summary[ablation]["fid_vs_baseline"]
+            row["ΔFID vs baseline"] = _mean_std([metrics[ablation][s]["fid"] - metrics["baseline"][s]["fid"]
+                                                 for s in paired["seeds"]])
+        row["best-CFG FID"] = _mean_std([sweeps[ablation][seed]["best"]["fid"] for seed in by_seed])
+        row["at CFG"] = ", ".join(sorted({f"{sweeps[ablation][seed]['best']['cfg_scale']:g}" for seed in by_seed}))
+        first = next(iter(by_seed.values()))
+        row.update(samples=first["num_generated"], step=first.get("checkpoint_step"),
+                   sampler=_sampling_text(first["sampling"]))
         rows.append(row)
-    curve_rows = [{"ablation": a, "target FID": c.get("target_fid"), "first step at target": c.get("steps_to_target"),
+    run_rows = [{"run": label, **{name: metrics[a][seed].get(key) for key, name in METRIC_COLUMNS},
+                 "best-CFG FID": sweeps[a][seed]["best"]["fid"]} for label, (a, seed) in labels.items()]
+    flat_curves, flat_sweeps, flat_runs = by_label(curves), by_label(sweeps), by_label(runs)
+    curve_rows = [{"run": label, "target FID": c.get("target_fid"), "first step at target": c.get("steps_to_target"),
                    "points": len(c["points"]), "images per point": c["points"][0]["num_samples"] if c["points"] else None}
-                  for a, c in curves.items()]
+                  for label, c in flat_curves.items()]
     align_rows = []
-    for ablation, result in alignment.items():
+    for label, result in alignment.items():
         for entry in result["timesteps"]:
-            align_rows.append({"ablation": ablation, "layer": result["layer"], "timestep": entry["timestep"],
+            align_rows.append({"run": label, "layer": result["layer"], "timestep": entry["timestep"],
                                **{column: entry.get(column) for column in ALIGNMENT_COLUMNS}})
     cca_setup = next(iter(alignment.values()))["timesteps"][0]
 
@@ -149,14 +198,16 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
         f"<h1>urepa — {html.escape(tier)}</h1>",
         f"<p>Feature network: {html.escape(', '.join(sorted(networks)))}</p>", warning,
         "<h2>Ablations</h2>", _table(pd.DataFrame(rows)),
-        "<p>FID, sFID, IS and precision/recall of the final sample set (EMA weights); ΔFID is against the "
-        "baseline (negative: better). Best-CFG FID is the lowest FID of the run's CFG sweep (curve sampler, fewer "
-        "samples): compare it across ablations, not with the FID column.</p>",
+        "<p>FID, sFID, IS and precision/recall of the final sample set (EMA weights), as mean ± standard "
+        "deviation over the seeds present (each seed: its own training run and its own sample set); ΔFID is against "
+        "the baseline, paired by seed (negative: better). Best-CFG FID is the lowest FID of each run's CFG sweep "
+        "(curve sampler, fewer samples): compare it across ablations, not with the FID column.</p>",
+        *(["<h3>Runs</h3>", _table(pd.DataFrame(run_rows))] if len(run_rows) > len(rows) else []),
         "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
-        _table(pd.DataFrame(_sweep_rows(sweeps))),
+        _table(pd.DataFrame(_sweep_rows(flat_sweeps))),
         "<h2>FID vs training step</h2>", _image(fid_curve_png, "FID vs step", 700), _table(pd.DataFrame(curve_rows)),
         "<h2>Training losses</h2>",
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1000)}" for a, p in runs.items()),
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1000)}" for a, p in flat_runs.items()),
         "<h2>Alignment with DINOv2</h2>",
         "<p>On a fixed held-out batch of validation images at fixed timesteps, EMA weights. CKNNA and CCA "
         "compare the image-pooled U-Net features of the aligned layer with pooled DINOv2 tokens; token "
@@ -167,9 +218,9 @@ def render_report(tier: str, runs: dict[str, dict[str, str]], curves: dict[str, 
         "correlations). Each <i>_chance</i> column is the same score with the DINOv2 side's images shuffled "
         "(mean over seeded shufflings): what unrelated features of the same structure would score.</p>",
         _table(pd.DataFrame(align_rows)),
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in runs.items()),
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in flat_runs.items()),
         "<h2>Samples</h2>",
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in runs.items()),
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in flat_runs.items()),
     ]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table.t{border-collapse:collapse;margin:1em 0}table.t td,table.t th{padding:4px 10px;"

@@ -61,7 +61,98 @@ def cache_paths(tier):
 
 wildcard_constraints:
     tier="|".join(config["tiers"]),
+    seed="[0-9]+",
+    point=r"curve/step-[0-9]+|cfg_sweep/cfg-[0-9]+(\.[0-9]+)?",
     ablation="|".join(map(re.escape, config["ablations"])),
+
+
+# Input functions of the stage rules.
+
+
+def inception_dir(wildcards):
+    """clean-fid's Inception folder (from config, or the rehearsal tier's generated one); none for the
+    stand-in network."""
+    return [inception_path(wildcards)] if tier_of(wildcards)["feature_network"] == "inception" else []
+
+
+def preset(key):
+    """Input function: the sampler settings of the tier's `sample_preset` or `curve_preset`."""
+    return lambda wildcards: config["sample"]["presets"][tier_of(wildcards)[key]]
+
+
+final_sampling = preset("sample_preset")
+
+
+def curve_steps(tier, ablation):
+    """Training steps with an EMA snapshot: every eval_interval, and the last step."""
+    settings = urepa_config.train_settings(config, tier, ablation)
+    steps = set(range(settings["eval_interval"], settings["max_steps"] + 1, settings["eval_interval"]))
+    return sorted(steps | {settings["max_steps"]})
+
+
+def cfg_scales(tier):
+    """The guidance scales of the tier's CFG sweep."""
+    return urepa_config.tier_settings(config, tier).get("cfg_sweep", config["sample"]["cfg_sweep"])
+
+
+def scale_name(scale):
+    return f"{float(scale):g}"
+
+
+def point_of(wildcards):
+    """(kind, value) of an evaluation point: ("step", 40) or ("cfg", 4.5)."""
+    kind, _, value = wildcards.point.rpartition("-")
+    return ("step", int(value)) if kind == "curve/step" else ("cfg", float(value))
+
+
+def point_sampling(wildcards):
+    sampling = dict(preset("curve_preset")(wildcards))
+    kind, value = point_of(wildcards)
+    if kind == "cfg":
+        sampling["cfg_scale"] = value
+    return sampling
+
+
+def point_weights(wildcards):
+    kind, value = point_of(wildcards)
+    model = f"results/{wildcards.tier}/{wildcards.ablation}/seed-{wildcards.seed}/model"
+    return f"{model}/snapshots/step-{value:07d}" if kind == "step" else f"{model}/ema"
+
+
+def compared(tier):
+    """The tier's `compare` list (else the global one), with the chosen `ablation` added when absent."""
+    names = urepa_config.tier_settings(config, tier).get("compare", config["compare"])
+    return list(dict.fromkeys([*names, config["ablation"]]))
+
+
+def seeds():
+    """The training seeds of every compared run: `seeds`, with the chosen `seed` added when absent."""
+    return list(dict.fromkeys([*config["seeds"], config["seed"]]))
+
+
+def run_outputs(tier):
+    """{ablation: {seed: {output: path}}} of every run the tier's report compares."""
+    return {
+        a: {
+            seed: {
+                "metrics": f"results/{tier}/{a}/seed-{seed}/metrics.json",
+                "curve": f"results/{tier}/{a}/seed-{seed}/fid_curve.json",
+                "cfg_sweep": f"results/{tier}/{a}/seed-{seed}/cfg_sweep.json",
+                "alignment": f"results/{tier}/{a}/seed-{seed}/alignment.json",
+                "loss_curve": f"results/{tier}/{a}/seed-{seed}/model",
+                "tsne": f"results/{tier}/{a}/seed-{seed}/tsne.png",
+                "grid": f"results/{tier}/{a}/seed-{seed}/sample_grid.png",
+            }
+            for seed in seeds()
+        }
+        for a in compared(tier)
+    }
+
+
+def run_files(tier, *keys):
+    """The paths of `keys` of every compared run (all keys when none given)."""
+    return [path for runs in run_outputs(tier).values() for run in runs.values()
+            for key, path in run.items() if not keys or key in keys]
 
 
 def default_targets():

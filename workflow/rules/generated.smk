@@ -7,6 +7,7 @@ rule generated_imagenet:
     output:
         directory("results/{tier}/inputs/imagenet"),
     params:
+        data_seed=config["data_seed"],
         spec=lambda w: tier_of(w)["generated"],
     log:
         "results/{tier}/logs/generated_imagenet.log",
@@ -22,6 +23,7 @@ rule generated_model:
     wildcard_constraints:
         model="sd15|dinov2|inception",
     params:
+        data_seed=config["data_seed"],
         image_size=lambda w: tier_of(w)["image_size"],
         full_size=lambda w: tier_of(w)["source"] == "rehearsal",
     log:

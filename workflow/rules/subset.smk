@@ -8,6 +8,7 @@ rule subset:
         csv="results/{tier}/subset.csv",
         classes="results/{tier}/classes.csv",
     params:
+        data_seed=config["data_seed"],
         split="train",
         images_per_class=lambda w: tier_of(w)["images_per_class"],
         classes=lambda w: tier_of(w).get("classes"),
@@ -23,6 +24,7 @@ rule val_subset:
     output:
         csv="results/{tier}/val_subset.csv",
     params:
+        data_seed=config["data_seed"],
         split="val",
         images_per_class=lambda w: tier_of(w)["val_images_per_class"],
         classes=lambda w: tier_of(w).get("classes"),

@@ -12,16 +12,16 @@ rule train_unet:
         sd15=sd15_dir,
         dinov2=dinov2_path,
     output:
-        model=directory("results/{tier}/{ablation}/model"),
+        model=directory("results/{tier}/{ablation}/seed-{seed}/model"),
     params:
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
-        states_dir="results/{tier}/{ablation}/train_state",
+        states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
     threads: 2
     log:
-        "results/{tier}/{ablation}/logs/train_unet.log",
+        "results/{tier}/{ablation}/seed-{seed}/logs/train_unet.log",
     benchmark:
-        "results/{tier}/{ablation}/benchmarks/train_unet.tsv"
+        "results/{tier}/{ablation}/seed-{seed}/benchmarks/train_unet.tsv"
     script:
         "../scripts/train_unet.py"

@@ -13,6 +13,6 @@ config, params = snakemake.config, snakemake.params
 result = alignment_analysis(
     snakemake.input.csv, snakemake.input.sd15, snakemake.input.dinov2, Path(snakemake.input.model) / "ema",
     zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.settings, params.image_size,
-    params.dino_size, params.images, params.timesteps, config["seed"],
+    params.dino_size, params.images, params.timesteps, params.data_seed,
     resolve_device(config["device"]), snakemake.output.tsne, config["evaluate"]["batch_size"])
 Path(snakemake.output.scores).write_text(json.dumps(result, indent=2))

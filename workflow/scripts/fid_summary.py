@@ -1,4 +1,4 @@
-"""Stage 6: results/<tier>/fid.json, the headline metrics of every compared ablation."""
+"""Stage 6: results/<tier>/fid.json, the headline metrics of every compared run, and their spread over seeds."""
 import json
 from pathlib import Path
 
@@ -6,7 +6,13 @@ from urepa.report import fid_summary
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
 runs = snakemake.params.runs
-metrics = {a: json.loads(Path(paths["metrics"]).read_text()) for a, paths in runs.items()}
-sweeps = {a: json.loads(Path(paths["cfg_sweep"]).read_text()) for a, paths in runs.items()}
+metrics = {a: {seed: read(p["metrics"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
+sweeps = {a: {seed: read(p["cfg_sweep"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
 Path(snakemake.output[0]).write_text(json.dumps(fid_summary(metrics, sweeps), indent=2))

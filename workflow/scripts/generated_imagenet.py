@@ -3,4 +3,4 @@ from urepa import generated
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
-generated.make_imagenet_tree(snakemake.output[0], seed=snakemake.config["seed"], **snakemake.params.spec)
+generated.make_imagenet_tree(snakemake.output[0], seed=snakemake.params.data_seed, **snakemake.params.spec)

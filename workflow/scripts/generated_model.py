@@ -4,4 +4,4 @@ from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
 generated.make_model(snakemake.wildcards.model, snakemake.output[0], snakemake.params.image_size,
-                     snakemake.params.full_size, seed=snakemake.config["seed"])
+                     snakemake.params.full_size, seed=snakemake.params.data_seed)

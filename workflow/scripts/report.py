@@ -3,15 +3,17 @@ import json
 from pathlib import Path
 
 from urepa.evaluate import add_targets
-from urepa.report import plot_cfg_sweeps, plot_fid_curves, render_report
+from urepa.report import by_label, plot_cfg_sweeps, plot_fid_curves, render_report
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
-runs = {a: {**paths, "loss_curve": f"{paths['loss_curve']}/loss_curve.png"} for a, paths in snakemake.params.runs.items()}
-curves = {a: json.loads(Path(p["curve"]).read_text()) for a, p in runs.items()}
-sweeps = {a: json.loads(Path(p["cfg_sweep"]).read_text()) for a, p in runs.items()}
+runs = {a: {seed: {**paths, "loss_curve": f"{paths['loss_curve']}/loss_curve.png"} for seed, paths in by_seed.items()}
+        for a, by_seed in snakemake.params.runs.items()}
+curves = {a: {seed: json.loads(Path(p["curve"]).read_text()) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
+sweeps = {a: {seed: json.loads(Path(p["cfg_sweep"]).read_text()) for seed, p in by_seed.items()}
+          for a, by_seed in runs.items()}
 add_targets(curves, snakemake.params.target_fid)
-plot_fid_curves(curves, snakemake.output.curves)
-plot_cfg_sweeps(sweeps, snakemake.output.sweep)
+plot_fid_curves(by_label(curves), snakemake.output.curves)
+plot_cfg_sweeps(by_label(sweeps), snakemake.output.sweep)
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
               snakemake.output.html)

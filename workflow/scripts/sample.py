@@ -14,6 +14,6 @@ class_names = pd.read_csv(snakemake.input.classes)["name"].tolist()
 pipe = load_finetuned_pipeline(snakemake.input.sd15, params.weights, params.settings["finetune"],
                                resolve_device(config["device"]))
 generate_samples(pipe, clip["embeddings"][:], clip.attrs["null_index"], len(class_names), params.images_per_class,
-                 snakemake.output.samples, params.sampling, config["seed"],
+                 snakemake.output.samples, params.sampling, int(snakemake.wildcards.seed),
                  config["sample"]["batch_size"], weights_digest=directory_digest(params.weights))
 sample_grid(snakemake.output.samples, snakemake.output.grid, params.images_per_class, class_names)

@@ -3,7 +3,7 @@ from urepa.runtime import setup_logging
 from urepa.subset import build_subset, choose_classes, list_classes
 
 setup_logging(snakemake.log[0])
-seed, num_classes = snakemake.config["seed"], snakemake.params.classes
+seed, num_classes = snakemake.params.data_seed, snakemake.params.classes
 build_subset(snakemake.input.imagenet, snakemake.params.images_per_class, seed, split=snakemake.params.split,
              num_classes=num_classes).to_csv(snakemake.output.csv, index=False)
 if "classes" in snakemake.output.keys():
