@@ -54,8 +54,8 @@ def test_clip_embeddings_are_77_x_768_per_chosen_class_and_the_null_prompt(tier)
 
 def test_samples_are_512_px_and_scored_by_the_inception_path(tier):
     summary = json.loads((RESULTS / "fid.json").read_text())
-    for ablation, metrics in summary.items():
-        samples = sorted((RESULTS / ablation / "samples").glob("*.png"))
+    for ablation, run, metrics in [(a, run, m) for a, entry in summary.items() for run, m in entry["runs"].items()]:
+        samples = sorted((RESULTS / ablation / run / "samples").glob("*.png"))  # run: "seed-<seed>"
         assert len(samples) == tier["classes"] * tier["sample_images_per_class"] == metrics["num_generated"]
         with Image.open(samples[0]) as image:
             assert image.size == (512, 512)
