@@ -3,6 +3,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO
 
 FAILING_STAGE = textwrap.dedent("""
@@ -27,3 +29,17 @@ def test_a_failing_stage_leaves_progress_warnings_and_its_traceback_in_the_log(t
     assert "tokens of row 3 look odd" in text
     assert "Traceback (most recent call last)" in text and "ValueError: cache row 7 holds NaN" in text
     assert "stopped by ValueError" in text
+
+
+def test_auto_device_refuses_the_cpu_for_a_job_that_asked_for_a_gpu(monkeypatch):
+    import torch
+
+    from urepa.runtime import NoGPUError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 0) == torch.device("cpu")  # smoke / rehearsal jobs ask for no GPU
+    with pytest.raises(NoGPUError, match=r"asked for 2 GPU\(s\).*--config device=cpu"):
+        resolve_device("auto", 2)
+    assert resolve_device("cpu", 1) == torch.device("cpu")  # asked for explicitly
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", 1) == torch.device("cuda")

@@ -40,7 +40,8 @@ def _planned_outputs(workdir, *args):
     """The outputs a dry run would build, from Snakemake's job listing."""
     run = snakemake(workdir, "-n", *args)
     assert run.returncode == 0, run.stderr[-2000:]
-    return {line.split("output:", 1)[1].strip() for line in run.stdout.splitlines() if "output:" in line}
+    return {path for line in run.stdout.splitlines() if "output:" in line
+            for path in line.split("output:", 1)[1].strip().split(", ")}
 
 
 def test_seeds_are_part_of_every_runs_path_and_coexist(tmp_path):
@@ -57,4 +58,4 @@ def test_seeds_are_part_of_every_runs_path_and_coexist(tmp_path):
     three = _planned_outputs(tmp_path, "--config", "seeds=[0, 1, 2]")
     assert {o for o in three if o.endswith("/model")} == {
         f"results/smoke/{a}/seed-{s}/model" for a in ("urepa", "baseline") for s in (0, 1, 2)}
-    assert sum(o == "results/smoke/subset.csv, results/smoke/classes.csv" for o in three) == 1
+    assert "results/smoke/subset.csv" in three and not any("seed-" in o for o in three if "/cache/" in o)

@@ -57,11 +57,25 @@ class progress(tqdm):
         logging.getLogger("urepa.progress").info("%s", self.format_meter(**self.format_dict))
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' means CUDA when present, the CPU otherwise."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class NoGPUError(RuntimeError):
+    """A job that asked for a GPU sees none."""
+
+
+def resolve_device(device: str, gpus: int = 0) -> torch.device:
+    """'auto' means CUDA when present; the CPU only for a job that asked for no GPU (`gpus`, the rule's `gpu`
+    resource: 0 on the smoke and rehearsal tiers). A real-tier job on a node without a usable GPU stops instead
+    of running for days on the CPU; `device: cpu` runs it there anyway."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if gpus > 0:
+        raise NoGPUError(
+            f"this job asked for {gpus} GPU(s) (config `resources`) but sees no CUDA device (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Run it on a GPU node, or set "
+            f"`--config device=cpu` to run it on the CPU anyway.")
+    return torch.device("cpu")
 
 
 def set_threads(threads: int) -> None:

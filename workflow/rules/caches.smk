@@ -10,11 +10,15 @@ rule cache_vae:
         directory("results/{tier}/cache/vae_latents.zarr"),
     params:
         image_size=lambda w: tier_of(w)["image_size"],
-    threads: 2
+    threads: job_threads("cache_vae")
+    resources:
+        **job_resources("cache_vae"),
     log:
         "results/{tier}/logs/cache_vae.log",
     benchmark:
         "results/{tier}/benchmarks/cache_vae.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/cache_vae.py"
 
@@ -28,11 +32,15 @@ rule cache_dino:
     params:
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
-    threads: 2
+    threads: job_threads("cache_dino")
+    resources:
+        **job_resources("cache_dino"),
     log:
         "results/{tier}/logs/cache_dino.log",
     benchmark:
         "results/{tier}/benchmarks/cache_dino.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/cache_dino.py"
 
@@ -43,7 +51,12 @@ rule cache_clip:
         sd15=sd15_dir,
     output:
         directory("results/{tier}/cache/clip_embeddings.zarr"),
+    threads: job_threads("cache_clip")
+    resources:
+        **job_resources("cache_clip"),
     log:
         "results/{tier}/logs/cache_clip.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/cache_clip.py"

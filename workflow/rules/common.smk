@@ -16,6 +16,19 @@ urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation:
 urepa_config.check_real_paths(config, TIER)
 
 
+# Rules that read and write a few small files: they run on the submitting host, not as cluster jobs.
+localrules:
+    all,
+    subset,
+    val_subset,
+    fid_curve,
+    cfg_sweep,
+    fid_summary,
+    report,
+    generated_imagenet,
+    generated_model,
+
+
 onstart:
     # After the DAG is built and before any job starts (not on dry runs): one invocation per results folder.
     urepa_runtime.lock_results_folder("results")
@@ -153,6 +166,31 @@ def run_files(tier, *keys):
     """The paths of `keys` of every compared run (all keys when none given)."""
     return [path for runs in run_outputs(tier).values() for run in runs.values()
             for key, path in run.items() if not keys or key in keys]
+
+
+def rule_resources(rule, wildcards):
+    """A model rule's resources on the job's tier: config `resources`, then the tier's `all`, then the tier's
+    entry for the rule."""
+    tier = tier_of(wildcards).get("resources", {})
+    return {**config["resources"][rule], **tier.get("all", {}), **tier.get(rule, {})}
+
+
+def job_gpus(rule, wildcards):
+    """GPUs of one job: train_unet asks for one per training process."""
+    per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation).get("processes", 1) \
+        if rule == "train_unet" else 1
+    return rule_resources(rule, wildcards)["gpu"] * per_job
+
+
+def job_threads(rule):
+    """The rule's `threads`: cpus_per_gpu for each of its GPUs (at least one)."""
+    return lambda w: rule_resources(rule, w)["cpus_per_gpu"] * max(1, job_gpus(rule, w))
+
+
+def job_resources(rule):
+    """The rule's `resources`, in the names Snakemake's Slurm executor reads (runtime in minutes)."""
+    return {"gpu": lambda w: job_gpus(rule, w), "mem_mb": lambda w: rule_resources(rule, w)["mem_mb"],
+            "runtime": lambda w: rule_resources(rule, w)["runtime"], "cpus_per_task": lambda w, threads: threads}
 
 
 def default_targets():

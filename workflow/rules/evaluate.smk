@@ -11,11 +11,15 @@ rule reference_stats:
     params:
         image_size=lambda w: tier_of(w)["image_size"],
         network=lambda w: tier_of(w)["feature_network"],
-    threads: 2
+    threads: job_threads("reference_stats")
+    resources:
+        **job_resources("reference_stats"),
     log:
         "results/{tier}/logs/reference_stats.log",
     benchmark:
         "results/{tier}/benchmarks/reference_stats.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/reference_stats.py"
 
@@ -31,11 +35,15 @@ rule metrics:
     params:
         network=lambda w: tier_of(w)["feature_network"],
         checkpoint_step=None,  # the final step, read from the model folder
-    threads: 2
+    threads: job_threads("metrics")
+    resources:
+        **job_resources("metrics"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/metrics.log",
     benchmark:
         "results/{tier}/{ablation}/seed-{seed}/benchmarks/metrics.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/metrics.py"
 
@@ -51,9 +59,13 @@ rule point_metrics:
     params:
         network=lambda w: tier_of(w)["feature_network"],
         checkpoint_step=lambda w: point_of(w)[1] if point_of(w)[0] == "step" else None,
-    threads: 2
+    threads: job_threads("point_metrics")
+    resources:
+        **job_resources("point_metrics"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/{point}/metrics.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/metrics.py"
 
@@ -66,6 +78,8 @@ rule fid_curve:
         "results/{tier}/{ablation}/seed-{seed}/fid_curve.json",
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/fid_curve.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/fid_curve.py"
 
@@ -78,6 +92,8 @@ rule cfg_sweep:
         "results/{tier}/{ablation}/seed-{seed}/cfg_sweep.json",
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/cfg_sweep.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/cfg_sweep.py"
 
@@ -100,8 +116,12 @@ rule alignment:
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
         dino_size=lambda w: tier_of(w)["dino_size"],
         image_size=lambda w: tier_of(w)["image_size"],
-    threads: 2
+    threads: job_threads("alignment")
+    resources:
+        **job_resources("alignment"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/alignment.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/alignment.py"

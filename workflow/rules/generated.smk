@@ -13,6 +13,8 @@ rule generated_imagenet:
         "results/{tier}/logs/generated_imagenet.log",
     benchmark:
         "results/{tier}/benchmarks/generated_imagenet.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/generated_imagenet.py"
 
@@ -30,5 +32,7 @@ rule generated_model:
         "results/{tier}/logs/generated_{model}.log",
     benchmark:
         "results/{tier}/benchmarks/generated_{model}.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/generated_model.py"

@@ -10,6 +10,8 @@ rule fid_summary:
         runs=lambda w: run_outputs(w.tier),
     log:
         "results/{tier}/logs/fid_summary.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/fid_summary.py"
 
@@ -27,5 +29,7 @@ rule report:
         target_fid=config["evaluate"]["target_fid"],
     log:
         "results/{tier}/logs/report.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/report.py"

@@ -22,11 +22,15 @@ rule sample:
         images_per_class=lambda w: tier_of(w)["sample_images_per_class"],
         sampling=final_sampling,
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
-    threads: 2
+    threads: job_threads("sample")
+    resources:
+        **job_resources("sample"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/sample.log",
     benchmark:
         "results/{tier}/{ablation}/seed-{seed}/benchmarks/sample.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/sample.py"
 
@@ -45,8 +49,12 @@ rule sample_point:
         images_per_class=lambda w: tier_of(w)["curve_images_per_class"],
         sampling=point_sampling,
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
-    threads: 2
+    threads: job_threads("sample_point")
+    resources:
+        **job_resources("sample_point"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/{point}/sample.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/sample.py"

@@ -14,6 +14,8 @@ rule subset:
         classes=lambda w: tier_of(w).get("classes"),
     log:
         "results/{tier}/logs/subset.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/subset.py"
 
@@ -30,5 +32,7 @@ rule val_subset:
         classes=lambda w: tier_of(w).get("classes"),
     log:
         "results/{tier}/logs/val_subset.log",
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/subset.py"

@@ -18,10 +18,14 @@ rule train_unet:
         states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
-    threads: 2
+    threads: job_threads("train_unet")
+    resources:
+        **job_resources("train_unet"),
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/train_unet.log",
     benchmark:
         "results/{tier}/{ablation}/seed-{seed}/benchmarks/train_unet.tsv"
+    conda:
+        "../../environment.yml"
     script:
         "../scripts/train_unet.py"

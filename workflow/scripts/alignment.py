@@ -14,5 +14,5 @@ result = alignment_analysis(
     snakemake.input.csv, snakemake.input.sd15, snakemake.input.dinov2, Path(snakemake.input.model) / "ema",
     zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.settings, params.image_size,
     params.dino_size, params.images, params.timesteps, params.data_seed,
-    resolve_device(config["device"]), snakemake.output.tsne, config["evaluate"]["batch_size"])
+    resolve_device(config["device"], snakemake.resources.gpu), snakemake.output.tsne, config["evaluate"]["batch_size"])
 Path(snakemake.output.scores).write_text(json.dumps(result, indent=2))

@@ -7,4 +7,4 @@ set_threads(snakemake.threads)
 config = snakemake.config
 build_dino_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.dinov2, snakemake.params.image_size,
                  snakemake.params.dino_size, config["cache"]["batch_size"], config["num_workers"],
-                 resolve_device(config["device"]))
+                 resolve_device(config["device"], snakemake.resources.gpu))

@@ -6,4 +6,4 @@ setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
 config = snakemake.config
 build_vae_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.sd15, snakemake.params.image_size,
-                config["cache"]["batch_size"], config["num_workers"], resolve_device(config["device"]))
+                config["cache"]["batch_size"], config["num_workers"], resolve_device(config["device"], snakemake.resources.gpu))

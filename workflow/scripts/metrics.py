@@ -15,7 +15,7 @@ if step is None:  # the final EMA weights
     step = json.loads((Path(snakemake.input.model) / "config.json").read_text())["final_step"]
 inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
 network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
-                                resolve_device(config["device"]))
+                                resolve_device(config["device"], snakemake.resources.gpu))
 result = score_samples(snakemake.input.samples, snakemake.input.reference, network, config["evaluate"]["batch_size"],
                        {"sampling": sampling, "checkpoint_step": step, "weights": "EMA"})
 Path(snakemake.output[0]).write_text(json.dumps(result, indent=2))

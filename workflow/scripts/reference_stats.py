@@ -8,6 +8,6 @@ set_threads(snakemake.threads)
 config = snakemake.config
 inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
 network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
-                                resolve_device(config["device"]))
+                                resolve_device(config["device"], snakemake.resources.gpu))
 reference_statistics(snakemake.input.csv, snakemake.params.image_size, network, snakemake.output[0],
                      config["evaluate"]["batch_size"], config["num_workers"])

@@ -12,7 +12,7 @@ config, params = snakemake.config, snakemake.params
 clip = zarr.open_group(snakemake.input.clip, mode="r")
 class_names = pd.read_csv(snakemake.input.classes)["name"].tolist()
 pipe = load_finetuned_pipeline(snakemake.input.sd15, params.weights, params.settings["finetune"],
-                               resolve_device(config["device"]))
+                               resolve_device(config["device"], snakemake.resources.gpu))
 generate_samples(pipe, clip["embeddings"][:], clip.attrs["null_index"], len(class_names), params.images_per_class,
                  snakemake.output.samples, params.sampling, int(snakemake.wildcards.seed),
                  config["sample"]["batch_size"], weights_digest=directory_digest(params.weights))

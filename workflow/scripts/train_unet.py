@@ -7,6 +7,6 @@ set_threads(snakemake.threads)
 config, w = snakemake.config, snakemake.wildcards
 caches = {name: snakemake.input[name] for name in ("csv", "vae", "dino", "clip")}
 train_run(caches, snakemake.input.sd15, snakemake.input.dinov2, snakemake.params.settings, snakemake.params.states_dir,
-          snakemake.output.model, int(w.seed), resolve_device(config["device"]), config["num_workers"],
+          snakemake.output.model, int(w.seed), resolve_device(config["device"], snakemake.resources.gpu), config["num_workers"],
           title=f"{w.tier} / {w.ablation}", image_size=snakemake.params.image_size,
           dino_size=snakemake.params.dino_size, report_to=config["report_to"])
