@@ -43,3 +43,14 @@ def test_auto_device_refuses_the_cpu_for_a_job_that_asked_for_a_gpu(monkeypatch)
     assert resolve_device("cpu", 1) == torch.device("cpu")  # asked for explicitly
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto", 1) == torch.device("cuda")
+
+
+def test_provenance_records_what_changes_the_bytes():
+    import torch
+
+    from urepa.runtime import provenance
+
+    torch.set_num_threads(1)
+    record = provenance("cpu", batch_size=16)
+    assert record["threads"] == 1 and record["batch_size"] == 16 and record["device"] == "cpu"
+    assert record["torch"] == torch.__version__ and record["host"]

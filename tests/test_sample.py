@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from urepa import sample as sample_module
-from urepa.sample import generate_samples, load_finetuned_pipeline, sample_grid, sample_latents
+from urepa.sample import (gather_samples, generate_samples, load_finetuned_pipeline, sample_grid, sample_latents,
+                          shard_count, shard_indices)
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.train import trained_scheduler
 
@@ -68,6 +69,48 @@ def test_image_depends_on_its_index_not_its_batch(pipeline, clip, tmp_path):
         a = np.asarray(Image.open(whole / f"{i:06d}.png"), dtype=np.int16)
         b = np.asarray(Image.open(one_by_one / f"{i:06d}.png"), dtype=np.int16)
         assert np.abs(a - b).max() <= 1  # batched convolutions may round differently
+
+
+def test_shards_are_whole_batches_of_one_grid():
+    assert [shard_indices(24, 16, 2, s) for s in range(2)] == [range(0, 16), range(16, 24)]
+    assert [shard_indices(10, 2, 3, s) for s in range(3)] == [range(0, 2), range(2, 6), range(6, 10)]
+    assert [shard_indices(24, 16, 3, s) for s in range(3)] == [range(0, 0), range(0, 16), range(16, 24)]
+    assert shard_count(12, 16, 8) == 1 and shard_count(50_000, 16, 8) == 8 and shard_count(None, 16, 8) == 8
+    with pytest.raises(ValueError, match="shard 3 of 3"):
+        shard_indices(24, 16, 3, 3)
+
+
+def test_one_and_three_shards_give_byte_identical_images(pipeline, clip, tmp_path):
+    """Sampling split into three jobs over index ranges, then gathered, writes the very bytes of one job."""
+    whole = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "whole", SETTINGS, seed=5, batch_size=2,
+                             weights_digest=WEIGHTS)
+    shard_dirs = [generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "shards" / str(s), SETTINGS, seed=5,
+                                   batch_size=2, weights_digest=WEIGHTS, shards=3, shard=s) for s in (2, 0, 1)]
+    assert [sorted(p.name for p in d.glob("*.png")) for d in shard_dirs] == [
+        ["000004.png", "000005.png"], ["000000.png", "000001.png"], ["000002.png", "000003.png"]]
+    gathered = gather_samples(shard_dirs, tmp_path / "gathered")
+    names = sorted(p.name for p in gathered.glob("*.png"))
+    assert names == [f"{i:06d}.png" for i in range(6)]
+    for name in names:
+        assert (gathered / name).read_bytes() == (whole / name).read_bytes(), name
+    one, three = (json.loads((d / "sampling.json").read_text()) for d in (whole, gathered))
+    assert three.pop("shards") == 3 and one.pop("indices") == [0, 6] and one == three
+    # who drew what: one session per shard, with the thread count and batch size that set the last bits
+    sessions = json.loads((gathered / "provenance.json").read_text())
+    assert sorted(s["images"] for s in sessions) == [[0, 2], [2, 4], [4, 6]]
+    assert all(s["threads"] == torch.get_num_threads() and s["device"] == "cpu" for s in sessions)
+
+
+def test_gathering_refuses_shards_that_do_not_make_one_set(pipeline, clip, tmp_path):
+    shard = [generate_samples(pipeline, clip, 3, 3, 2, tmp_path / str(s), SETTINGS, seed=5, batch_size=2,
+                              weights_digest=WEIGHTS, shards=3, shard=s) for s in range(3)]
+    with pytest.raises(ValueError, match="leave images 2..3 out"):
+        gather_samples([shard[0], shard[2]], tmp_path / "out")
+    other = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "other", SETTINGS, seed=5, batch_size=2,
+                             weights_digest="other-weights", shards=3, shard=1)
+    with pytest.raises(ValueError, match="different weights or settings"):
+        gather_samples([shard[0], other, shard[2]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip, tmp_path, monkeypatch):

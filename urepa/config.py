@@ -162,6 +162,13 @@ def tier_settings(config: dict, tier: str | None = None) -> dict[str, Any]:
     return config["tiers"][tier]
 
 
+def known_class_count(config: dict, tier: str) -> int | None:
+    """The tier's number of classes where the config says it (`classes: N`, or a generated tier's tree); None for
+    every class of a real ImageNet folder, counted only by the subset stage."""
+    settings = tier_settings(config, tier)
+    return settings.get("classes") or settings.get("generated", {}).get("classes")
+
+
 def data_tier(config: dict, tier: str) -> str:
     """The tier whose subset and caches this tier trains on (tierC reuses tierB's)."""
     data_from = tier_settings(config, tier).get("data_from", tier)

@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from . import metrics
 from .caches import open_rgb
+from .runtime import provenance
 from .sample import sample_paths
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def reference_statistics(val_csv: str | Path, image_size: int, network, out_npz:
                 yield np.stack(usable)
 
     features = metrics.extract_features(network, usable_batches(), description="reference features")
-    metrics.save_statistics(out_npz, features, skipped=skipped)
+    metrics.save_statistics(out_npz, features, skipped=skipped,
+                            provenance=provenance(network.device, batch_size=batch_size, num_workers=num_workers))
     log.info("reference statistics of %d images with %s (%d skipped)", len(paths) - len(skipped),
              features["feature_network"], len(skipped))
 
@@ -73,7 +75,11 @@ def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, b
     # the feature network's device, the GPU where there is one.
     reference = metrics.load_statistics(reference_npz)
     result = metrics.compute_metrics(features, reference, device=network.device)
-    return {**result, "num_reference_skipped": len(reference.get("skipped", [])), **extra}
+    sessions = Path(samples_dir) / "provenance.json"
+    return {**result, "num_reference_skipped": len(reference.get("skipped", [])), **extra,
+            "provenance": {"metrics": provenance(network.device, batch_size=batch_size),
+                           "samples": json.loads(sessions.read_text()) if sessions.exists() else [],
+                           "reference": reference["provenance"]}}
 
 
 def steps_to_target(points: list[dict], target: float | None) -> int | None:
@@ -249,4 +255,4 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     analysis.tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
                        title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
     return {"layer": layer, "images": len(rows), "skipped_images": skipped, "has_head": head is not None,
-            "timesteps": results}
+            "timesteps": results, "provenance": provenance(device, batch_size=batch_size)}

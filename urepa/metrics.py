@@ -17,6 +17,7 @@ can never be mistaken for, or compared with, an Inception one.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -256,12 +257,13 @@ def reference_statistics(features: dict) -> dict:
             "feature_network": features["feature_network"], "num_images": len(features["pool"])}
 
 
-def save_statistics(path: str | Path, features: dict, skipped: list[str] = ()) -> None:
+def save_statistics(path: str | Path, features: dict, skipped: list[str] = (), provenance: dict | None = None) -> None:
     """Reference statistics of a feature dict (from `extract_features`) to an .npz, with the paths of the
-    images that could not be used (`skipped`)."""
+    images that could not be used (`skipped`) and how they were computed (`provenance`, as JSON)."""
     stats = reference_statistics(features)
     stats["feature_network"] = np.array(stats["feature_network"])  # a unicode array: loads without pickle
     stats["skipped"] = np.array(list(skipped), dtype=str)
+    stats["provenance"] = np.array(json.dumps(provenance or {}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # a file object, so numpy keeps the exact name (no added .npz)
         np.savez(f, **stats)
@@ -272,6 +274,7 @@ def load_statistics(path: str | Path) -> dict:
         stats = {key: data[key] for key in data.files}
     stats["feature_network"] = str(stats["feature_network"])
     stats["num_images"] = int(stats["num_images"])
+    stats["provenance"] = json.loads(str(stats["provenance"])) if "provenance" in stats else {}
     return stats
 
 

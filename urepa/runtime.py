@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,18 @@ def resolve_device(device: str, gpus: int = 0) -> torch.device:
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Run it on a GPU node, or set "
             f"`--config device=cpu` to run it on the CPU anyway.")
     return torch.device("cpu")
+
+
+def provenance(device: torch.device | str, **settings) -> dict:
+    """What changes an output's bytes beyond its inputs and settings (the last bits of floating-point sums follow
+    the thread count, the batch size, the device and the library build), recorded beside the output."""
+    device = torch.device(device)
+    record = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
+              "cuda": torch.version.cuda, "host": socket.gethostname(), **settings}
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+        record["cudnn"] = torch.backends.cudnn.version()
+    return record
 
 
 def set_threads(threads: int) -> None:

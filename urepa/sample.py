@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .runtime import progress, set_aside
+from .runtime import progress, provenance, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +119,43 @@ def class_of(index: int, images_per_class: int) -> int:
     return index // images_per_class
 
 
+def shard_count(total: int | None, batch_size: int, shards: int) -> int:
+    """How many shards a set of `total` images (None: not known yet) is split into: `shards`, or fewer when the
+    set has fewer batches (a shard is whole batches)."""
+    return shards if total is None else max(1, min(shards, math.ceil(total / batch_size)))
+
+
+def shard_indices(total: int, batch_size: int, shards: int, shard: int) -> range:
+    """The image indices of shard `shard` of `shards`: whole batches of the set's one batch grid (batch k holds
+    images kB .. kB + B - 1), spread evenly. Every image is computed in the same batch whatever the shard count
+    (or a resume), so its bytes do not depend on how the set was split. With more shards than batches some
+    shards are empty."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: need 0 <= shard < shards")
+    batches = math.ceil(total / batch_size)
+    return range(batches * shard // shards * batch_size, min(total, batches * (shard + 1) // shards * batch_size))
+
+
 def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_classes: int, images_per_class: int,
-                     out_dir: str | Path, settings: dict, seed: int, batch_size: int, weights_digest: str) -> Path:
-    """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable).
+                     out_dir: str | Path, settings: dict, seed: int, batch_size: int, weights_digest: str,
+                     shards: int = 1, shard: int = 0) -> Path:
+    """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable), or the images of
+    one shard of that set (`shard_indices`; `gather_samples` joins the shards).
 
     A partial set is continued only if it was started by the same weights (`weights_digest`, e.g.
-    `caches.directory_digest` of the weights folder), sampler settings, seed and batch size; one of any other
-    identity is set aside, so a set never mixes images of two models."""
+    `caches.directory_digest` of the weights folder), sampler settings, seed, batch size and index range; one of
+    any other identity is set aside, so a set never mixes images of two models."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    manifest = {"weights_sha256": weights_digest, "batch_size": batch_size, "sampler": settings["sampler"], "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
+    total = num_classes * images_per_class
+    indices = shard_indices(total, batch_size, shards, shard)
+    manifest = {"weights_sha256": weights_digest, "batch_size": batch_size, "sampler": settings["sampler"],
+                "steps": settings["steps"], "cfg_scale": settings["cfg_scale"],
                 "guidance_low": settings["guidance_low"], "guidance_high": settings["guidance_high"],
                 "guidance_sigma_low": noise_level(pipe.scheduler, settings["guidance_low"]),
                 "guidance_sigma_high": noise_level(pipe.scheduler, settings["guidance_high"]),
                 "prediction_type": pipe.scheduler.config.prediction_type, "seed": seed, "num_classes": num_classes,
-                "images_per_class": images_per_class}
+                "images_per_class": images_per_class, "indices": [indices.start, indices.stop]}
     manifest_path = partial / "sampling.json"
     if partial.exists() and (not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest):
         set_aside(partial, "was sampled from other weights or settings")
@@ -140,23 +164,68 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
 
     device = pipe.unet.device
     scheduler = make_sampler(settings["sampler"], pipe.scheduler.config)
-    total = num_classes * images_per_class
-    todo = [i for i in range(total) if not (partial / f"{i:06d}.png").exists()]
-    if len(todo) < total:
-        log.info("resuming sampling: %d of %d images already written", total - len(todo), total)
+    batches = [range(start, min(start + batch_size, indices.stop))
+               for start in range(indices.start, indices.stop, batch_size)]
+    todo = [batch for batch in batches if not all((partial / f"{i:06d}.png").exists() for i in batch)]
+    if len(todo) < len(batches):
+        log.info("resuming sampling: %d of %d batches already written", len(batches) - len(todo), len(batches))
+    if todo:  # who drew which images: a resumed set may have been drawn on two machines
+        sessions_path = partial / "provenance.json"
+        sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
+        sessions.append(provenance(device, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                                   images=[todo[0].start, todo[-1].stop]))
+        sessions_path.write_text(json.dumps(sessions, indent=2))
     clip = torch.from_numpy(np.asarray(clip_embeddings)).to(device, pipe.unet.dtype)
     channels, size = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    for start in progress(range(0, len(todo), batch_size), desc="sample", unit="batch"):
-        indices = todo[start:start + batch_size]
-        noise = torch.stack([initial_noise(i, seed, (channels, size, size)) for i in indices]).to(device)
-        cond = clip[[class_of(i, images_per_class) for i in indices]]
-        uncond = clip[[null_index] * len(indices)]
+    for batch in progress(todo, desc="sample", unit="batch"):
+        noise = torch.stack([initial_noise(i, seed, (channels, size, size)) for i in batch]).to(device)
+        cond = clip[[class_of(i, images_per_class) for i in batch]]
+        uncond = clip[[null_index] * len(batch)]
         latents = sample_latents(pipe.unet, scheduler, cond, uncond, noise.to(pipe.unet.dtype), settings["steps"],
                                  settings["cfg_scale"], settings["guidance_low"], settings["guidance_high"])
-        for i, image in zip(indices, decode(pipe.vae, latents)):
+        for i, image in zip(batch, decode(pipe.vae, latents)):
             tmp = partial / f"{i:06d}.tmp.png"
             Image.fromarray(image).save(tmp)
             tmp.rename(partial / f"{i:06d}.png")  # a PNG that exists is complete
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def gather_samples(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Join the shards of one sample set into out_dir (hard links: no copy on the same file system), after
+    checking that they come from the same weights and settings and tile the set's indices exactly."""
+    out_dir = Path(out_dir)
+    manifests = {Path(d): json.loads((Path(d) / "sampling.json").read_text()) for d in shard_dirs}
+    common = [{k: v for k, v in m.items() if k != "indices"} for m in manifests.values()]
+    if any(c != common[0] for c in common):
+        raise ValueError(f"the shards {', '.join(map(str, manifests))} were sampled from different weights or "
+                         f"settings; rerun them")
+    total = common[0]["num_classes"] * common[0]["images_per_class"]
+    covered = 0
+    for start, stop in sorted(m["indices"] for m in manifests.values()):
+        if start != covered:
+            raise ValueError(f"the shards leave images {covered}..{start - 1} out or overlap at {start} "
+                             f"(a set of {total})")
+        covered = stop
+    if covered != total:
+        raise ValueError(f"the shards cover images 0..{covered - 1} of a set of {total}")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    for shard_dir, manifest in manifests.items():
+        for i in range(*manifest["indices"]):
+            name = f"{i:06d}.png"
+            try:
+                os.link(shard_dir / name, partial / name)
+            except OSError:  # another file system
+                shutil.copy2(shard_dir / name, partial / name)
+    (partial / "sampling.json").write_text(json.dumps({**common[0], "shards": len(manifests)}, indent=2))
+    sessions = [session for shard_dir in manifests if (shard_dir / "provenance.json").exists()
+                for session in json.loads((shard_dir / "provenance.json").read_text())]
+    (partial / "provenance.json").write_text(json.dumps(sessions, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)

@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
 from urepa import config as urepa_config
 from urepa import runtime as urepa_runtime
+from urepa.sample import shard_count
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 urepa_config.apply_command_line(config, workflow.config_settings.config, SCHEMA)  # typed; the command line wins
@@ -25,6 +26,8 @@ localrules:
     cfg_sweep,
     fid_summary,
     report,
+    sample,
+    sample_point,
     generated_imagenet,
     generated_model,
 
@@ -76,6 +79,9 @@ wildcard_constraints:
     tier="|".join(config["tiers"]),
     seed="[0-9]+",
     point=r"curve/step-[0-9]+|cfg_sweep/cfg-[0-9]+(\.[0-9]+)?",
+    set=r"final|curve/step-[0-9]+|cfg_sweep/cfg-[0-9]+(\.[0-9]+)?",
+    shard="[0-9]+",
+    shards="[0-9]+",
     ablation="|".join(map(re.escape, config["ablations"])),
 
 
@@ -88,12 +94,9 @@ def inception_dir(wildcards):
     return [inception_path(wildcards)] if tier_of(wildcards)["feature_network"] == "inception" else []
 
 
-def preset(key):
-    """Input function: the sampler settings of the tier's `sample_preset` or `curve_preset`."""
-    return lambda wildcards: config["sample"]["presets"][tier_of(wildcards)[key]]
-
-
-final_sampling = preset("sample_preset")
+def preset(wildcards, key):
+    """The sampler settings of the tier's `sample_preset` or `curve_preset`."""
+    return config["sample"]["presets"][tier_of(wildcards)[key]]
 
 
 def curve_steps(tier, ablation):
@@ -112,24 +115,47 @@ def scale_name(scale):
     return f"{float(scale):g}"
 
 
-def point_of(wildcards):
-    """(kind, value) of an evaluation point: ("step", 40) or ("cfg", 4.5)."""
-    kind, _, value = wildcards.point.rpartition("-")
+def sample_set(name):
+    """(kind, value) of a run's sample set: ("final", None), an FID-vs-step point ("step", 40) or a CFG-sweep
+    point ("cfg", 4.5)."""
+    if name == "final":
+        return "final", None
+    kind, _, value = name.rpartition("-")
     return ("step", int(value)) if kind == "curve/step" else ("cfg", float(value))
 
 
-def point_sampling(wildcards):
-    sampling = dict(preset("curve_preset")(wildcards))
-    kind, value = point_of(wildcards)
+def set_sampling(wildcards):
+    kind, value = sample_set(wildcards.set)
+    sampling = dict(preset(wildcards, "sample_preset" if kind == "final" else "curve_preset"))
     if kind == "cfg":
         sampling["cfg_scale"] = value
     return sampling
 
 
-def point_weights(wildcards):
-    kind, value = point_of(wildcards)
+def set_weights(wildcards):
+    kind, value = sample_set(wildcards.set)
     model = f"results/{wildcards.tier}/{wildcards.ablation}/seed-{wildcards.seed}/model"
     return f"{model}/snapshots/step-{value:07d}" if kind == "step" else f"{model}/ema"
+
+
+def set_images_per_class(wildcards, name):
+    return tier_of(wildcards)["sample_images_per_class" if name == "final" else "curve_images_per_class"]
+
+
+def set_resources(wildcards):
+    """The `resources` entry of a sample set's jobs: `sample` for the final set, `sample_point` for the others."""
+    return "sample" if wildcards.set == "final" else "sample_point"
+
+
+def shard_dirs(wildcards, name):
+    """The shard folders of sample set `name`: the tier's `sample_shards` (else `sample.shards`) jobs over index
+    ranges, fewer when the set has fewer batches."""
+    classes = urepa_config.known_class_count(config, wildcards.tier)
+    per_class = set_images_per_class(wildcards, name)
+    shards = shard_count(classes and classes * per_class, config["sample"]["batch_size"],
+                         tier_of(wildcards).get("sample_shards", config["sample"]["shards"]))
+    run = f"results/{wildcards.tier}/{wildcards.ablation}/seed-{wildcards.seed}"
+    return [f"{run}/shards/{name}/{shard}-of-{shards}" for shard in range(shards)]
 
 
 def compared(tier):
@@ -168,29 +194,31 @@ def run_files(tier, *keys):
             for key, path in run.items() if not keys or key in keys]
 
 
-def rule_resources(rule, wildcards):
+def rule_resources(rule_name, wildcards):
     """A model rule's resources on the job's tier: config `resources`, then the tier's `all`, then the tier's
-    entry for the rule."""
+    entry for the rule (`rule_name`: a name, or a function of the wildcards giving one)."""
+    name = rule_name if isinstance(rule_name, str) else rule_name(wildcards)
     tier = tier_of(wildcards).get("resources", {})
-    return {**config["resources"][rule], **tier.get("all", {}), **tier.get(rule, {})}
+    return {**config["resources"][name], **tier.get("all", {}), **tier.get(name, {})}
 
 
-def job_gpus(rule, wildcards):
+def job_gpus(rule_name, wildcards):
     """GPUs of one job: train_unet asks for one per training process."""
     per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation).get("processes", 1) \
-        if rule == "train_unet" else 1
-    return rule_resources(rule, wildcards)["gpu"] * per_job
+        if rule_name == "train_unet" else 1
+    return rule_resources(rule_name, wildcards)["gpu"] * per_job
 
 
-def job_threads(rule):
+def job_threads(rule_name):
     """The rule's `threads`: cpus_per_gpu for each of its GPUs (at least one)."""
-    return lambda w: rule_resources(rule, w)["cpus_per_gpu"] * max(1, job_gpus(rule, w))
+    return lambda w: rule_resources(rule_name, w)["cpus_per_gpu"] * max(1, job_gpus(rule_name, w))
 
 
-def job_resources(rule):
+def job_resources(rule_name):
     """The rule's `resources`, in the names Snakemake's Slurm executor reads (runtime in minutes)."""
-    return {"gpu": lambda w: job_gpus(rule, w), "mem_mb": lambda w: rule_resources(rule, w)["mem_mb"],
-            "runtime": lambda w: rule_resources(rule, w)["runtime"], "cpus_per_task": lambda w, threads: threads}
+    return {"gpu": lambda w: job_gpus(rule_name, w), "mem_mb": lambda w: rule_resources(rule_name, w)["mem_mb"],
+            "runtime": lambda w: rule_resources(rule_name, w)["runtime"],
+            "cpus_per_task": lambda w, threads: threads}
 
 
 def default_targets():

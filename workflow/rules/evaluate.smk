@@ -58,7 +58,7 @@ rule point_metrics:
         "results/{tier}/{ablation}/seed-{seed}/{point}/metrics.json",
     params:
         network=lambda w: tier_of(w)["feature_network"],
-        checkpoint_step=lambda w: point_of(w)[1] if point_of(w)[0] == "step" else None,
+        checkpoint_step=lambda w: sample_set(w.point)[1] if sample_set(w.point)[0] == "step" else None,
     threads: job_threads("point_metrics")
     resources:
         **job_resources("point_metrics"),
