@@ -1,5 +1,6 @@
-"""Stage 1: uniform, seeded, deterministic per-class samples; short classes kept and logged."""
+"""Stage 1: uniform, seeded, deterministic per-class samples; short or empty classes stop the stage."""
 import logging
+import shutil
 
 import pytest
 import torch
@@ -27,11 +28,34 @@ def test_subset_is_uniform_and_deterministic(smoke_inputs):
     assert all(synset in path for synset, path in zip(a["synset"], a["img_path"]))
 
 
-def test_short_classes_are_logged_and_kept(smoke_inputs, caplog):
+def test_short_classes_stop_the_stage_naming_folder_and_count(smoke_inputs):
+    with pytest.raises(ValueError, match=r"3 train classes have fewer than the 11 images.*/n\d+ holds 10"):
+        build_subset(smoke_inputs["imagenet"], images_per_class=11, seed=0)
+    with pytest.raises(ValueError, match="3 val classes have fewer than the 5 images.*holds 4"):
+        build_subset(smoke_inputs["imagenet"], images_per_class=5, seed=0, split="val")
+
+
+def test_an_empty_class_folder_is_an_error_not_a_class(smoke_inputs, tmp_path):
+    """An empty synset folder would become a class that is sampled and scored but never trained on."""
+    tree = tmp_path / "imagenet"
+    shutil.copytree(smoke_inputs["imagenet"], tree)
+    empty = tree / "Data" / "CLS-LOC" / "train" / "n99999999"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"1 train classes .*{empty} holds 0"):
+        build_subset(tree, images_per_class=4, seed=0)
+
+
+def test_files_of_other_extensions_are_counted_and_logged(smoke_inputs, tmp_path, caplog):
+    tree = tmp_path / "imagenet"
+    shutil.copytree(smoke_inputs["imagenet"], tree)
+    first = sorted((tree / "Data" / "CLS-LOC" / "train").iterdir())[0]
+    (first / "notes.txt").write_text("x")
+    (first / "scan.tiff").write_bytes(b"x")
+    (first / "scan2.TIFF").write_bytes(b"x")
     with caplog.at_level(logging.WARNING):
-        table = build_subset(smoke_inputs["imagenet"], images_per_class=50, seed=0)
-    assert table["class_id"].value_counts().tolist() == [10, 10, 10]
-    assert "fewer than 50" in caplog.text
+        table = build_subset(tree, images_per_class=4, seed=0)
+    assert len(table) == 12 and not table["img_path"].str.contains("notes|scan").any()
+    assert "3 files that are not .jpeg/.jpg/.png images were left out (2 .tiff, 1 .txt)" in caplog.text
 
 
 def test_val_subset_reads_labels_from_loc_val_solution(smoke_inputs):

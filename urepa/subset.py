@@ -87,8 +87,15 @@ def list_classes(imagenet_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame({"class_id": range(len(synsets)), "synset": synsets, "name": names})
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def _images_in(folder: Path, others: dict[str, int] | None = None) -> list[Path]:
+    """The image files of a folder; files of other extensions are counted into `others` (suffix -> count)."""
+    images = []
+    for path in folder.iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif others is not None and path.is_file():
+            others[path.suffix.lower() or "(none)"] = others.get(path.suffix.lower() or "(none)", 0) + 1
+    return sorted(images)
 
 
 def _sample(paths: list[Path], k: int, rng: np.random.Generator) -> list[Path]:
@@ -138,20 +145,27 @@ def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, spl
     index_of = dict(zip(all_classes["synset"], all_classes["class_id"]))
     classes = choose_classes(all_classes, num_classes, seed)
     split_dir = root / "Data" / "CLS-LOC" / split
+    others: dict[str, int] = {}
     if split == "train":
-        per_synset = {s: _images_in(split_dir / s) for s in classes["synset"]}
+        per_synset = {s: _images_in(split_dir / s, others) for s in classes["synset"]}
     elif split == "val":
         if not split_dir.is_dir():
             raise FileNotFoundError(f"no ILSVRC validation folder at {split_dir}")
         per_synset = _val_labels(root, split_dir)
     else:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if others:
+        log.warning("%s: %d files that are not %s images were left out (%s)", split_dir, sum(others.values()),
+                    "/".join(sorted(IMAGE_SUFFIXES)), ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items())))
+    short = [f"{split_dir / synset if split == 'train' else synset} holds {len(per_synset.get(synset, []))}"
+             for synset in classes["synset"] if len(per_synset.get(synset, [])) < images_per_class]
+    if short:
+        raise ValueError(f"{len(short)} {split} classes have fewer than the {images_per_class} images per class the "
+                         f"tier asks for: " + "; ".join(short[:20]) + ("; ..." if len(short) > 20 else "")
+                         + ". Complete or remove those folders, or lower the tier's images per class.")
     rows = []
     for class_id, synset in zip(classes["class_id"], classes["synset"]):
-        paths = per_synset.get(synset, [])
-        if len(paths) < images_per_class:
-            log.warning("class %s (%s) has %d %s images, fewer than %d: keeping all of them",
-                        class_id, synset, len(paths), split, images_per_class)
+        paths = per_synset[synset]
         # One generator per synset, keyed by its index among all classes: adding, removing or choosing
         # classes leaves the others' samples unchanged.
         rng = np.random.default_rng([seed, int(index_of[synset])])
