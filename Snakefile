@@ -22,6 +22,21 @@ include: "workflow/rules/report.smk"
 report: "workflow/report/workflow.rst"
 
 
+# Rules that read and write a few small files: they run on the submitting host, not as cluster jobs.
+localrules:
+    all,
+    subset,
+    val_subset,
+    fid_curve,
+    cfg_sweep,
+    fid_summary,
+    report,
+    sample,
+    sample_point,
+    generated_imagenet,
+    generated_model,
+
+
 rule all:
     input:
         default_targets(),

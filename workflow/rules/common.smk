@@ -17,21 +17,6 @@ urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation:
 urepa_config.check_real_paths(config, TIER)
 
 
-# Rules that read and write a few small files: they run on the submitting host, not as cluster jobs.
-localrules:
-    all,
-    subset,
-    val_subset,
-    fid_curve,
-    cfg_sweep,
-    fid_summary,
-    report,
-    sample,
-    sample_point,
-    generated_imagenet,
-    generated_model,
-
-
 onstart:
     # After the DAG is built and before any job starts (not on dry runs): one invocation per results folder.
     urepa_runtime.lock_results_folder("results")
@@ -196,7 +181,7 @@ def run_files(tier, *keys):
 
 def rule_resources(rule_name, wildcards):
     """A model rule's resources on the job's tier: config `resources`, then the tier's `all`, then the tier's
-    entry for the rule (`rule_name`: a name, or a function of the wildcards giving one)."""
+    entry for the rule; `rule_name` is a name, or a function of the wildcards giving one."""
     name = rule_name if isinstance(rule_name, str) else rule_name(wildcards)
     tier = tier_of(wildcards).get("resources", {})
     return {**config["resources"][name], **tier.get("all", {}), **tier.get(name, {})}

@@ -21,7 +21,7 @@ rule report:
         fid="results/{tier}/fid.json",
         runs=lambda w: run_files(w.tier),
     output:
-        html="results/{tier}/report.html",
+        html=report("results/{tier}/report.html", caption="../report/report_page.rst", category="Summary"),
         curves=report("results/{tier}/fid_curve.png", caption="../report/fid_curve.rst", category="FID vs step"),
         sweep=report("results/{tier}/cfg_sweep.png", caption="../report/cfg_sweep.rst", category="CFG sweep"),
     params:

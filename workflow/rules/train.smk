@@ -12,7 +12,8 @@ rule train_unet:
         sd15=sd15_dir,
         dinov2=dinov2_path,
     output:
-        model=directory("results/{tier}/{ablation}/seed-{seed}/model"),
+        model=report(directory("results/{tier}/{ablation}/seed-{seed}/model"), patterns=["loss_curve.png"],
+                     caption="../report/loss_curve.rst", category="Training losses", subcategory="{ablation}, seed {seed}"),
     params:
         settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
         states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
