@@ -59,3 +59,10 @@ def test_seeds_are_part_of_every_runs_path_and_coexist(tmp_path):
     assert {o for o in three if o.endswith("/model")} == {
         f"results/smoke/{a}/seed-{s}/model" for a in ("urepa", "baseline") for s in (0, 1, 2)}
     assert "results/smoke/subset.csv" in three and not any("seed-" in o for o in three if "/cache/" in o)
+
+
+def test_the_workflow_passes_snakemakes_linter(tmp_path):
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    lint = snakemake(tmp_path, "--lint")
+    assert lint.returncode == 0 and "Congratulations, your workflow is in a good condition" in lint.stdout, \
+        lint.stdout[-3000:]
