@@ -14,7 +14,8 @@ rule train_unet:
     output:
         model=directory("results/{tier}/{ablation}/model"),
     params:
-        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
+        # without processes / grad_accum: they change no result, so changing them reruns nothing
+        settings=lambda w: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, w.ablation)),
         states_dir="results/{tier}/{ablation}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],

@@ -1,0 +1,83 @@
+"""Starting a training run on `train.processes` processes: in this process when it is 1, otherwise with
+`accelerate launch` (one process per GPU, or gloo processes on the CPU for tests and CI), each running
+urepa.train.train_run (`python -m urepa.launch '<train_run arguments as JSON>'`).
+
+Kept apart from urepa.train: how a run is started is not part of its training code digest."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .runtime import set_threads, setup_logging
+from .train import process_share, train_run
+
+log = logging.getLogger(__name__)
+
+
+def train(run_args: dict, threads: int, log_path: str | Path) -> None:
+    """Train as the train_unet rule asks. `run_args`: train_run's arguments with the device as a string
+    (JSON-able: they are handed to the launched processes); the process count is run_args' settings'."""
+    settings, device = run_args["settings"], torch.device(run_args["device"])
+    processes = settings["processes"]
+    if processes == 1:
+        setup_logging(log_path)
+        set_threads(threads)
+        train_run(**{**run_args, "device": device})
+        return
+    setup_logging()  # the log file is the launched processes' output
+    process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # fail before launching
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"device '{device}' names one GPU but train.processes is {processes}: use device 'cuda' "
+                             f"(or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        if torch.cuda.device_count() < processes:
+            raise ValueError(f"train.processes is {processes} but {torch.cuda.device_count()} CUDA device(s) are "
+                             f"visible")
+    command = launch_command(run_args, processes, free_port())
+    # torch threads per process: the job's threads shared out; progress lines in the log file every 30 s.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes)), "TQDM_MININTERVAL": "30"}
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        log_file.write(f"launching {processes} training processes: {subprocess.list2cmdline(command)}\n")
+        log_file.flush()
+        returncode = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+    if returncode:
+        raise RuntimeError(f"the {processes} training processes failed (exit status {returncode}); their output "
+                           f"is in {log_path}")
+
+
+def launch_command(run_args: dict, processes: int, port: int) -> list[str]:
+    """`accelerate launch` of this module on `processes` local processes. `--multi_gpu` on the CPU too:
+    Accelerator(cpu=True) in each process then joins a gloo group (`--cpu` would start one process)."""
+    device = torch.device(run_args["device"])
+    mixed_precision = "no" if device.type == "cpu" else run_args["settings"]["mixed_precision"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", mixed_precision,
+            "--dynamo_backend", "no", "--module", __name__, json.dumps(run_args)]
+
+
+def free_port() -> int:
+    """A TCP port free now, for the process group's rendezvous: runs side by side on one node do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main(argv: list[str]) -> None:
+    """One launched process: train_run with the arguments the launcher passed."""
+    run_args = json.loads(argv[0])
+    # Every process logs its warnings; only the main process (RANK 0) tells the story.
+    setup_logging(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    train_run(**{**run_args, "device": torch.device(run_args["device"])})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
