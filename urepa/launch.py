@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .runtime import set_threads, setup_logging
-from .train import process_share, train_run
+from .distributed import process_share
+from .train import train_run
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ def train(run_args: dict, threads: int, log_path: str | Path) -> None:
         set_threads(threads)
         train_run(**{**run_args, "device": device})
         return
-    setup_logging()  # the log file is the launched processes' output
     process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # fail before launching
     if device.type == "cuda":
         if device.index is not None:
