@@ -2,8 +2,8 @@
 
 End to end on the smoke tier's settings (batch 8, lr 3e-3; 10 steps, warm-up 3 steps, so that the warm-up
 shows in the LR): two CPU processes under `accelerate launch` and grad_accum=2 give the one-process per-step
-losses and final EMA weights, the LR schedule advances once per optimiser step, and a run started on two
-processes resumes on one. (tests/test_distributed.py: the manifold term of a split batch, gradient included.)
+losses and final EMA weights, the LR schedule advances once per optimiser step, and a run resumes on another
+process count (2 -> 1, 1 -> 2). (tests/test_distributed.py: the manifold term of a split batch, gradient included.)
 """
 from __future__ import annotations
 
@@ -133,6 +133,19 @@ def test_a_run_started_on_two_processes_resumes_on_one(one_process, two_processe
     launches = json.loads((state / "run.json").read_text())["launches"]
     assert launches == [{"processes": 2, "grad_accum": 1, "from_step": 0},
                         {"processes": 1, "grad_accum": 1, "from_step": 5}]
+
+
+def test_a_run_started_on_one_process_resumes_on_two(one_process, smoke_inputs, smoke_caches, tmp_path):
+    """The other way round: every process loads the one-process checkpoint-5 and carries on."""
+    state = tmp_path / "train_state" / state_of(one_process).name
+    shutil.copytree(state_of(one_process), state)
+    shutil.rmtree(state / "checkpoints" / "checkpoint-10")
+    launch.train(run_args(smoke_inputs, smoke_caches, smoke_settings(processes=2), tmp_path), threads=2,
+                 log_path=tmp_path / "train.log")
+    assert "resumed from" in (tmp_path / "train.log").read_text()
+    assert_same_run(one_process, tmp_path, steps=range(6, 11))
+    assert json.loads((state / "run.json").read_text())["launches"][-1] == {"processes": 2, "grad_accum": 1,
+                                                                         "from_step": 5}
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused_before_any_work(smoke_inputs, smoke_caches, tmp_path):

@@ -19,12 +19,11 @@ from .runtime import set_threads, setup_logging
 from .distributed import process_share
 from .train import train_run
 
-log = logging.getLogger(__name__)
-
 
 def train(run_args: dict, threads: int, log_path: str | Path) -> None:
-    """Train as the train_unet rule asks. `run_args`: train_run's arguments with the device as a string
-    (JSON-able: they are handed to the launched processes); the process count is run_args' settings'."""
+    """Train as the train_unet rule asks, on settings["processes"] processes sharing the job's `threads`.
+    `run_args`: train_run's arguments with the device as a string (JSON: they are handed to the launched
+    processes). On several processes their output is the log file."""
     settings, device = run_args["settings"], torch.device(run_args["device"])
     processes = settings["processes"]
     if processes == 1:
