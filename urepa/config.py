@@ -265,6 +265,16 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+# `train` keys that say how a run is executed, not what it computes (the results agree to floating-point
+# reordering: tests/test_train_distributed.py). They stay out of the run's identity and of the train rule's
+# params, so a run resumes on another number of GPUs, and changing them reruns nothing.
+LAUNCH_KEYS = ("processes", "grad_accum")
+
+
+def without_launch(settings: dict) -> dict:
+    return {key: value for key, value in settings.items() if key not in LAUNCH_KEYS}
+
+
 def train_settings(config: dict, tier: str, ablation: str) -> dict[str, Any]:
     """Training settings of one run: defaults, then the tier's overrides, then the ablation's."""
     if ablation not in config["ablations"]:

@@ -4,6 +4,7 @@ Tokens are [B, N, D]; the U-Net side comes from `AlignHead`, the target side fro
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -26,19 +27,28 @@ def _masked_mse(gram_pred: torch.Tensor, gram_target: torch.Tensor, upper_only: 
     return ((gram_pred - gram_target) ** 2)[..., mask].mean()
 
 
+def pooled_samples(tokens: torch.Tensor) -> torch.Tensor:
+    """Each image's tokens mean-pooled and L2-normalised, [B, N, D] -> [B, D]: the rows of the sample-mode Gram."""
+    return F.normalize(tokens.float().mean(dim=1), dim=-1)
+
+
 def manifold_loss(pred: torch.Tensor, target: torch.Tensor, mode: str = "sample", upper_only: bool = False,
-                  mask_diag: bool = False) -> torch.Tensor:
+                  mask_diag: bool = False, gather=None) -> torch.Tensor:
     """MSE between the similarity structures of the two token sets.
 
     mode="sample": mean-pool each image's tokens, L2-normalise, compare the B x B Gram matrices
         (relations between images; the original plan's form, O(B^2)).
     mode="token": per image, compare the N x N Gram matrices of the L2-normalised tokens
         (relations between patches; the form SimpleTuner uses).
+    gather (mode="sample"): maps this part's pooled rows (pred, target), [b, D] each, to the whole batch's
+        [B, D] when the batch is split across processes or micro-batches, so that the Gram is the global
+        batch's (urepa.train.GlobalBatch); the pred rows keep their gradient.
     """
     pred, target = pred.float(), target.float()
     if mode == "sample":
-        p = F.normalize(pred.mean(dim=1), dim=-1)
-        t = F.normalize(target.mean(dim=1), dim=-1)
+        p, t = pooled_samples(pred), pooled_samples(target)
+        if gather is not None:
+            p, t = gather(p, t)
         return _masked_mse(p @ p.T, t @ t.T, upper_only, mask_diag)
     if mode == "token":
         p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
@@ -100,12 +110,14 @@ class AlignSchedule:
 
 
 def alignment_loss(pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Tensor, manifold_coeff: float,
-                   manifold_mode: str = "sample", upper_only: bool = False,
-                   mask_diag: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_token + w * L_manifold, L_token, L_manifold), each averaged over the aligned layers."""
+                   manifold_mode: str = "sample", upper_only: bool = False, mask_diag: bool = False,
+                   gather=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_token + w * L_manifold, L_token, L_manifold), each averaged over the aligned layers.
+    `gather(layer, pred_rows, target_rows)`: manifold_loss's `gather`, per aligned layer."""
     token_terms = [token_loss(tokens, target_tokens) for tokens in pred_tokens.values()]
-    manifold_terms = [manifold_loss(tokens, target_tokens, manifold_mode, upper_only, mask_diag)
-                      for tokens in pred_tokens.values()]
+    manifold_terms = [manifold_loss(tokens, target_tokens, manifold_mode, upper_only, mask_diag,
+                                    functools.partial(gather, layer) if gather else None)
+                      for layer, tokens in pred_tokens.items()]
     loss_token = torch.stack(token_terms).mean()
     loss_manifold = torch.stack(manifold_terms).mean()
     return loss_token + manifold_coeff * loss_manifold, loss_token, loss_manifold

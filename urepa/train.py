@@ -3,6 +3,10 @@
 Resumable (accelerate checkpoints hold model, optimiser, LR scheduler, EMA, the step and the state
 of the one generator every random draw comes from; batches are a pure function of seed and step),
 so a killed run started again ends with the weights an uninterrupted run would have.
+
+On several processes (urepa.launch) or with gradient accumulation, every step trains on the same global
+batch, noise, timesteps, condition dropout and sample-mode Gram as on one process: the result does not depend
+on the process count or on `grad_accum` beyond floating-point reordering, and a run resumes on another count.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .caches import CachedRows, check_cache, content_digest, file_digest, valid_rows, weights_fingerprint
-from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target
+from .config import without_launch
+from .distributed import GlobalBatch, process_share
+from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target, pooled_samples
 from .models import AlignedUNet, make_trainable
 from .report import plot_losses
-from .runtime import progress, set_aside
+from .runtime import progress, provenance, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +40,28 @@ log = logging.getLogger(__name__)
 PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
 LOG_COLUMNS = ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr", "grad_norm",
                "step_time"]
+LOSS_TERMS = ["loss", "loss_diff", "loss_token", "loss_manifold"]
 
 
 class StepBatches(Sampler):
     """Row indices of every step from `start_step` on: epoch e is a permutation seeded by (seed, e),
-    cut into full batches; each process takes its own slice of the global batch."""
+    cut into full global batches; each process takes its own share of each (`process_share`)."""
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, grad_accum: int = 1):
         if len(rows) < batch_size:
             raise ValueError(f"only {len(rows)} valid cached rows for a batch of {batch_size}")
         self.rows, self.batch_size, self.seed, self.start_step = rows, batch_size, seed, start_step
-        self.rank, self.world_size = rank, world_size
+        self.share = process_share(batch_size, rank, world_size, grad_accum)
         self.batches_per_epoch = len(rows) // batch_size
 
     def __iter__(self):
         step = self.start_step
-        per_process = self.batch_size // self.world_size
         while True:
             epoch, position = divmod(step, self.batches_per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
             batch = order[position * self.batch_size:(position + 1) * self.batch_size]
-            yield batch[self.rank * per_process:(self.rank + 1) * per_process]
+            yield batch[self.share]
             step += 1
 
 
@@ -113,7 +119,12 @@ class Trainer:
             mixed_precision="no" if cpu else settings["mixed_precision"], cpu=cpu,
             log_with=None if report_to == "none" else report_to, project_config=ProjectConfiguration(
                 project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tensorboard")),
+            # The prepared scheduler would otherwise step once per process at every optimiser step (accelerate
+            # assumes each process adds its own batch): warm-up and decay would end N times early. Our global
+            # batch is the same on any number of processes, so the schedule runs in optimiser steps.
+            step_scheduler_with_optimizer=False,
         )
+        self.grad_accum = settings["grad_accum"]
         self.device = self.accelerator.device
         self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
         self.prediction = settings["prediction"]
@@ -147,7 +158,12 @@ class Trainer:
             "cosine", self.optimizer, num_warmup_steps=int(settings["warmup_ratio"] * settings["max_steps"]),
             num_training_steps=settings["max_steps"])
         self.ema = EMAModel(self.trainable, decay=settings["ema_decay"])
-        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + self.accelerator.process_index)
+        # Seeded alike on every process: each draws the whole global batch's randomness and takes its own rows.
+        self.generator = torch.Generator(self.device).manual_seed(seed * 1000)
+        self.sample_gram = aligning and settings["manifold_mode"] == "sample"
+        # The sample-mode Gram of the global batch needs the other micro-batches' pooled tokens: one extra
+        # forward pass without gradient per step when accumulating (skipped where the term has no weight).
+        self.prepass = self.sample_gram and settings["manifold_coeff"] > 0 and self.grad_accum > 1
         self.state = TrainState(self.generator)
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.lr_scheduler)
@@ -164,9 +180,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def checkpoints(self) -> list[Path]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        return sorted(self.checkpoint_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        return complete_checkpoints(self.run_dir)
 
     def resume(self) -> int:
         """Load the newest complete checkpoint, if any; return the step to continue from."""
@@ -180,7 +194,9 @@ class Trainer:
         """Write into a temporary folder and rename, so a kill never leaves a half checkpoint as newest."""
         final = self.checkpoint_dir / f"checkpoint-{self.state.step}"
         partial = final.with_name(final.name + ".tmp")
-        shutil.rmtree(partial, ignore_errors=True)
+        if self.accelerator.is_main_process:  # a killed run's leftover; removed before any rank writes into it
+            shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
         if self.accelerator.is_main_process:
@@ -192,62 +208,115 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------
     def batches(self, start_step: int) -> DataLoader:
         sampler = StepBatches(self.rows, self.settings["batch_size"], self.seed, start_step,
-                              self.accelerator.process_index, self.accelerator.num_processes)
+                              self.accelerator.process_index, self.accelerator.num_processes, self.grad_accum)
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        settings, generator, device = self.settings, self.generator, self.device
+        """One optimiser step on this process's share of the step's global batch (`process_share`):
+        grad_accum micro-batches, gradients synchronised across processes on the last one."""
+        settings, device, accumulate = self.settings, self.device, self.grad_accum
+        processes = self.accelerator.num_processes
+        share = torch.from_numpy(process_share(settings["batch_size"], self.accelerator.process_index, processes,
+                                               accumulate)).to(device)
         mean = batch["latent_mean"].to(device, torch.float32, non_blocking=True)
         std = batch["latent_std"].to(device, torch.float32, non_blocking=True)
         target_tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
-        bsz = mean.shape[0]
-        # Every draw comes from the checkpointed generator: a fresh posterior sample, the noise, the
-        # timestep and the condition dropout (drawn here, not in the data workers).
-        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * self.latent_scaling
-        noise = torch.randn(latents.shape, generator=generator, device=device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator,
-                                  device=device)
-        dropped = torch.rand(bsz, generator=generator, device=device) < settings["cond_dropout"]
-        classes = torch.where(dropped, self.null_index, batch["class_id"].to(device))
-        encoder_hidden_states = self.clip[classes]
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction)
+        draws = self.draw(mean.shape[1:])
+        latents = (mean + std * draws["posterior"][share]) * self.latent_scaling
+        noise, timesteps = draws["noise"][share], draws["timesteps"][share]
+        classes = torch.where(draws["dropped"][share], self.null_index, batch["class_id"].to(device))
+        inputs = {"noisy": self.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+                  "encoder_hidden_states": self.clip[classes], "tokens": target_tokens,
+                  "target": diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction)}
+        micro_batches = [dict(zip(inputs, part)) for part in zip(*(v.chunk(accumulate) for v in inputs.values()))]
 
-        with self.accelerator.autocast():
-            prediction, pred_tokens = self.model(noisy, timesteps, encoder_hidden_states)
-        loss_diff = diffusion_loss(prediction, target, self.noise_scheduler, timesteps, self.prediction,
-                                   settings["snr_gamma"])
         align_coeff = self.align_schedule(self.state.step)
-        loss = loss_diff
-        logs = {"loss_diff": loss_diff, "loss_token": torch.tensor(float("nan")),
-                "loss_manifold": torch.tensor(float("nan"))}
-        if pred_tokens:
-            with self.timer("alignment"):
-                loss_align, logs["loss_token"], logs["loss_manifold"] = alignment_loss(
-                    pred_tokens, target_tokens, settings["manifold_coeff"], settings["manifold_mode"],
-                    settings["manifold_upper_only"], settings["manifold_mask_diag"])
-                loss = loss_diff + align_coeff * loss_align
-        logs["loss"] = loss
-        values = {name: float(value.detach()) for name, value in logs.items()}
+        known = self.pooled_global_batch(micro_batches) if self.prepass else None
+        terms = []
+        for micro, micro_batch in enumerate(micro_batches):
+            gathers = self.sample_gram and (processes > 1 or known is not None)
+            gather = GlobalBatch(micro, processes, known) if gathers else None
+            # Gradients add up locally; the processes exchange them once, in the last micro-batch's backward.
+            with self.accelerator.no_sync(self.model) if micro < accumulate - 1 else contextlib.nullcontext():
+                micro_terms, loss = self.micro_step(micro_batch, align_coeff, gather)
+                with self.timer("backward"):
+                    self.accelerator.backward(loss)
+            terms.append(micro_terms)
+        # Means over the micro-batches and the processes: the global batch's values, as one process logs them.
+        means = self.accelerator.reduce(torch.stack(terms).mean(dim=0), reduction="mean")
+        values = dict(zip(LOSS_TERMS, means.tolist()))
         if not np.isfinite(values["loss"]):
             # Numbered as train_log.csv and the checkpoints number steps: step n is the n-th update.
             raise FloatingPointError(
                 f"non-finite loss at step {self.state.step + 1}: {values}. Training stopped; the last good "
                 f"checkpoint is {self.checkpoints()[-1] if self.checkpoints() else 'none (no checkpoint yet)'}. "
                 f"Lower learning_rate or align_coeff, or check the caches for NaN rows.")
-        with self.timer("backward"):
-            self.accelerator.backward(loss)
         with self.timer("optimizer"):
             grad_norm = self.accelerator.clip_grad_norm_(self.trainable, settings["max_grad_norm"])
             self.optimizer.step()
-            self.lr_scheduler.step()
+            if not self.accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped it: so does accelerate
+                self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         with self.timer("ema"):
             self.ema.step(self.trainable)
         self.state.step += 1
         values.update(align_coeff=align_coeff, lr=self.lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
         return values
+
+    def draw(self, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
+        """Every random draw of a step, for the whole global batch, from the checkpointed generator: a fresh
+        posterior sample, the noise, the timestep and the condition dropout (drawn here, not in the data
+        workers). Every process draws them all and takes its own rows."""
+        generator, device, size = self.generator, self.device, self.settings["batch_size"]
+        shape = (size, *latent_shape)
+        return {
+            "posterior": torch.randn(shape, generator=generator, device=device),
+            "noise": torch.randn(shape, generator=generator, device=device),
+            "timesteps": torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,),
+                                       generator=generator, device=device),
+            "dropped": torch.rand(size, generator=generator, device=device) < self.settings["cond_dropout"],
+        }
+
+    def micro_step(self, inputs: dict[str, torch.Tensor], align_coeff: float,
+                   gather: GlobalBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass of one micro-batch: its LOSS_TERMS, and the loss to back-propagate, scaled so that
+        the accumulated gradient is the global batch's."""
+        settings, accumulate = self.settings, self.grad_accum
+        with self.accelerator.autocast():
+            prediction, pred_tokens = self.model(inputs["noisy"], inputs["timesteps"], inputs["encoder_hidden_states"])
+        loss_diff = diffusion_loss(prediction, inputs["target"], self.noise_scheduler, inputs["timesteps"],
+                                   self.prediction, settings["snr_gamma"])
+        if not pred_tokens:
+            nan = torch.full((), float("nan"), device=loss_diff.device)
+            return torch.stack([loss_diff, loss_diff, nan, nan]).detach(), loss_diff / accumulate
+        with self.timer("alignment"):
+            loss_align, loss_token, loss_manifold = alignment_loss(
+                pred_tokens, inputs["tokens"], settings["manifold_coeff"], settings["manifold_mode"],
+                settings["manifold_upper_only"], settings["manifold_mask_diag"], gather)
+        loss = loss_diff + align_coeff * loss_align
+        terms = torch.stack([loss, loss_diff, loss_token, loss_manifold]).detach()
+        if gather is not None and gather.known is not None:
+            # Micro-batch means add up to the global mean divided by grad_accum; the Gram term is already the
+            # global batch's, and this backward carries only this micro-batch's rows of its gradient.
+            return terms, (loss_diff + align_coeff * loss_token) / accumulate + \
+                align_coeff * settings["manifold_coeff"] * loss_manifold
+        return terms, loss / accumulate
+
+    @torch.no_grad()
+    def pooled_global_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, tuple]:
+        """Per aligned layer, the global batch's pooled pred rows and pooled target rows (urepa.losses.
+        pooled_samples) in GlobalBatch's order, from a forward pass without gradient."""
+        model = self.accelerator.unwrap_model(self.model)
+        preds, targets = defaultdict(list), []
+        for inputs in micro_batches:
+            with self.accelerator.autocast():
+                _, pred_tokens = model(inputs["noisy"], inputs["timesteps"], inputs["encoder_hidden_states"])
+            for layer, tokens in pred_tokens.items():
+                preds[layer].append(self.accelerator.gather(pooled_samples(tokens)))
+            targets.append(self.accelerator.gather(pooled_samples(inputs["tokens"])))
+        target = torch.cat(targets)
+        return {layer: (torch.cat(rows), target) for layer, rows in preds.items()}
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self, on_snapshot=None) -> None:
@@ -279,7 +348,7 @@ class Trainer:
                 writer.writerow({k: values[k] for k in LOG_COLUMNS})
                 self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}")
+                bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}", refresh=False)
                 # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
                 if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
                     on_snapshot(self, self.state.step)
@@ -287,6 +356,8 @@ class Trainer:
                     log_file.flush()
                     self.save_checkpoint()
             bar.close()
+        # Every process reaches the end before the group is taken down: rank 0 could otherwise abort at exit.
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
     # -- artifacts --------------------------------------------------------------------------------
@@ -349,9 +420,19 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
               image_size: int, dino_size: int, report_to: str = "tensorboard") -> Path:
     """Check the caches against this run's inputs (`image_size`: the VAE's square; `dino_size`: DINOv2's
     input size for that square), train (resuming if possible), export artifacts. Returns the run's state
-    folder: `states_dir/<identity>/` (see `claim_run_state`)."""
+    folder: `states_dir/<identity>/` (see `claim_run_state`). Called by every process of a run
+    (urepa.launch); the main process claims the state folder and exports."""
+    from accelerate import PartialState
+
     from .dinov2 import dinov2_view
     from .sd15 import load_noise_scheduler, load_unet
+
+    state = PartialState(cpu=device.type == "cpu")  # the process group, set up by accelerate launch
+    processes = state.num_processes
+    if settings["processes"] != processes:
+        raise ValueError(f"train.processes is {settings['processes']} but this run has {processes} process(es): "
+                         f"start it with urepa.launch.train, which launches train.processes processes")
+    process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # a clear error before any work
 
     csv_sha = file_digest(caches["csv"])
     vae = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size,
@@ -368,9 +449,15 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
         raise ValueError(f"CLIP cache dim {clip.attrs['dim']} does not match the U-Net's cross-attention dim "
                          f"{unet.config.cross_attention_dim}")
     model_dir = Path(model_dir)
-    run_dir = claim_run_state(Path(states_dir), {
-        "settings": settings, "seed": seed, "csv_sha256": csv_sha, "code": training_code_digest(),
-        "caches": {"vae": content_digest(vae), "dino": content_digest(dino), "clip": content_digest(clip)}})
+    identity = {
+        "settings": without_launch(settings), "seed": seed, "csv_sha256": csv_sha, "code": training_code_digest(),
+        "caches": {"vae": content_digest(vae), "dino": content_digest(dino), "clip": content_digest(clip)}}
+    with state.main_process_first():  # the others find the folder the main process has claimed
+        # provenance: what changes the weights' last bits without changing the run (threads, device, build)
+        launch = {"processes": processes, "grad_accum": settings["grad_accum"],
+                  **provenance(device, mixed_precision=settings["mixed_precision"])}
+        run_dir = (claim_run_state(Path(states_dir), identity, launch)
+                   if state.is_main_process else run_state_dir(Path(states_dir), identity))
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
@@ -398,11 +485,12 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
         "caches": {name: str(path) for name, path in caches.items()},
         "token_grid": dino.attrs["grid"], "token_dim": dino.attrs["dim"], "trained_rows": int(len(rows)),
         "final_step": trainer.state.step, "run_state": str(run_dir),
+        "launches": json.loads((run_dir / "run.json").read_text())["launches"],
     }, indent=2))
     return run_dir
 
 
-TRAINING_CODE = ("losses.py", "models.py", "train.py")
+TRAINING_CODE = ("losses.py", "models.py", "train.py", "distributed.py")
 
 
 def training_code_digest() -> str:
@@ -415,27 +503,47 @@ def training_code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def claim_run_state(states_dir: Path, identity: dict) -> Path:
+def run_state_dir(states_dir: Path, identity: dict) -> Path:
+    return states_dir / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run state's complete checkpoints, oldest first (a half-written one is named *.tmp)."""
+    return sorted((run_dir / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def claim_run_state(states_dir: Path, identity: dict, launch: dict) -> Path:
     """The state folder of the run with this identity (settings, seed, data with the caches' contents,
     training code): `states_dir/<digest of the identity>/`, with the identity in its run.json.
 
     Every identity keeps its own folder, so state is resumed only by the very same run, never mixed with
     another's, and going back to a setting finds its run where it was left: a finished one is re-exported
-    at once instead of being trained again (on tierB that is days)."""
-    canonical = json.dumps(identity, sort_keys=True)
-    run_dir = states_dir / hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    at once instead of being trained again (on tierB that is days).
+
+    How the run is executed (`launch`: process count, gradient accumulation) is not identity: it changes the
+    weights only by floating-point reordering, as GPU kernels themselves do, and a preempted job requeued on
+    fewer GPUs must resume, not start over. run.json records it under "launches", with the step each start
+    of the run trained from."""
+    run_dir = run_state_dir(states_dir, identity)
     marker = run_dir / "run.json"
     others = sorted(p.parent.name for p in states_dir.glob("*/run.json") if p.parent != run_dir)
+    launches = []
     if marker.exists():
-        if json.dumps(json.loads(marker.read_text()), sort_keys=True) != canonical:
+        recorded = json.loads(marker.read_text())
+        launches = recorded.pop("launches", [])
+        if json.dumps(recorded, sort_keys=True) != json.dumps(identity, sort_keys=True):
             set_aside(run_dir, "records another identity than its name says")
+            launches = []
         else:
             log.info("run state %s: this identity's state, resumed where it was left", run_dir)
     else:
         log.info("run state %s: new identity, training from step 0%s", run_dir,
                  f" (states of other identities kept beside it: {', '.join(others)})" if others else "")
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    checkpoints = complete_checkpoints(run_dir)
+    from_step = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+    marker.write_text(json.dumps({**identity, "launches": [*launches, {**launch, "from_step": from_step}]},
+                                 indent=2, sort_keys=True))
     return run_dir
 
 

@@ -189,7 +189,7 @@ def rule_resources(rule_name, wildcards):
 
 def job_gpus(rule_name, wildcards):
     """GPUs of one job: train_unet asks for one per training process."""
-    per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation).get("processes", 1) \
+    per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["processes"] \
         if rule_name == "train_unet" else 1
     return rule_resources(rule_name, wildcards)["gpu"] * per_job
 

@@ -15,7 +15,8 @@ rule train_unet:
         model=report(directory("results/{tier}/{ablation}/seed-{seed}/model"), patterns=["loss_curve.png"],
                      caption="../report/loss_curve.rst", category="Training losses", subcategory="{ablation}, seed {seed}"),
     params:
-        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
+        # without processes / grad_accum: they change no result, so changing them reruns nothing
+        settings=lambda w: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, w.ablation)),
         states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
