@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -542,3 +543,32 @@ def test_cached_rows_in_a_dataloader_worker(built):
         assert batch["tokens"].shape == (8, 16, tokens.shape[-1])
         np.testing.assert_array_equal(batch["row"].numpy(), expected_rows)
         np.testing.assert_array_equal(bits(batch["tokens"].numpy()), bits(tokens[expected_rows]))
+
+
+# -- the workflow's cache rules -------------------------------------------------------------------------
+def dry_run(tmp_path: Path, smoke_cache: dict) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the smoke tier's image caches, with `smoke_cache` as the tier's `cache` settings."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["tiers"]["smoke"]["cache"] = smoke_cache
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "-n", "results/smoke/cache/vae_latents.zarr",
+                           "results/smoke/cache/dino_tokens.zarr"], capture_output=True, text=True, timeout=600)
+
+
+def test_cache_shards_splits_each_image_cache_into_part_jobs_and_a_sealing_job(tmp_path):
+    planned = dry_run(tmp_path, {"shards": 3, "shard_rows": 32})
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    for name in ("vae_latents", "dino_tokens"):
+        for part in range(3):
+            assert f"results/smoke/cache/{name}.parts/{part}-of-3.json" in planned.stdout
+        assert f"results/smoke/cache/{name}.parts/3-of-3.json" not in planned.stdout
+    counts = dict(re.findall(r"^(cache_\w+)\s+(\d+)$", planned.stdout, flags=re.MULTILINE))
+    assert counts == {"cache_vae_part": "3", "cache_dino_part": "3", "cache_vae": "1", "cache_dino": "1"}
+
+    refused = dry_run(tmp_path, {"shard_rows": 48})
+    assert refused.returncode != 0
+    assert "cache.shard_rows (48) must be a positive multiple of cache.batch_size (32)" in refused.stdout + refused.stderr
