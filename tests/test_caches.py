@@ -526,6 +526,9 @@ def test_cached_rows_returns_the_requested_order(built):
         assert batch[name].dtype == torch.float16
         np.testing.assert_array_equal(bits(batch[name].numpy()), bits(values), err_msg=name)
     assert batch["class_id"].dtype == torch.int64 and batch["row"].dtype == torch.int64
+    for name, array in dataset._arrays.items():  # read in Rust, not through zarr-python's fallback pipeline
+        pipeline = array.async_array.codec_pipeline
+        assert type(pipeline).__name__ == "ZarrsCodecPipeline" and pipeline.impl is not None, name
     np.testing.assert_array_equal(batch["class_id"].numpy(), table["class_id"].to_numpy()[rows])
     np.testing.assert_array_equal(batch["row"].numpy(), rows)
 

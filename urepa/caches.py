@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = 1024
 STORE = "store.zarr"      # inside a build folder: the store being filled, renamed into place when sealed
 FINISHED = "finished"     # inside a build folder: one record per finished shard
-UNCOMPRESSED = frozenset({"tokens"})
 
 
 class CacheMismatchError(RuntimeError):
@@ -178,9 +177,13 @@ def create_row_cache(path: str | Path, arrays: dict[str, tuple[tuple[int, ...], 
     caches with it too."""
     group = zarr.open_group(str(path), mode="w")
     for name, (row_shape, dtype) in arrays.items():
-        # One row per chunk: training reads random rows. One shard per file: the unit a build writes.
+        # One row per chunk: training reads random rows. One shard per file: the unit a build writes. No
+        # compression: unit-norm fp16 DINOv2 tokens are close to incompressible (zstd saves ~8 %), and zarr
+        # decodes every compressed row in a thread of its own; for sharded rows that was ~30 % of a training
+        # batch's read CPU (benchmarks/data_read.py shapes: 129-139 ms a batch of 48 with zstd latents, 89-104 ms
+        # without, machine under load), while zstd saved 10 % of random latents' bytes.
         group.create_array(name, shape=(num_rows, *row_shape), chunks=(1, *row_shape), shards=(shard_rows, *row_shape),
-                           dtype=dtype, fill_value=np.nan, compressors=None if name in UNCOMPRESSED else "auto")
+                           dtype=dtype, fill_value=np.nan, compressors=None)
     return group
 
 
@@ -234,6 +237,13 @@ def _write_shard(group: zarr.Group, folder: Path, shard: int, start: int, stop: 
     os.replace(temporary, record)  # last: a shard counts as finished only once its data is on disk
 
 
+def check_shard_rows(shard_rows: int, batch_size: int) -> None:
+    """Batches must not span two shards, so that every row is encoded in the same batch whatever the shard size."""
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise ValueError(f"cache.shard_rows ({shard_rows}) must be a positive multiple of cache.batch_size "
+                         f"({batch_size}): batches must not span two shards")
+
+
 def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[str, tuple[tuple[int, ...], str]],
                       attrs: dict, transform: Callable, image_shape: tuple[int, ...],
                       encode: Callable[[torch.Tensor], dict[str, np.ndarray]], batch_size: int,
@@ -245,9 +255,7 @@ def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[s
     (`seal_cache` finishes the cache once all n parts are done); None: encode every shard, seal, and return
     `out_path`. Batches never span two shards and `shard_rows` is a multiple of `batch_size`, so every row is
     encoded in the same batch whatever the number of parts and shard size: the result is the same, bit for bit."""
-    if shard_rows < 1 or shard_rows % batch_size:
-        raise ValueError(f"cache.shard_rows ({shard_rows}) must be a positive multiple of cache.batch_size "
-                         f"({batch_size}): batches must not span two shards")
+    check_shard_rows(shard_rows, batch_size)
     csv_path, out_path = Path(csv_path), Path(out_path)
     table = pd.read_csv(csv_path)
     num_rows = len(table)
@@ -470,10 +478,14 @@ def check_cache(path: str | Path, expected: dict) -> zarr.Group:
     return group
 
 
+READ_PIPELINE = "zarrs.ZarrsCodecPipeline"
+
+
 class CachedRows(Dataset):
     """Training reads: `dataset[row_indices]` gives a whole batch (latent posterior moments, DINOv2
     tokens, class ids) in the order asked for. Every row of every array is read as its own chunk with
-    a basic (slice) selection, all of them concurrently on zarr's event loop, straight into the batch.
+    a basic (slice) selection through the zarrs codec pipeline, all of them concurrently on zarr's event
+    loop, straight into the batch.
     (An orthogonal selection `array.oindex[rows]` reads the same chunks but copies each one out through
     numpy fancy indexing over all of the chunk's axes: ~6x slower for [256, 1024] token rows.)
     Arrays are opened lazily so each DataLoader worker holds its own handles."""
@@ -485,8 +497,12 @@ class CachedRows(Dataset):
 
     def _open(self) -> dict:
         if self._arrays is None:
-            vae, dino = zarr.open_group(self.vae_path, mode="r"), zarr.open_group(self.dino_path, mode="r")
-            self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
+            # An array keeps the codec pipeline it was opened with: these read through zarrs (Rust). zarr-python's
+            # own pipeline takes ~2.5x the CPU of an unsharded read for a row of a shard, which put 2 DataLoader
+            # workers on 2 cores well below 500 samples/s (benchmarks/data_read.py).
+            with zarr.config.set({"codec_pipeline.path": READ_PIPELINE}):
+                vae, dino = zarr.open_group(self.vae_path, mode="r"), zarr.open_group(self.dino_path, mode="r")
+                self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
         return self._arrays
 
     def __len__(self) -> int:
