@@ -312,7 +312,8 @@ def seal_cache(out_path: str | Path) -> Path:
     records (a valid row holds finite values in every array, an invalid row none), write the valid mask, the
     invalid rows and a SHA-256 of every array's rows in row order, then rename the store into place.
 
-    A shard found damaged (e.g. its file lost) loses its record, so that its part job encodes it again."""
+    A shard found damaged (e.g. its file lost) loses its record, so that its part job encodes it again. Reading,
+    checking and hashing ran at ~140 MiB/s of tokens here (2 cores under load): ~30 min for tierB's 250 GiB."""
     out_path = Path(out_path)
     folder = build_folder(out_path)
     if not (folder / STORE).is_dir():
@@ -335,15 +336,16 @@ def seal_cache(out_path: str | Path) -> Path:
     valid = np.ones(num_rows, dtype=bool)
     valid[[error["row"] for error in errors]] = False
     digests, damaged = {}, {}
-    for name in names:
+    for name, array in open_arrays(folder / STORE, names).items():
         digest = hashlib.sha256()
         for shard, (start, stop) in enumerate(ranges):
-            values = group[name][start:stop]
-            rows = values.reshape(stop - start, -1)
-            wrong = np.where(valid[start:stop], ~np.isfinite(rows).all(axis=1), ~np.isnan(rows).all(axis=1))
+            values = array[start:stop]
+            rows, expected = values.reshape(stop - start, -1), valid[start:stop]
+            wrong = expected & ~np.isfinite(rows).all(axis=1)
+            wrong[~expected] = ~np.isnan(rows[~expected]).all(axis=1)
             if wrong.any():
                 damaged.setdefault(shard, set()).update((np.flatnonzero(wrong) + start).tolist())
-            digest.update(values.tobytes())
+            digest.update(values)  # C-ordered rows, without a copy
         digests[name] = digest.hexdigest()
     if damaged:
         for shard in damaged:
@@ -362,6 +364,16 @@ def seal_cache(out_path: str | Path) -> Path:
     Path(str(folder) + ".lock").unlink(missing_ok=True)  # every part is done: no job waits on it
     log.info("sealed %s: %d rows in %d shards, %d invalid", out_path, num_rows, len(ranges), len(errors))
     return out_path
+
+
+def open_arrays(path: str | Path, names: list[str]) -> dict[str, zarr.Array]:
+    """Arrays of a store, opened read-only with the zarrs (Rust) codec pipeline, which an array keeps. zarr-python's
+    own pipeline spends ~2.5x the CPU of an unsharded read on each row it reads out of a shard: 2 DataLoader
+    workers read 239 samples/s with it, 552 with zarrs (benchmarks/data_read.py, side by side, machine under
+    load); whole shards read ~4x faster."""
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        group = zarr.open_group(str(path), mode="r")
+        return {name: group[name] for name in names}
 
 
 def _listed(items: list, shown: int = 10) -> str:
@@ -478,9 +490,6 @@ def check_cache(path: str | Path, expected: dict) -> zarr.Group:
     return group
 
 
-READ_PIPELINE = "zarrs.ZarrsCodecPipeline"
-
-
 class CachedRows(Dataset):
     """Training reads: `dataset[row_indices]` gives a whole batch (latent posterior moments, DINOv2
     tokens, class ids) in the order asked for. Every row of every array is read as its own chunk with
@@ -497,12 +506,8 @@ class CachedRows(Dataset):
 
     def _open(self) -> dict:
         if self._arrays is None:
-            # An array keeps the codec pipeline it was opened with: these read through zarrs (Rust). zarr-python's
-            # own pipeline takes ~2.5x the CPU of an unsharded read for a row of a shard, which put 2 DataLoader
-            # workers on 2 cores well below 500 samples/s (benchmarks/data_read.py).
-            with zarr.config.set({"codec_pipeline.path": READ_PIPELINE}):
-                vae, dino = zarr.open_group(self.vae_path, mode="r"), zarr.open_group(self.dino_path, mode="r")
-                self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
+            vae, dino = open_arrays(self.vae_path, ["mean", "std"]), open_arrays(self.dino_path, ["tokens"])
+            self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
         return self._arrays
 
     def __len__(self) -> int:
