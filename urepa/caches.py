@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 # Rows per shard file of the image caches (config `cache.shard_rows`). At the real tiers' shapes a shard of
 # DINOv2 tokens (256 x 1024 fp16, 512 KiB a row) is a 512 MiB file and one of latent moments (4 x 64 x 64
 # fp16, 32 KiB a row) at most 32 MiB: tierB's 500k rows make 489 shards per array, ~1,500 files instead of
-# ~1.5 million. Larger shards would tax random reads: before each row, zarr reads the shard's index (16 bytes a
-# row, 16 KiB here, already half a latent row). A part job holds one shard of every array in memory (~576 MiB)
-# before writing it, and a kill loses at most that shard's rows.
+# ~1.5 million. Larger shards are not free: zarr-python reads a shard's index (16 bytes a row: 16 KiB here, half
+# a latent row) with every row it reads from it, a part job holds one shard of every array in memory (~576 MiB
+# here) before writing it, and a kill loses up to a shard's rows.
 SHARD_ROWS = 1024
 STORE = "store.zarr"      # inside a build folder: the store being filled, renamed into place when sealed
 FINISHED = "finished"     # inside a build folder: one record per finished shard
@@ -178,9 +178,9 @@ def create_row_cache(path: str | Path, arrays: dict[str, tuple[tuple[int, ...], 
     group = zarr.open_group(str(path), mode="w")
     for name, (row_shape, dtype) in arrays.items():
         # One row per chunk: training reads random rows. One shard per file: the unit a build writes. No
-        # compression: unit-norm fp16 DINOv2 tokens are close to incompressible (zstd saves ~8 %), and zarr
-        # decodes every compressed row in a thread of its own; for sharded rows that was ~30 % of a training
-        # batch's read CPU (benchmarks/data_read.py shapes: 129-139 ms a batch of 48 with zstd latents, 89-104 ms
+        # compression: unit-norm fp16 DINOv2 tokens are close to incompressible (zstd saves ~8 %), and
+        # zarr-python decodes every compressed row in a thread of its own: ~30 % of a sharded training batch's
+        # read CPU (benchmarks/data_read.py shapes: 129-139 ms a batch of 48 with zstd latents, 89-104 ms
         # without, machine under load), while zstd saved 10 % of random latents' bytes.
         group.create_array(name, shape=(num_rows, *row_shape), chunks=(1, *row_shape), shards=(shard_rows, *row_shape),
                            dtype=dtype, fill_value=np.nan, compressors=None)
