@@ -2,13 +2,14 @@
 
 Generates a VAE-latent cache (posterior mean and std, [N, 4, 64, 64] float16) and a DINOv2-token cache
 ([N, 256, 1024] float16) of random data with `urepa.caches.create_row_cache` -- the same layout,
-chunking and compression the cache stage writes -- then reads random batches through
+chunking, sharding and compression the cache stage writes, a shard at a time as it does -- then reads random batches through
 `urepa.caches.CachedRows` and a torch DataLoader driven by `urepa.train.StepBatches`, exactly as
 training does, for each number of DataLoader workers, and prints samples/s.
 
     python benchmarks/data_read.py                        # 2000 rows, batch 48, workers 0 1 2
     python benchmarks/data_read.py --rows 4000 --duration 20 --workers 2
     python benchmarks/data_read.py --cache-dir /scratch/bench --keep   # reuse generated caches
+    python benchmarks/data_read.py --shard-rows 256                     # another shard size
 
 Note: on a machine with enough RAM the generated caches (~0.6 MiB per row) sit in the page cache after
 generation, so this measures decoding and assembly, not the disk. Drop caches (or use --rows larger than
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from urepa.caches import CachedRows, create_row_cache  # noqa: E402
+from urepa.caches import SHARD_ROWS, CachedRows, create_row_cache  # noqa: E402
 from urepa.train import StepBatches  # noqa: E402
 
 LATENT_SHAPE = (4, 64, 64)   # SD-1.5 VAE at 512 px
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in the main process (default 1, as a training process leaves "
                              "the CPU to the data workers)")
+    parser.add_argument("--shard-rows", type=int, default=SHARD_ROWS,
+                        help=f"rows per zarr shard (default {SHARD_ROWS}, as the cache stage)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -63,34 +66,38 @@ ARRAYS = {"vae_latents.zarr": {"mean": (LATENT_SHAPE, "float16"), "std": (LATENT
           "dino_tokens.zarr": {"tokens": (TOKEN_SHAPE, "float16")}}
 
 
-def generate(cache_dir: Path, rows: int, seed: int) -> None:
-    """Write the two caches with random data shaped like real latents and unit-norm tokens."""
+def generate(cache_dir: Path, rows: int, shard_rows: int, seed: int) -> None:
+    """Write the two caches with random data shaped like real latents and unit-norm tokens, a whole shard of
+    every array per write, as a cache build does."""
     rng = np.random.default_rng(seed)
-    vae, dino = (create_row_cache(cache_dir / name, arrays, rows) for name, arrays in ARRAYS.items())
-    block = 64
-    for start in tqdm(range(0, rows, block), desc="generating caches", unit="block", mininterval=1):
-        stop = min(rows, start + block)
-        n = stop - start
-        vae["mean"][start:stop] = (rng.standard_normal((n, *LATENT_SHAPE), dtype=np.float32) * 5).astype(np.float16)
-        vae["std"][start:stop] = np.exp(rng.uniform(-6, -2, (n, *LATENT_SHAPE))).astype(np.float16)
-        tokens = rng.standard_normal((n, *TOKEN_SHAPE), dtype=np.float32)
-        tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
-        dino["tokens"][start:stop] = tokens.astype(np.float16)
+    vae, dino = (create_row_cache(cache_dir / name, arrays, rows, shard_rows) for name, arrays in ARRAYS.items())
+    block = 64  # rows drawn at a time: bounds the float32 temporaries
+    for start in tqdm(range(0, rows, shard_rows), desc="generating caches", unit="shard", mininterval=1):
+        stop = min(rows, start + shard_rows)
+        shard = {name: np.empty((stop - start, *shape), dtype=np.float16)
+                 for name, shape in (("mean", LATENT_SHAPE), ("std", LATENT_SHAPE), ("tokens", TOKEN_SHAPE))}
+        for first in range(0, stop - start, block):
+            n = min(block, stop - start - first)
+            rows_drawn = slice(first, first + n)
+            shard["mean"][rows_drawn] = rng.standard_normal((n, *LATENT_SHAPE), dtype=np.float32) * 5
+            shard["std"][rows_drawn] = np.exp(rng.uniform(-6, -2, (n, *LATENT_SHAPE)))
+            tokens = rng.standard_normal((n, *TOKEN_SHAPE), dtype=np.float32)
+            shard["tokens"][rows_drawn] = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+        vae["mean"][start:stop], vae["std"][start:stop] = shard["mean"], shard["std"]
+        dino["tokens"][start:stop] = shard["tokens"]
     for group in (vae, dino):
-        group["done"][:] = True
-        group["valid"][:] = True
         group.attrs.update({"complete": True, "benchmark": "random data, real-tier shapes"})
 
 
-def reusable(cache_dir: Path, rows: int) -> bool:
+def reusable(cache_dir: Path, rows: int, shard_rows: int) -> bool:
     """Caches in `cache_dir` have `rows` rows and exactly the layout create_row_cache makes today
     (compared with a fresh, empty one: creating it writes metadata only)."""
     with tempfile.TemporaryDirectory() as probe:
         for name, arrays in ARRAYS.items():
             if not (cache_dir / name).is_dir():
                 return False
-            create_row_cache(Path(probe) / name, arrays, rows)
-            for array in [*arrays, "done", "valid"]:
+            create_row_cache(Path(probe) / name, arrays, rows, shard_rows)
+            for array in arrays:
                 current, fresh = (root / name / array / "zarr.json" for root in (cache_dir, Path(probe)))
                 if not current.is_file() or current.read_text() != fresh.read_text():
                     return False
@@ -99,6 +106,10 @@ def reusable(cache_dir: Path, rows: int) -> bool:
 
 def disk_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def file_count(path: Path) -> int:
+    return sum(p.is_file() for p in path.rglob("*"))
 
 
 def measure(dataset: CachedRows, rows: np.ndarray, batch_size: int, workers: int, duration: float,
@@ -138,18 +149,18 @@ def main(argv=None) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         vae_path, dino_path = cache_dir / "vae_latents.zarr", cache_dir / "dino_tokens.zarr"
-        if args.keep and reusable(cache_dir, args.rows):
+        if args.keep and reusable(cache_dir, args.rows, args.shard_rows):
             print(f"reusing the caches in {cache_dir}")
         else:
             start = time.perf_counter()
-            generate(cache_dir, args.rows, args.seed)
+            generate(cache_dir, args.rows, args.shard_rows, args.seed)
             print(f"generated {args.rows} rows in {time.perf_counter() - start:.1f} s")
         tokens = zarr.open_array(str(dino_path / "tokens"), mode="r")
         mean = zarr.open_array(str(vae_path / "mean"), mode="r")
         print(f"caches in {cache_dir}: VAE {disk_size(vae_path) / 2**20:.0f} MiB, "
-              f"DINO {disk_size(dino_path) / 2**20:.0f} MiB"
-              f"  | tokens chunks {tokens.chunks} compressors {tokens.compressors}"
-              f"  | latent chunks {mean.chunks}")
+              f"DINO {disk_size(dino_path) / 2**20:.0f} MiB, {file_count(vae_path) + file_count(dino_path)} files"
+              f"  | tokens chunks {tokens.chunks} shards {tokens.shards} compressors {tokens.compressors}"
+              f"  | latent chunks {mean.chunks} shards {mean.shards}")
         class_ids = np.arange(args.rows) % 1000
         dataset = CachedRows(vae_path, dino_path, class_ids)
         rows = np.arange(args.rows)

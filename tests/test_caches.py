@@ -1,14 +1,16 @@
 """Stage 2: the zarr caches -- shapes, row alignment with the CSV, metadata checks, corrupt images,
-resume after a kill, and the training-time reader.
+sharded storage, builds split into parts, resume after a kill, sealing, and the training-time reader.
 
 The shared caches (conftest's `smoke_caches`) are built once per session from the smoke inputs at small sizes: VAE at 128 px
 (latents 4x16x16), DINOv2 at resize 64 / crop 56 (a 4x4 token grid), CLIP for the tree's classes.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,13 +29,18 @@ from torch.utils.data import DataLoader
 from conftest import CACHE_BATCH, CPU, DINO_SIZE, SMOKE_IMAGE_SIZE
 from urepa import caches, generated, sd15
 from urepa.caches import (
+    FINISHED,
+    STORE,
+    CacheBuildError,
     CachedRows,
     CacheMismatchError,
     build_dino_cache,
     build_vae_cache,
     check_cache,
     file_digest,
+    build_folder,
     open_cache,
+    seal_cache,
     valid_rows,
     weights_fingerprint,
 )
@@ -44,12 +51,18 @@ BATCH = CACHE_BATCH
 LOAD_VAE = sd15.load_vae  # the real loader, for wrappers to call whatever is patched in
 
 
-def build_vae(csv, out, sd15_dir, batch_size=BATCH):
-    return build_vae_cache(csv, out, sd15_dir, SMOKE_IMAGE_SIZE, batch_size, 0, CPU)
+SHARD = 2 * BATCH  # rows per shard of the sharded test builds: the 30-row subset makes shards 0-3, the last of 6 rows
 
 
-def build_dino(csv, out, dinov2_dir, batch_size=BATCH):
-    return build_dino_cache(csv, out, dinov2_dir, SMOKE_IMAGE_SIZE, DINO_SIZE, batch_size, 0, CPU)
+def build_vae(csv, out, sd15_dir, batch_size=BATCH, **sharding):
+    return build_vae_cache(csv, out, sd15_dir, SMOKE_IMAGE_SIZE, batch_size, 0, CPU, **sharding)
+
+
+def build_dino(csv, out, dinov2_dir, batch_size=BATCH, **sharding):
+    return build_dino_cache(csv, out, dinov2_dir, SMOKE_IMAGE_SIZE, DINO_SIZE, batch_size, 0, CPU, **sharding)
+
+
+BUILDERS = {"vae": (build_vae, "sd15"), "dino": (build_dino, "dinov2")}
 
 
 @pytest.fixture
@@ -86,7 +99,7 @@ def test_vae_cache_shapes(built):
         assert group[name].dtype == np.float16
         assert np.isfinite(as_float(group[name][:])).all()
     assert (as_float(group["std"][:]) > 0).all()
-    assert group["valid"][:].all() and group["done"][:].all()
+    assert group["valid"][:].all()
     assert not built["vae"].with_name(built["vae"].name + ".partial").exists()
 
 
@@ -230,7 +243,6 @@ def test_unreadable_images_are_recorded_as_invalid_rows(built, smoke_inputs, tmp
     dino = open_cache(build_dino(csv, tmp_path / "dino.zarr", smoke_inputs["dinov2"], batch_size=2))
     good = np.array(sorted(set(range(10)) - set(bad)))
     for group, names in ((vae, ("mean", "std")), (dino, ("tokens",))):
-        assert group["done"][:].all()
         np.testing.assert_array_equal(np.flatnonzero(group["valid"][:]), good)
         for name in names:
             values = as_float(group[name][:])
@@ -247,6 +259,111 @@ def test_unreadable_images_are_recorded_as_invalid_rows(built, smoke_inputs, tmp
     # The good rows are the same images as in the main caches, so they encode to the same tokens.
     main_tokens = as_float(open_cache(built["dino"])["tokens"][:7])
     np.testing.assert_allclose(as_float(dino["tokens"][:5]), main_tokens[:5], atol=2e-3)
+
+
+# -- sharded storage and builds split into parts --------------------------------------------------------
+def files_in(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()]
+
+
+def finished_shards(folder: Path) -> set[int]:
+    return {int(p.stem) for p in (folder / FINISHED).glob("*.json")}
+
+
+def shard_file(folder: Path, array: str, shard: int) -> Path:
+    """Where zarr keeps shard `shard` of a [rows, 4, h, w] array of a build's store (default chunk key encoding)."""
+    return folder / STORE / array / "c" / str(shard) / "0" / "0" / "0"
+
+
+@pytest.fixture(scope="module")
+def three_part_builds(smoke_caches, smoke_inputs, tmp_path_factory) -> dict[str, Path]:
+    """The shared subset's VAE and DINOv2 caches built as three part jobs (run out of order) into shards of
+    SHARD rows, then sealed."""
+    root = tmp_path_factory.mktemp("three_parts")
+    sealed = {}
+    for name, (build, model) in BUILDERS.items():
+        path = root / f"{name}.zarr"
+        for part in (2, 0, 1):
+            assert build(smoke_caches["csv"], path, smoke_inputs[model], shard_rows=SHARD, part=(part, 3)) \
+                == build_folder(path)
+        assert not path.exists() and finished_shards(build_folder(path)) == {0, 1, 2, 3}
+        sealed[name] = seal_cache(path)
+        assert not build_folder(path).exists()
+    return sealed
+
+
+@pytest.mark.parametrize("name", ["vae", "dino"])
+def test_a_three_part_build_equals_the_one_job_build(three_part_builds, built, name):
+    """Every array's bytes, the valid mask and the attributes are the same, although the one-job build holds
+    each array in one shard and the three-part build in four."""
+    parts, whole = open_cache(three_part_builds[name]), open_cache(built[name])
+    names = sorted(whole.array_keys())
+    assert sorted(parts.array_keys()) == names and "valid" in names
+    for array in names:
+        np.testing.assert_array_equal(bits(parts[array][:]), bits(whole[array][:]), err_msg=array)
+    assert dict(parts.attrs) == dict(whole.attrs)
+    data = [array for array in names if array != "valid"]
+    assert {parts[array].shards[0] for array in data} == {SHARD}
+    assert {whole[array].shards[0] for array in data} == {caches.SHARD_ROWS}
+    assert parts.attrs["data_sha256"] == {array: hashlib.sha256(whole[array][:].tobytes()).hexdigest() for array in data}
+
+
+def test_smoke_sized_caches_are_a_few_files(built, three_part_builds):
+    # A file per row per array (the layout before sharding) would make 60 data files of the 30-row VAE cache.
+    for path in (built["vae"], built["dino"], built["clip"], *three_part_builds.values()):
+        assert len(files_in(path)) <= 30, path
+    # zarr.json of the group, mean, std and valid; 4 shards of mean and of std; valid in one chunk.
+    assert len(files_in(three_part_builds["vae"])) == 4 + 2 * 4 + 1
+    assert len(files_in(built["vae"])) == 4 + 2 * 1 + 1
+
+
+def test_sharded_rows_read_the_same_as_a_file_per_row(three_part_builds, tmp_path):
+    """CachedRows over sharded arrays returns what it returns from the previous layout (one chunk file per row)."""
+    copies = {}
+    for name, path in three_part_builds.items():
+        source = zarr.open_group(str(path), mode="r")
+        copies[name] = tmp_path / path.name
+        copy = zarr.open_group(str(copies[name]), mode="w")
+        for array in source.array_keys():
+            copy.create_array(array, data=source[array][:], chunks=(1, *source[array].shape[1:]))
+        assert copy["tokens" if name == "dino" else "mean"].shards is None
+    class_ids = np.arange(30) % 3
+    rows = np.array([29, 0, 7, 8, 15, 16, 24, 3, 8])  # shard edges, the short last shard, a row twice
+    sharded = CachedRows(three_part_builds["vae"], three_part_builds["dino"], class_ids)[rows]
+    per_row = CachedRows(copies["vae"], copies["dino"], class_ids)[rows]
+    assert set(sharded) == set(per_row)
+    for key, values in per_row.items():
+        np.testing.assert_array_equal(bits(sharded[key].numpy()), bits(values.numpy()), err_msg=key)
+
+
+def test_sealing_checks_every_shard_and_row(built, smoke_inputs, tmp_path, monkeypatch):
+    out = tmp_path / "vae_latents.zarr"
+    folder = build_folder(out)
+    build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=SHARD, part=(0, 3))  # shard 0
+    build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=SHARD, part=(1, 3))  # shard 1
+    with pytest.raises(CacheBuildError, match=r"2 of 4 shards .* are not finished \(2, 3\)"):
+        seal_cache(out)
+    build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=SHARD, part=(2, 3))  # shards 2 and 3
+    # A shard file lost after its shard was recorded: its rows (8-15, all valid) read as NaN.
+    shard_file(folder, "std", 1).unlink()
+    with pytest.raises(CacheBuildError, match=r"8 rows \(8, 9, 10, 11, 12, 13, 14, 15\) do not hold"):
+        seal_cache(out)
+    assert finished_shards(folder) == {0, 2, 3} and not out.exists()
+    encoded = counting_vae_loader(monkeypatch)
+    build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=SHARD, part=(1, 3))
+    assert sum(encoded) == SHARD
+    monkeypatch.undo()
+    seal_cache(out)
+    assert_same_cache(out, built["vae"])
+
+
+def test_shard_rows_must_hold_whole_batches_and_the_part_must_exist(built, smoke_inputs, tmp_path):
+    with pytest.raises(ValueError, match=r"cache.shard_rows \(6\) must be a positive multiple of "
+                                         r"cache.batch_size \(4\)"):
+        build_vae(built["csv"], tmp_path / "a.zarr", smoke_inputs["sd15"], shard_rows=6)
+    with pytest.raises(ValueError, match="part 3 does not exist: parts are numbered 0 to 2"):
+        build_vae(built["csv"], tmp_path / "a.zarr", smoke_inputs["sd15"], shard_rows=SHARD, part=(3, 3))
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- resume --------------------------------------------------------------------------------------------
@@ -272,75 +389,76 @@ def counting_vae_loader(monkeypatch, fail_after: int | None = None) -> list[int]
     return encoded
 
 
-def assert_same_cache(a: Path, b: Path, names=("mean", "std", "valid", "done")) -> None:
+def assert_same_cache(a: Path, b: Path, names=("mean", "std", "valid")) -> None:
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
     for name in names:
         np.testing.assert_array_equal(bits(ga[name][:]), bits(gb[name][:]), err_msg=name)
     assert dict(ga.attrs) == dict(gb.attrs)
 
 
-def test_resume_after_kill_encodes_only_the_remaining_rows(built, smoke_inputs, tmp_path, monkeypatch, caplog):
-    # Enough rows that the build is still running when the first batches are marked done.
+def test_resume_after_kill_encodes_only_the_unfinished_shards(built, smoke_inputs, tmp_path, monkeypatch, caplog):
+    # Enough shards that the build is still running when the first ones are recorded as finished.
     table = pd.concat([built["table"]] * 2, ignore_index=True)
     table["id"] = [f"{i}_{n}" for n, i in enumerate(table["id"])]
     csv = tmp_path / "subset.csv"
     table.to_csv(csv, index=False)
     out = tmp_path / "vae_latents.zarr"
-    partial = out.with_name(out.name + ".partial")
+    folder = build_folder(out)
+    shard_rows = 4  # two batches of 2 per shard: 15 shards
+    num_shards = len(table) // shard_rows
     threads = torch.get_num_threads()  # the same arithmetic in both processes: bit-identical results
     script = (f"import torch; torch.set_num_threads({threads}); from urepa.caches import build_vae_cache; "
               f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'])!r}, {SMOKE_IMAGE_SIZE}, 2, 0, "
-              f"torch.device('cpu'))")
+              f"torch.device('cpu'), shard_rows={shard_rows})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "build.log", "wb") as log_file:
         process = subprocess.Popen([sys.executable, "-c", script], stdout=log_file, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
-        done_at_kill = 0
         try:
             while process.poll() is None and time.monotonic() < deadline:
-                try:
-                    done_at_kill = int(zarr.open_array(str(partial / "done"), mode="r")[:].sum())
-                except Exception:  # not created yet
-                    done_at_kill = 0
-                if done_at_kill:
+                if (folder / FINISHED).is_dir() and finished_shards(folder):
                     break
                 time.sleep(0.01)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
-    assert done_at_kill, f"the build never marked a row done:\n{(tmp_path / 'build.log').read_text()[-2000:]}"
+    finished = finished_shards(folder)
+    assert finished, f"the build never finished a shard:\n{(tmp_path / 'build.log').read_text()[-2000:]}"
     assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    assert not out.exists() and partial.exists()
-    done_before = int(zarr.open_array(str(partial / "done"), mode="r")[:].sum())
-    assert 0 < done_before < len(table)
+    assert not out.exists() and len(finished) < num_shards
     with pytest.raises(FileNotFoundError, match="unfinished build"):
         open_cache(out)
+    # What a kill in the middle of writing a shard leaves: a torn file that zarr cannot read.
+    torn = min(set(range(num_shards)) - finished)
+    shard_file(folder, "mean", torn).parent.mkdir(parents=True, exist_ok=True)
+    shard_file(folder, "mean", torn).write_bytes(np.random.default_rng(0).bytes(1000))
+    done_before = shard_rows * len(finished)
 
     encoded = counting_vae_loader(monkeypatch)
     with caplog.at_level(logging.INFO, logger="urepa.caches"):
-        build_vae(csv, out, smoke_inputs["sd15"], batch_size=2)
+        build_vae(csv, out, smoke_inputs["sd15"], batch_size=2, shard_rows=shard_rows)
     assert sum(encoded) == len(table) - done_before
     assert f"resuming, {done_before} of {len(table)} rows already done" in caplog.text
-    assert out.exists() and not partial.exists()
+    assert out.exists() and not folder.exists()
 
     monkeypatch.undo()
-    reference = build_vae(csv, tmp_path / "reference.zarr", smoke_inputs["sd15"], batch_size=2)
+    reference = build_vae(csv, tmp_path / "reference.zarr", smoke_inputs["sd15"], batch_size=2)  # one shard, no kill
     assert_same_cache(out, reference)
 
 
 def test_partial_from_another_csv_is_discarded(built, smoke_inputs, tmp_path, monkeypatch, caplog):
     out = tmp_path / "vae_latents.zarr"
-    partial = out.with_name(out.name + ".partial")
+    partial = build_folder(out)
     counting_vae_loader(monkeypatch, fail_after=2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_vae(built["csv"], out, smoke_inputs["sd15"])
-    assert int(zarr.open_array(str(partial / "done"), mode="r")[:].sum()) == 2 * BATCH
+        build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=BATCH)
+    assert finished_shards(partial) == {0, 1}
 
     other_csv = tmp_path / "reversed.csv"
     built["table"].iloc[::-1].to_csv(other_csv, index=False)
     encoded = counting_vae_loader(monkeypatch)
     with caplog.at_level(logging.INFO):
-        build_vae(other_csv, out, smoke_inputs["sd15"])
+        build_vae(other_csv, out, smoke_inputs["sd15"], shard_rows=BATCH)
     assert "was started from other inputs" in caplog.text and len(list(tmp_path.glob("*.partial.stale-*"))) == 1
     assert "resuming" not in caplog.text
     assert sum(encoded) == len(built["table"])
@@ -350,8 +468,19 @@ def test_partial_from_another_csv_is_discarded(built, smoke_inputs, tmp_path, mo
     np.testing.assert_allclose(as_float(group["mean"][:]), main[::-1], rtol=1e-2, atol=2e-3)
 
 
+def test_partial_of_another_shard_size_is_set_aside(built, smoke_inputs, tmp_path, caplog):
+    out = tmp_path / "vae_latents.zarr"
+    build_vae(built["csv"], out, smoke_inputs["sd15"], shard_rows=SHARD, part=(0, 4))
+    with caplog.at_level(logging.INFO):
+        build_vae(built["csv"], out, smoke_inputs["sd15"])
+    assert f"laid out in shards of [{SHARD}] rows, not {caches.SHARD_ROWS}" in caplog.text
+    assert len(list(tmp_path.glob("*.partial.stale-*"))) == 1
+    assert_same_cache(out, built["vae"])
+
+
 def test_partial_from_the_same_csv_is_resumed(built, smoke_inputs, tmp_path, monkeypatch):
-    """An in-process crash (an exception, not a kill) leaves a partial that the next build finishes."""
+    """An in-process crash (an exception, not a kill) leaves a partial that the next build finishes: shards
+    recorded as finished are kept, the rows of the unfinished one are encoded again."""
     from urepa import dinov2  # build_dino_cache imports its loader from here when called
 
     out = tmp_path / "dino_tokens.zarr"
@@ -374,13 +503,12 @@ def test_partial_from_the_same_csv_is_resumed(built, smoke_inputs, tmp_path, mon
 
     monkeypatch.setattr(dinov2, "load_dinov2", load)
     with pytest.raises(KeyboardInterrupt):
-        build_dino(built["csv"], out, smoke_inputs["dinov2"])
-    assert sum(calls) == 3 * BATCH
+        build_dino(built["csv"], out, smoke_inputs["dinov2"], shard_rows=SHARD)
+    assert sum(calls) == 3 * BATCH and finished_shards(build_folder(out)) == {0}  # shard 1 had one batch of two
     crash[0] = False
-    build_dino(built["csv"], out, smoke_inputs["dinov2"])
-    assert sum(calls) == len(built["table"])
-    np.testing.assert_allclose(as_float(open_cache(out)["tokens"][:]), as_float(open_cache(built["dino"])["tokens"][:]),
-                               atol=2e-3)
+    build_dino(built["csv"], out, smoke_inputs["dinov2"], shard_rows=SHARD)
+    assert sum(calls) == len(built["table"]) + BATCH
+    np.testing.assert_array_equal(bits(open_cache(out)["tokens"][:]), bits(open_cache(built["dino"])["tokens"][:]))
 
 
 # -- training reads ------------------------------------------------------------------------------------
@@ -398,6 +526,9 @@ def test_cached_rows_returns_the_requested_order(built):
         assert batch[name].dtype == torch.float16
         np.testing.assert_array_equal(bits(batch[name].numpy()), bits(values), err_msg=name)
     assert batch["class_id"].dtype == torch.int64 and batch["row"].dtype == torch.int64
+    for name, array in dataset._arrays.items():  # read in Rust, not through zarr-python's fallback pipeline
+        pipeline = array.async_array.codec_pipeline
+        assert type(pipeline).__name__ == "ZarrsCodecPipeline" and pipeline.impl is not None, name
     np.testing.assert_array_equal(batch["class_id"].numpy(), table["class_id"].to_numpy()[rows])
     np.testing.assert_array_equal(batch["row"].numpy(), rows)
 
@@ -415,3 +546,32 @@ def test_cached_rows_in_a_dataloader_worker(built):
         assert batch["tokens"].shape == (8, 16, tokens.shape[-1])
         np.testing.assert_array_equal(batch["row"].numpy(), expected_rows)
         np.testing.assert_array_equal(bits(batch["tokens"].numpy()), bits(tokens[expected_rows]))
+
+
+# -- the workflow's cache rules -------------------------------------------------------------------------
+def dry_run(tmp_path: Path, smoke_cache: dict) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the smoke tier's image caches, with `smoke_cache` as the tier's `cache` settings."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["tiers"]["smoke"]["cache"] = smoke_cache
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "-n", "results/smoke/cache/vae_latents.zarr",
+                           "results/smoke/cache/dino_tokens.zarr"], capture_output=True, text=True, timeout=600)
+
+
+def test_cache_shards_splits_each_image_cache_into_part_jobs_and_a_sealing_job(tmp_path):
+    planned = dry_run(tmp_path, {"shards": 3, "shard_rows": 32})
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    for name in ("vae_latents", "dino_tokens"):
+        for part in range(3):
+            assert f"results/smoke/cache/{name}.parts/{part}-of-3.json" in planned.stdout
+        assert f"results/smoke/cache/{name}.parts/3-of-3.json" not in planned.stdout
+    counts = dict(re.findall(r"^(cache_\w+)\s+(\d+)$", planned.stdout, flags=re.MULTILINE))
+    assert counts == {"cache_vae_part": "3", "cache_dino_part": "3", "cache_vae": "1", "cache_dino": "1"}
+
+    refused = dry_run(tmp_path, {"shard_rows": 48})
+    assert refused.returncode != 0
+    assert "cache.shard_rows (48) must be a positive multiple of cache.batch_size (32)" in refused.stdout + refused.stderr

@@ -1,18 +1,41 @@
-# Stage 2: zarr caches. Outputs are renamed into place only when complete; an interrupted build
-# resumes from results/<tier>/cache/<name>.zarr.partial (not an output, so Snakemake keeps it).
+# Stage 2: zarr caches. The VAE and DINOv2 caches are built by `cache.shards` part jobs over whole zarr
+# shards of one build folder, results/<tier>/cache/<name>.zarr.partial (not an output, so Snakemake keeps
+# it and a killed part resumes from its unfinished shards); the sealing rule checks every row and renames
+# the finished store into place. Each part's output is a temporary marker that only orders the jobs.
 
 
-rule cache_vae:
+rule cache_vae_part:
     input:
         csv="results/{tier}/subset.csv",
         sd15=sd15_dir,
     output:
-        directory("results/{tier}/cache/vae_latents.zarr"),
+        temp("results/{tier}/cache/vae_latents.parts/{part}-of-{parts}.json"),
     params:
         image_size=lambda w: tier_of(w)["image_size"],
+        batch_size=lambda w: cache_settings(w.tier)["batch_size"],
+        shard_rows=lambda w: cache_settings(w.tier)["shard_rows"],
+        cache="results/{tier}/cache/vae_latents.zarr",
+    wildcard_constraints:
+        part=r"\d+",
+        parts=r"\d+",
     threads: job_threads("cache_vae")
     resources:
         **job_resources("cache_vae"),
+    log:
+        "results/{tier}/logs/cache_vae_part{part}-of-{parts}.log",
+    benchmark:
+        "results/{tier}/benchmarks/cache_vae_part{part}-of-{parts}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/cache_vae.py"
+
+
+rule cache_vae:
+    input:
+        cache_parts("vae_latents"),
+    output:
+        directory("results/{tier}/cache/vae_latents.zarr"),
     log:
         "results/{tier}/logs/cache_vae.log",
     benchmark:
@@ -20,21 +43,42 @@ rule cache_vae:
     conda:
         "../../environment.yml"
     script:
-        "../scripts/cache_vae.py"
+        "../scripts/cache_seal.py"
 
 
-rule cache_dino:
+rule cache_dino_part:
     input:
         csv="results/{tier}/subset.csv",
         dinov2=dinov2_path,
     output:
-        directory("results/{tier}/cache/dino_tokens.zarr"),
+        temp("results/{tier}/cache/dino_tokens.parts/{part}-of-{parts}.json"),
     params:
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
+        batch_size=lambda w: cache_settings(w.tier)["batch_size"],
+        shard_rows=lambda w: cache_settings(w.tier)["shard_rows"],
+        cache="results/{tier}/cache/dino_tokens.zarr",
+    wildcard_constraints:
+        part=r"\d+",
+        parts=r"\d+",
     threads: job_threads("cache_dino")
     resources:
         **job_resources("cache_dino"),
+    log:
+        "results/{tier}/logs/cache_dino_part{part}-of-{parts}.log",
+    benchmark:
+        "results/{tier}/benchmarks/cache_dino_part{part}-of-{parts}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/cache_dino.py"
+
+
+rule cache_dino:
+    input:
+        cache_parts("dino_tokens"),
+    output:
+        directory("results/{tier}/cache/dino_tokens.zarr"),
     log:
         "results/{tier}/logs/cache_dino.log",
     benchmark:
@@ -42,7 +86,7 @@ rule cache_dino:
     conda:
         "../../environment.yml"
     script:
-        "../scripts/cache_dino.py"
+        "../scripts/cache_seal.py"
 
 
 rule cache_clip:

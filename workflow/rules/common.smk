@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
 from urepa import config as urepa_config
 from urepa import runtime as urepa_runtime
+from urepa.caches import check_shard_rows
 from urepa.sample import shard_count
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -15,6 +16,8 @@ TIER = config["tier"]
 ABLATION = config["ablation"]
 urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation: fail now, by name
 urepa_config.check_real_paths(config, TIER)
+_cache = {**config["cache"], **urepa_config.tier_settings(config, urepa_config.data_tier(config, TIER)).get("cache", {})}
+check_shard_rows(_cache["shard_rows"], _cache["batch_size"])  # a shard size that splits a batch: before any job
 
 
 onstart:
@@ -204,6 +207,21 @@ def job_resources(rule_name):
     return {"gpu": lambda w: job_gpus(rule_name, w), "mem_mb": lambda w: rule_resources(rule_name, w)["mem_mb"],
             "runtime": lambda w: rule_resources(rule_name, w)["runtime"],
             "cpus_per_task": lambda w, threads: threads}
+
+
+def cache_settings(tier):
+    """config's `cache`, with the tier's own `cache` keys over it."""
+    return {**config["cache"], **urepa_config.tier_settings(config, tier).get("cache", {})}
+
+
+def cache_parts(name):
+    """Input function of a sealing rule: the markers of every part job of cache `name`."""
+
+    def inputs(wildcards):
+        parts = cache_settings(wildcards.tier)["shards"]
+        return [f"results/{wildcards.tier}/cache/{name}.parts/{part}-of-{parts}.json" for part in range(parts)]
+
+    return inputs
 
 
 def default_targets():

@@ -1,10 +1,15 @@
-"""Stage 2: DINOv2 patch tokens of the subset."""
+"""Stage 2: one part of the DINOv2 patch tokens of the subset (cache_seal.py finishes the cache)."""
+import json
+from pathlib import Path
+
 from urepa.caches import build_dino_cache
 from urepa.runtime import resolve_device, set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-config = snakemake.config
-build_dino_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.dinov2, snakemake.params.image_size,
-                 snakemake.params.dino_size, config["cache"]["batch_size"], config["num_workers"],
-                 resolve_device(config["device"], snakemake.resources.gpu))
+params, config = snakemake.params, snakemake.config
+part = (int(snakemake.wildcards.part), int(snakemake.wildcards.parts))
+folder = build_dino_cache(snakemake.input.csv, params.cache, snakemake.input.dinov2, params.image_size,
+                          params.dino_size, params.batch_size, config["num_workers"], resolve_device(config["device"], snakemake.resources.gpu),
+                          params.shard_rows, part)
+Path(snakemake.output[0]).write_text(json.dumps({"build_folder": str(folder), "part": part[0], "parts": part[1]}))

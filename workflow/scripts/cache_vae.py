@@ -1,9 +1,14 @@
-"""Stage 2: SD-VAE posterior latents of the subset."""
+"""Stage 2: one part of the SD-VAE posterior latents of the subset (cache_seal.py finishes the cache)."""
+import json
+from pathlib import Path
+
 from urepa.caches import build_vae_cache
 from urepa.runtime import resolve_device, set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-config = snakemake.config
-build_vae_cache(snakemake.input.csv, snakemake.output[0], snakemake.input.sd15, snakemake.params.image_size,
-                config["cache"]["batch_size"], config["num_workers"], resolve_device(config["device"], snakemake.resources.gpu))
+params, config = snakemake.params, snakemake.config
+part = (int(snakemake.wildcards.part), int(snakemake.wildcards.parts))
+folder = build_vae_cache(snakemake.input.csv, params.cache, snakemake.input.sd15, params.image_size, params.batch_size,
+                         config["num_workers"], resolve_device(config["device"], snakemake.resources.gpu), params.shard_rows, part)
+Path(snakemake.output[0]).write_text(json.dumps({"build_folder": str(folder), "part": part[0], "parts": part[1]}))
