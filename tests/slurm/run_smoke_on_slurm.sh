@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The smoke DAG through a real Slurm: every job of `snakemake --profile workflow/profiles/slurm` is submitted by
 # Snakemake's Slurm executor plugin to a one-node cluster started here on localhost, and must finish there.
-# For CI, on a Debian machine, as root (.ci/run runs it under `timeout`):
+# For CI, on a Debian machine, as root (.ci/run runs it under `timeout -s INT`: Snakemake cancels its jobs on INT):
 #     tests/slurm/run_smoke_on_slurm.sh
 # It installs slurm-wlm and munge (apt) and the plugin (pip, the project's `slurm` extra, into .venv or $VENV),
 # starts munged, slurmctld and slurmd by hand (no systemd) with their key, socket, state and logs in a folder of
@@ -56,7 +56,10 @@ stop_cluster() {
     local status=$?
     set +e
     if [ ${#daemon_pids[@]} -gt 0 ] && scontrol ping > /dev/null 2>&1; then
-        scancel --quiet --user="$(id -un)"  # jobs left by an interrupted run: the cluster is this script's own
+        # Jobs left by an interrupted run (the cluster is this script's own): their processes belong to slurmstepd,
+        # not to this script, and would outlive the daemons.
+        scancel --quiet --user="$(id -un)"
+        for _ in $(seq 30); do [ -z "$(squeue --noheader 2> /dev/null)" ] && break; sleep 1; done
     fi
     local pid
     for pid in "${daemon_pids[@]}"; do kill "$pid" 2> /dev/null; done
@@ -82,7 +85,9 @@ trap 'exit 143' TERM  # runs stop_cluster too
 trap 'exit 130' INT
 
 mungekey --create --keyfile="$cluster/munge-key/munge.key"
-munged --foreground --socket="$cluster/munge/munge.socket" --key-file="$cluster/munge-key/munge.key" \
+# The daemons get a session of their own: `timeout` and Ctrl-C signal the whole process group, and the cluster
+# must outlive Snakemake long enough to cancel its jobs, then be stopped here.
+setsid munged --foreground --socket="$cluster/munge/munge.socket" --key-file="$cluster/munge-key/munge.key" \
     --pid-file="$cluster/munge/munged.pid" --seed-file="$cluster/munge-key/munged.seed" \
     --log-file="$cluster/munge-key/munged.log" > "$cluster/log/munged.out" 2>&1 &
 daemon_pids+=($!)
@@ -101,9 +106,9 @@ sed -e "s|@DIR@|$cluster|g" -e "s|@NODE@|$node|g" -e "s|@HARDWARE@|$hardware|" \
 cp "$here/gres.conf" /etc/slurm/gres.conf
 
 for _ in $(seq 20); do [ -S "$cluster/munge/munge.socket" ] && break; sleep 0.5; done
-slurmctld -D > "$cluster/log/slurmctld.out" 2>&1 &
+setsid slurmctld -D > "$cluster/log/slurmctld.out" 2>&1 &
 daemon_pids+=($!)
-slurmd -D > "$cluster/log/slurmd.out" 2>&1 &
+setsid slurmd -D > "$cluster/log/slurmd.out" 2>&1 &
 daemon_pids+=($!)
 
 node_state=
