@@ -15,9 +15,9 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 venv=${VENV:-$repo/.venv}
 here=$repo/tests/slurm
 
-# Hook for multi-process training (issue 9, item 3), off until it is merged: --config entries for this run, e.g.
-# one ablation trained by 2 CPU processes:  smoke_config=("ablations={urepa: {processes: 2}}")
-smoke_config=()
+# --config entries of this run: the urepa ablation trained by 2 CPU processes (accelerate launch, gloo) inside its
+# Slurm job, the baseline by one.
+smoke_config=("ablations={urepa: {processes: 2}}")
 
 fail() { echo "run_smoke_on_slurm: $*" >&2; exit 1; }
 
