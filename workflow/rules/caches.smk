@@ -36,6 +36,9 @@ rule cache_vae:
         cache_parts("vae_latents"),
     output:
         directory("results/{tier}/cache/vae_latents.zarr"),
+    threads: job_threads("cache_seal")
+    resources:
+        **job_resources("cache_seal"),
     log:
         "results/{tier}/logs/cache_vae.log",
     benchmark:
@@ -79,6 +82,9 @@ rule cache_dino:
         cache_parts("dino_tokens"),
     output:
         directory("results/{tier}/cache/dino_tokens.zarr"),
+    threads: job_threads("cache_seal")
+    resources:
+        **job_resources("cache_seal"),
     log:
         "results/{tier}/logs/cache_dino.log",
     benchmark:

@@ -203,8 +203,10 @@ def job_threads(rule_name):
 
 
 def job_resources(rule_name):
-    """The rule's `resources`, in the names Snakemake's Slurm executor reads (runtime in minutes)."""
-    return {"gpu": lambda w: job_gpus(rule_name, w), "mem_mb": lambda w: rule_resources(rule_name, w)["mem_mb"],
+    """The rule's `resources`, in the names Snakemake's Slurm executor reads (runtime in minutes; memory for each of
+    its GPUs, at least one)."""
+    return {"gpu": lambda w: job_gpus(rule_name, w),
+            "mem_mb": lambda w: rule_resources(rule_name, w)["mem_mb"] * max(1, job_gpus(rule_name, w)),
             "runtime": lambda w: rule_resources(rule_name, w)["runtime"],
             "cpus_per_task": lambda w, threads: threads}
 
