@@ -26,7 +26,7 @@ SCRATCH = REPO / ".mutation"
 
 # module -> the tests that pin it, cheapest and most telling first (mutmut stops at the first failure)
 MODULE_TESTS = {
-    "losses": ["tests/test_losses.py"],
+    "losses": ["tests/test_losses.py", "tests/test_wiring_losses.py"],
     "analysis": ["tests/test_wiring_analysis.py", "tests/test_alignment_analysis.py"],
     "metrics": ["tests/test_wiring_analysis.py", "tests/test_metrics.py"],
     "sample": ["tests/test_wiring_sample.py", "tests/test_sample.py"],
