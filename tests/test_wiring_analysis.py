@@ -83,6 +83,13 @@ def test_cknna_follows_topk_where_local_and_global_structure_disagree():
     assert cknna(a, b, topk=100) == pytest.approx(reference_cknna(a, b, len(a) - 2), abs=1e-9)
 
 
+def test_cknna_takes_five_images_and_no_fewer():
+    a = np.random.default_rng(2).standard_normal((5, 4))
+    assert cknna(a, a, topk=2) == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 5 images, got 4"):
+        cknna(a[:4], a[:4])
+
+
 # -- CCA, pairings, alignment scores, t-SNE ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def related():
@@ -109,6 +116,7 @@ def test_cca_seed_picks_the_split_and_alignment_scores_passes_its_seed_on(relate
     scores = {seed: cca_score(x, y, seed=seed)["cca"] for seed in (0, 1)}
     assert scores[0] != scores[1]
     pairings = shuffled_pairings(len(x), seed=0, count=2)
+    assert alignment_scores(x, y, pairings)["cca"] == scores[0]  # seed 0 by default
     for seed in (0, 1):
         combined = alignment_scores(x, y, pairings, seed=seed)
         assert combined["cca"] == scores[seed]
@@ -124,22 +132,7 @@ def test_shuffled_pairings_follow_their_seed_and_count():
     assert not any(np.array_equal(p, q) for p, q in zip(first, other))
     rng = np.random.default_rng(1)  # the documented draw: successive permutations of one seeded generator
     assert all(np.array_equal(p, rng.permutation(20)) for p in first)
-
-
-def test_tsne_shared_space_changes_the_map(tmp_path):
-    """(`seed` is handed to sklearn as random_state, which its PCA initialisation never draws from: the map
-    does not depend on it.)"""
-    features = clusters([0, 90, 180], per=8)
-    target = features + 0.05 * np.random.default_rng(4).standard_normal(features.shape)
-    labels = np.repeat(np.arange(3), 8)
-
-    def coords(**kwargs):
-        return tsne_plot(features, target, labels, tmp_path / "t.png", **kwargs)
-
-    joint = coords(shared_space=True, seed=0)
-    assert np.array_equal(joint, coords(shared_space=True, seed=0))
-    separate = coords(shared_space=False, seed=0)
-    assert joint.shape == separate.shape == (48, 2) and not np.allclose(joint, separate)
+    assert len(shuffled_pairings(20, seed=1)) == 10  # chance levels average 10 pairings by default
 
 
 # -- sample metrics -----------------------------------------------------------------------------------------
@@ -217,3 +210,60 @@ def test_stand_in_network_sizes_follow_its_parameters():
     assert out["pool"].shape == (2, 24) and out["logits"].shape == (2, 5)
     assert out["spatial"].shape == (2, 7 * 4 * 4)  # an 8x downsampling trunk: 32 px -> 4 x 4
     assert torch.equal(network.resize(images[0]), network.resize(images[0])) and network.resize(images[0]).shape == (3, 32, 32)
+
+
+def test_tsne_maps_are_sklearns_of_the_pooled_normalised_features(tmp_path):
+    """Joint map: one t-SNE of U-Net rows then DINOv2 rows; separate maps: one each. Perplexity
+    min(30, (points - 1) / 3), PCA initialisation. (`seed` goes to sklearn as random_state, which the PCA
+    initialisation never draws from: the maps do not depend on it.)"""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(9)
+    tokens = rng.standard_normal((50, 3, 8)) + np.repeat(rng.standard_normal((5, 1, 8)) * 3, 10, axis=0)
+    target = 5 * (tokens.mean(axis=1) + 0.3 * rng.standard_normal((50, 8)))  # scaled: only directions count
+    labels = np.repeat(np.arange(5), 10)
+
+    def by_hand(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=0, init="pca").fit_transform(x)
+
+    pooled = tokens.mean(axis=1)
+    joint = tsne_plot(tokens, target, labels, tmp_path / "joint.png", shared_space=True)
+    np.testing.assert_allclose(joint, by_hand(np.concatenate([pooled, target])), rtol=1e-5, atol=1e-5)
+    separate = tsne_plot(tokens, target, labels, tmp_path / "separate.png", shared_space=False)
+    np.testing.assert_allclose(separate, np.concatenate([by_hand(pooled), by_hand(target)]), rtol=1e-5, atol=1e-5)
+
+
+def test_tsne_figure_marks_the_source_and_colours_the_class(tmp_path, monkeypatch):
+    """Circles for the U-Net, crosses for DINOv2, colour = class; one axes for a joint map, two otherwise;
+    the title on top; the PNG where asked."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    scatters, titles = [], []
+    scatter, suptitle = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.suptitle
+
+    def recording_scatter(ax, x, y, **kwargs):
+        scatters.append((ax, kwargs))
+        return scatter(ax, x, y, **kwargs)
+
+    def recording_suptitle(fig, text, **kwargs):
+        titles.append(text)
+        return suptitle(fig, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", recording_scatter)
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", recording_suptitle)
+    features = clusters([0, 90, 180], per=4)
+    labels = np.repeat(np.arange(3), 4)
+    for shared, names in ((True, ["U-Net (align head)", "DINOv2"]), (False, ["U-Net (raw features)", "DINOv2"])):
+        scatters.clear()
+        path = tmp_path / f"{shared}.png"
+        tsne_plot(features, features[:, ::-1], labels, path, shared_space=shared, title=f"map {shared}")
+        assert [kwargs["marker"] for _, kwargs in scatters] == ["o", "x"]
+        assert [kwargs["label"] for _, kwargs in scatters] == names
+        assert all(np.array_equal(kwargs["c"], labels) for _, kwargs in scatters)
+        assert (scatters[0][0] is scatters[1][0]) == shared
+        assert titles[-1] == f"map {shared}"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tsne_plot(features, features, labels, tmp_path / "untitled.png", shared_space=True)
+    assert titles[-1] == ""
