@@ -111,10 +111,22 @@ def test_cca_n_components_is_the_number_of_canonical_pairs_averaged(related, n_c
         reference_held_out_cca(x, y, order[:60], order[60:], dims, n_components), abs=1e-6)
 
 
+def test_cca_sizes_at_their_bounds():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 5))
+    smallest = cca_score(x, x[:, ::-1])  # 8 images: 4 fit, 4 scored, one PCA dimension
+    assert (smallest["cca_fit_images"], smallest["cca_pca_dims"], smallest["cca_components"]) == (4, 1, 1)
+    assert smallest["cca"] == pytest.approx(1.0, abs=1e-9)  # the same features, reordered
+    with pytest.raises(ValueError, match="at least 8 images, got 7"):
+        cca_score(x[:7], x[:7])
+    many = rng.standard_normal((272, 40))  # 136 fitting images would allow 34 dimensions: at most 32
+    assert cca_score(many, many)["cca_pca_dims"] == 32
+
+
 def test_cca_seed_picks_the_split_and_alignment_scores_passes_its_seed_on(related):
     x, y = related
     scores = {seed: cca_score(x, y, seed=seed)["cca"] for seed in (0, 1)}
-    assert scores[0] != scores[1]
+    assert scores[0] != scores[1] and cca_score(x, y)["cca"] == scores[0]  # seed 0 by default
     pairings = shuffled_pairings(len(x), seed=0, count=2)
     assert alignment_scores(x, y, pairings)["cca"] == scores[0]  # seed 0 by default
     for seed in (0, 1):
