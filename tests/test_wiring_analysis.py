@@ -83,6 +83,14 @@ def test_cknna_follows_topk_where_local_and_global_structure_disagree():
     assert cknna(a, b, topk=100) == pytest.approx(reference_cknna(a, b, len(a) - 2), abs=1e-9)
 
 
+def test_cknna_takes_tensors_in_the_graph_and_computes_in_float64():
+    a = np.random.default_rng(5).standard_normal((10, 6))
+    b = a + np.random.default_rng(6).standard_normal((10, 6))
+    tensor = torch.from_numpy(a).float().requires_grad_()  # e.g. align-head tokens straight from a forward
+    assert cknna(tensor, b, topk=3) == pytest.approx(reference_cknna(a.astype(np.float32).astype(np.float64), b, 3),
+                                                      abs=1e-10)  # float32 arithmetic: ~1e-7 off
+
+
 def test_cknna_takes_five_images_and_no_fewer():
     a = np.random.default_rng(2).standard_normal((5, 4))
     assert cknna(a, a, topk=2) == pytest.approx(1.0, abs=1e-9)
@@ -119,6 +127,9 @@ def test_cca_sizes_at_their_bounds():
     assert smallest["cca"] == pytest.approx(1.0, abs=1e-9)  # the same features, reordered
     with pytest.raises(ValueError, match="at least 8 images, got 7"):
         cca_score(x[:7], x[:7])
+    narrow = cca_score(rng.standard_normal((120, 3)), rng.standard_normal((120, 20)))  # 60 fit: 15 allowed
+    assert (narrow["cca_pca_dims"], narrow["cca_components"]) == (3, 3)
+    assert cca_score(rng.standard_normal((120, 20)), rng.standard_normal((120, 2)))["cca_pca_dims"] == 2
     many = rng.standard_normal((272, 40))  # 136 fitting images would allow 34 dimensions: at most 32
     assert cca_score(many, many)["cca_pca_dims"] == 32
 
@@ -256,7 +267,7 @@ def test_tsne_figure_marks_the_source_and_colours_the_class(tmp_path, monkeypatc
     scatter, suptitle = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.suptitle
 
     def recording_scatter(ax, x, y, **kwargs):
-        scatters.append((ax, kwargs))
+        scatters.append((ax, {**kwargs, "xy": np.stack([x, y], 1)}))
         return scatter(ax, x, y, **kwargs)
 
     def recording_suptitle(fig, text, **kwargs):
@@ -270,7 +281,15 @@ def test_tsne_figure_marks_the_source_and_colours_the_class(tmp_path, monkeypatc
     for shared, names in ((True, ["U-Net (align head)", "DINOv2"]), (False, ["U-Net (raw features)", "DINOv2"])):
         scatters.clear()
         path = tmp_path / f"{shared}.png"
-        tsne_plot(features, features[:, ::-1], labels, path, shared_space=shared, title=f"map {shared}")
+        coords = tsne_plot(features, features[:, ::-1], labels, path, shared_space=shared, title=f"map {shared}")
+        assert np.array_equal(np.concatenate([kwargs["xy"] for _, kwargs in scatters]), coords)
+        axes = scatters[0][0].figure.axes
+        if shared:
+            assert axes == [scatters[0][0]]
+        else:  # two maps side by side, U-Net on the left
+            assert axes == [scatters[0][0], scatters[1][0]]
+            assert axes[0].get_position().x1 < axes[1].get_position().x0
+            assert axes[0].get_position().y0 == axes[1].get_position().y0
         assert [kwargs["marker"] for _, kwargs in scatters] == ["o", "x"]
         assert [kwargs["label"] for _, kwargs in scatters] == names
         assert all(np.array_equal(kwargs["c"], labels) for _, kwargs in scatters)
