@@ -1,0 +1,254 @@
+"""The wiring of `Trainer.step`, pinned against values computed here from what the step itself drew.
+
+A step is observed from outside: a forward hook on the trained model records its inputs (noisy latents,
+timesteps, text conditions) and outputs (prediction, aligned tokens); the batch is one this test built.
+From those, the expected diffusion target, losses and conditions are recomputed by hand (numpy, SD-1.5's
+schedule from its betas), so a step that draws, routes or weights something wrongly fails here even when
+the loss still goes down.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+
+from conftest import CPU
+from urepa.caches import CachedRows, valid_rows
+from urepa.config import load_yaml, train_settings
+from urepa.sd15 import load_noise_scheduler, load_unet
+from urepa.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = load_yaml(REPO / "config" / "config.yaml")
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def data(smoke_inputs, smoke_caches) -> dict:
+    vae = zarr.open_group(str(smoke_caches["vae"]), mode="r")
+    dino = zarr.open_group(str(smoke_caches["dino"]), mode="r")
+    clip = zarr.open_group(str(smoke_caches["clip"]), mode="r")
+    return {"caches": smoke_caches, "sd15": smoke_inputs["sd15"], "vae": vae, "dino": dino,
+            "clip": clip["embeddings"][:], "null_index": clip.attrs["null_index"], "rows": valid_rows(vae, dino),
+            "scaling": vae.attrs["scaling_factor"]}
+
+
+def settings_for(**overrides) -> dict:
+    settings = train_settings(CONFIG, "smoke", "urepa")
+    settings.update({"batch_size": BATCH, "max_steps": 8, "checkpoint_every": 8, "eval_interval": 8, **overrides})
+    return settings
+
+
+def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None) -> Trainer:
+    return Trainer(load_unet(data["sd15"]), noise_scheduler or load_noise_scheduler(data["sd15"]),
+                   CachedRows(data["caches"]["vae"], data["caches"]["dino"], data["caches"]["table"]["class_id"].to_numpy()),
+                   data["rows"], data["clip"], data["null_index"], data["dino"].attrs["dim"],
+                   data["dino"].attrs["grid"], data["scaling"], settings, run_dir, seed=0, device=CPU,
+                   report_to="none")
+
+
+class ForwardSpy:
+    """Every forward of the trainer's model: its inputs and outputs, detached."""
+
+    def __init__(self, trainer: Trainer):
+        self.calls: list[dict] = []
+        trainer.accelerator.unwrap_model(trainer.model).register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        names = ("sample", "timesteps", "encoder_hidden_states")
+        inputs = {**dict(zip(names, args)), **kwargs}
+        prediction, tokens = output
+        self.calls.append({**{k: v.detach().clone() for k, v in inputs.items()},
+                           "prediction": prediction.detach().clone(),
+                           "tokens": {k: v.detach().clone() for k, v in tokens.items()}})
+
+
+def batch_of(trainer: Trainer, data, first: int = 0) -> dict:
+    return trainer.dataset[data["rows"][first:first + BATCH]]
+
+
+def alphas_cumprod(scheduler) -> np.ndarray:
+    """SD-1.5's DDPM schedule from its config, by hand: scaled-linear betas, cumulative product of 1 - beta."""
+    config = scheduler.config
+    assert config.beta_schedule == "scaled_linear"
+    betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps) ** 2
+    return np.cumprod(1 - betas)
+
+
+# -- 1. the objective as trained ------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction, snr_gamma", [("epsilon", None), ("v", None), ("epsilon", 5.0), ("v", 5.0)])
+def test_loss_diff_is_the_mse_to_the_configured_target_from_the_steps_own_draws(data, tmp_path, prediction,
+                                                                                 snr_gamma):
+    """With a zero posterior std the latents are known (mean x scaling factor); the noise then follows from
+    the U-Net's input and timesteps, and the target and loss are recomputed from it."""
+    trainer = make_trainer(data, settings_for(prediction=prediction, snr_gamma=snr_gamma), tmp_path)
+    spy = ForwardSpy(trainer)
+    batch = batch_of(trainer, data)
+    batch["latent_std"] = torch.zeros_like(batch["latent_std"])
+    logged = trainer.step(batch)
+
+    (call,) = spy.calls
+    t = call["timesteps"].numpy()
+    abar = alphas_cumprod(trainer.noise_scheduler)[t].reshape(-1, 1, 1, 1)
+    x0 = batch["latent_mean"].double().numpy() * data["scaling"]
+    noisy = call["sample"].double().numpy()
+    noise = (noisy - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+    # What was recovered is the step's standard-normal noise (a wrong x0 would not look like it).
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+    target = noise if prediction == "epsilon" else np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
+    per_image = ((call["prediction"].double().numpy() - target) ** 2).mean(axis=(1, 2, 3))
+    if snr_gamma is None:
+        expected = per_image.mean()
+    else:  # min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for epsilon, / (snr + 1) for v
+        snr = (abar / (1 - abar)).ravel()
+        weights = np.minimum(snr, snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+        expected = (weights * per_image).mean()
+    assert logged["loss_diff"] == pytest.approx(expected, rel=1e-4)
+    # the timesteps cover the schedule's range, one per image
+    assert t.shape == (BATCH,) and ((0 <= t) & (t < 1000)).all()
+
+
+def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_step(data, tmp_path):
+    """A schedule without noise (all betas 0) hands the U-Net x0 itself: (mean + std * z) * scaling factor,
+    with z standard normal and drawn anew at every step."""
+    from diffusers import DDPMScheduler
+
+    sd = load_noise_scheduler(data["sd15"])
+    noiseless = DDPMScheduler.from_config(sd.config, trained_betas=[0.0] * sd.config.num_train_timesteps)
+    trainer = make_trainer(data, settings_for(), tmp_path, noiseless)
+    spy = ForwardSpy(trainer)
+    batch = batch_of(trainer, data)
+    # Means far from 0 and a std unlike 1 and unlike the scaling factor: a missing factor, the mean alone
+    # or the variance for the std each give a z that is not standard normal.
+    mean = 2.0 + torch.arange(batch["latent_mean"].numel()).reshape(batch["latent_mean"].shape) % 3.0
+    batch["latent_mean"], batch["latent_std"] = mean, torch.full_like(mean, 0.4)
+    trainer.step(batch)
+    trainer.step(batch)
+    draws = []
+    for call in spy.calls:
+        z = (call["sample"].double().numpy() / data["scaling"] - mean.double().numpy()) / 0.4
+        assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+        draws.append(z.ravel())
+    assert abs(np.corrcoef(draws[0], draws[1])[0, 1]) < 0.1  # a new sample, not the last step's again
+
+
+def hand_alignment_terms(tokens: dict[str, torch.Tensor], target: torch.Tensor, mode: str, upper_only: bool,
+                         mask_diag: bool) -> tuple[float, float]:
+    """(L_token, L_manifold) by hand in float64, averaged over the aligned layers."""
+    target = target.double().numpy()
+    token_terms, manifold_terms = [], []
+    for pred in tokens.values():
+        pred = pred.double().numpy()
+        cosine = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
+        token_terms.append((1 - cosine).mean())
+
+        def grams(x):
+            if mode == "sample":
+                pooled = x.mean(axis=1)
+                pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+                return pooled @ pooled.T
+            unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+            return unit @ unit.transpose(0, 2, 1)
+
+        squared = (grams(pred) - grams(target)) ** 2
+        n = squared.shape[-1]
+        keep = np.triu(np.ones((n, n), bool)) if upper_only else np.ones((n, n), bool)
+        if mask_diag:
+            keep &= ~np.eye(n, dtype=bool)
+        manifold_terms.append(squared[..., keep].mean())
+    return float(np.mean(token_terms)), float(np.mean(manifold_terms))
+
+
+def lambda_by_hand(step: int, coeff: float, warmup: int, decay: int, end: float, cutoff: int | None) -> float:
+    """The linear-decay schedule of these tests, written out: warm-up to coeff, linear to end, 0 from cutoff."""
+    if cutoff is not None and step >= cutoff:
+        return 0.0
+    if step < warmup:
+        return coeff * (step + 1) / warmup
+    return coeff + (end - coeff) * min(1.0, (step - warmup) / decay)
+
+
+@pytest.mark.parametrize("layers, mode, upper_only, mask_diag, coeff, manifold_coeff", [
+    (["mid"], "sample", False, False, 0.8, 3.0),
+    (["mid", "enc_last"], "token", True, True, 0.5, 2.0),
+])
+def test_every_logged_row_is_loss_diff_plus_lambda_times_token_plus_w_manifold(data, tmp_path, layers, mode,
+                                                                            upper_only, mask_diag, coeff,
+                                                                            manifold_coeff):
+    schedule = {"kind": "linear", "warmup_steps": 2, "decay_steps": 2, "end": 0.2, "cutoff_step": 5}
+    steps = 6
+    settings = settings_for(align_layers=layers, manifold_mode=mode, manifold_upper_only=upper_only,
+                            manifold_mask_diag=mask_diag, align_coeff=coeff, manifold_coeff=manifold_coeff,
+                            align_schedule=schedule, max_steps=steps, checkpoint_every=steps, eval_interval=steps)
+    trainer = make_trainer(data, settings, tmp_path)
+    spy = ForwardSpy(trainer)
+    batches = []
+    step = trainer.step
+
+    def recording_step(batch):
+        batches.append(batch)
+        return step(batch)
+
+    trainer.step = recording_step
+    trainer.run()
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert log["step"].tolist() == list(range(1, steps + 1)) and len(spy.calls) == len(batches) == steps
+    for row, call, batch in zip(log.itertuples(), spy.calls, batches):
+        lam = lambda_by_hand(row.step - 1, coeff, 2, 2, 0.2, 5)
+        token, manifold = hand_alignment_terms(call["tokens"], batch["tokens"], mode, upper_only, mask_diag)
+        assert set(call["tokens"]) == set(layers)
+        assert row.align_coeff == pytest.approx(lam, abs=1e-12)
+        assert row.loss_token == pytest.approx(token, rel=1e-5)
+        assert row.loss_manifold == pytest.approx(manifold, rel=1e-4, abs=1e-7)
+        assert row.loss == pytest.approx(row.loss_diff + lam * (token + manifold_coeff * manifold), rel=1e-5)
+    # the schedule went through warm-up, decay and cut-off, so a lambda that ignored it would fail above
+    assert sorted(set(log["align_coeff"].round(6))) == pytest.approx([0.0, 0.2, coeff / 2, (coeff + 0.2) / 2, coeff])
+
+
+# -- 2. condition dropout -------------------------------------------------------------------------------
+def conditions(data, trainer: Trainer, steps: int) -> tuple[np.ndarray, list]:
+    """Per step and image: True where the U-Net got the null prompt, False where its class's prompt;
+    anything else fails."""
+    spy = ForwardSpy(trainer)
+    class_ids = []
+    for step in range(steps):
+        batch = batch_of(trainer, data, first=(step * BATCH) % (len(data["rows"]) - BATCH))
+        class_ids.append(batch["class_id"].numpy())
+        trainer.step(batch)
+    clip = torch.from_numpy(data["clip"]).float()
+    null = clip[-1]
+    dropped = np.zeros((steps, BATCH), bool)
+    for s, (call, ids) in enumerate(zip(spy.calls, class_ids)):
+        for i, hidden in enumerate(call["encoder_hidden_states"]):
+            is_null, is_class = torch.equal(hidden, null), torch.equal(hidden, clip[ids[i]])
+            assert is_null != is_class, f"step {s}, image {i}: neither its class's prompt nor the null prompt"
+            dropped[s, i] = is_null
+    return dropped, class_ids
+
+
+def test_the_null_prompt_is_the_clip_caches_last_row(data):
+    assert data["null_index"] == len(data["clip"]) - 1
+    assert len(set(data["caches"]["table"]["class_id"])) == len(data["clip"]) - 1
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_condition_dropout_at_zero_and_one(data, tmp_path, rate):
+    dropped, _ = conditions(data, make_trainer(data, settings_for(cond_dropout=rate), tmp_path), 3)
+    assert (dropped == bool(rate)).all()
+
+
+def test_condition_dropout_at_one_half_is_per_image(data, tmp_path):
+    steps = 30
+    dropped, _ = conditions(data, make_trainer(data, settings_for(cond_dropout=0.5), tmp_path), steps)
+    # 120 Bernoulli(1/2) draws: 60 +- 5.5; the bounds are 4 sigma.
+    assert 38 <= dropped.sum() <= 82, dropped.sum()
+    mixed = [s for s in range(steps) if 0 < dropped[s].sum() < BATCH]
+    assert len(mixed) >= steps // 2, "dropout is drawn per batch, not per image"
+    # every position of the batch is dropped sometimes and kept sometimes, in no fixed pattern
+    assert all(5 <= n <= steps - 5 for n in dropped.sum(axis=0)), dropped.sum(axis=0)
+    assert len({tuple(row) for row in dropped}) > steps // 3

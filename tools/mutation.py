@@ -1,0 +1,86 @@
+"""Mutation testing of the modules whose wiring the tests pin (issue 11). Local only: it is slow.
+
+    pip install mutmut==3.8.1
+    python tools/mutation.py                 # all modules below
+    python tools/mutation.py losses sample   # some of them
+
+Each module is mutated by mutmut in its own scratch copy of the tracked files (under .mutation/<module>/,
+so the runs neither touch the working tree nor share mutmut's state), against that module's own fast test
+selection: mutmut then runs, for each mutant, only the selected tests that reach the mutated function.
+Prints killed / total per module and the surviving mutants; `mutmut show <name>` inside the scratch copy
+shows one. mutmut 3 does not mutate decorated functions (`@torch.no_grad()`, `@contextmanager`,
+`@property`): those are outside the score.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRATCH = REPO / ".mutation"
+
+# module -> the tests that pin it, cheapest and most telling first (mutmut stops at the first failure)
+MODULE_TESTS = {
+    "losses": ["tests/test_losses.py", "tests/test_wiring_losses.py"],
+    "analysis": ["tests/test_wiring_analysis.py", "tests/test_alignment_analysis.py"],
+    "metrics": ["tests/test_wiring_analysis.py", "tests/test_metrics.py"],
+    "sample": ["tests/test_wiring_sample.py", "tests/test_sample.py"],
+    "models": ["tests/test_wiring_align.py", "tests/test_models.py"],
+    "train": ["tests/test_wiring_train.py"],
+}
+
+
+def run_module(module: str, max_children: int) -> dict[str, list[str]]:
+    scratch = SCRATCH / module
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, scratch / name)
+    lines = ["[mutmut]", "source_paths = urepa/", f"only_mutate = urepa/{module}.py",
+             "also_copy =", "    config/", "    workflow/", "    Snakefile",
+             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in MODULE_TESTS[module]] + [
+             "pytest_add_cli_args = -p no:cacheprovider", "process_isolation = forkserver",
+             "use_git_change_detection = false"]
+    (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    subprocess.run(["nice", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+                   cwd=scratch, env=env, check=True)
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    by_status: dict[str, list[str]] = collections.defaultdict(list)
+    for line in listing.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name:
+            by_status[status].append(name)
+    return by_status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULE_TESTS)}")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULE_TESTS))
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; expected some of {list(MODULE_TESTS)}")
+    for module in args.modules or MODULE_TESTS:
+        by_status = run_module(module, args.max_children)
+        total = sum(len(names) for names in by_status.values())
+        print(f"urepa/{module}.py: {len(by_status.get('killed', []))} killed of {total} "
+              f"({', '.join(f'{len(v)} {k}' for k, v in sorted(by_status.items()))})")
+        for status, names in sorted(by_status.items()):
+            if status != "killed":
+                for name in names:
+                    print(f"    {status}: {name}")
+
+
+if __name__ == "__main__":
+    main()
