@@ -133,18 +133,18 @@ def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
                                 workdir=tmp_path)._workflow
 
-        def weights(rule_name: str, point: str | None = None) -> tuple[str, str]:
-            """(weights folder, model folder) of a job of the rule."""
-            rule = workflow.get_rule(rule_name)
+        def weights(sample_set: str) -> tuple[str, str]:
+            """(weights folder, model folder) of a sampling job of the sample set."""
+            rule = workflow.get_rule("sample_shard")
             values = {name: "x" for name in rule.wildcard_names}
-            values.update(tier="smoke", ablation="urepa", **({"point": point} if point else {}))
+            values.update(tier="smoke", ablation="urepa", seed="0", set=sample_set, shard="0", shards="1")
             param = rule.params["weights"]
             folder = param(types.SimpleNamespace(**values)) if callable(param) else param.format(**values)
             return folder, rule.input["model"].format(**values)
 
-        folder, model = weights("sample")
+        folder, model = weights("final")
         assert folder == f"{model}/ema"
-        folder, model = weights("sample_point", "cfg_sweep/cfg-1.5")
+        folder, model = weights("cfg_sweep/cfg-1.5")
         assert folder == f"{model}/ema"
-        folder, model = weights("sample_point", "curve/step-40")
+        folder, model = weights("curve/step-40")
         assert folder == f"{model}/snapshots/step-0000040"
