@@ -137,14 +137,18 @@ def test_fid_summary_gives_mean_and_std_over_seeds_and_the_paired_difference(tmp
     assert fid_summary(metrics, sweeps)["urepa"]["fid_vs_baseline"]["seeds"] == [0, 1]
 
 
+def _render(runs, curves, sweeps, folder) -> str:
+    """The report page as the report rule makes it: targets, both plots, then the page."""
+    add_targets(curves, None)
+    plot_fid_curves(by_label(curves), folder / "curves.png")
+    plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
+    render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html")
+    return (folder / "report.html").read_text()
+
+
 def test_report_gives_mean_and_std_over_seeds_and_a_row_per_run(tmp_path):
     runs, curves, sweeps, _ = _runs(tmp_path, seeds=(0, 1, 2))
-    add_targets(curves, None)
-    plot_fid_curves(by_label(curves), tmp_path / "curves.png")
-    plot_cfg_sweeps(by_label(sweeps), tmp_path / "sweep.png")
-    render_report("smoke", runs, curves, sweeps, tmp_path / "curves.png", tmp_path / "sweep.png",
-                  tmp_path / "report.html")
-    page = (tmp_path / "report.html").read_text()
+    page = _render(runs, curves, sweeps, tmp_path)
     tables = re.findall(r"<table.*?</table>", page, re.S)
     header = re.findall(r"<th>([^<]*)</th>", tables[0])
     rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", tables[0], re.S)]
@@ -160,12 +164,7 @@ def test_report_gives_mean_and_std_over_seeds_and_a_row_per_run(tmp_path):
 
 def test_report_renders_every_section_self_contained(run_files, tmp_path):
     runs, curves, sweeps, _ = run_files
-    add_targets(curves, None)
-    plot_fid_curves(by_label(curves), tmp_path / "curves.png")
-    plot_cfg_sweeps(by_label(sweeps), tmp_path / "sweep.png")
-    render_report("smoke", runs, curves, sweeps, tmp_path / "curves.png", tmp_path / "sweep.png",
-                  tmp_path / "report.html")
-    page = (tmp_path / "report.html").read_text()
+    page = _render(runs, curves, sweeps, tmp_path)
     for heading in ("Ablations", "Guidance scale", "FID vs training step", "Training losses", "Alignment with DINOv2",
                     "Samples"):
         assert f"<h2>{heading}</h2>" in page

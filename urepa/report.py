@@ -144,8 +144,8 @@ def by_label(nested: dict[str, dict[int, object]]) -> dict[str, object]:
     return {label: nested[a][seed] for label, (a, seed) in run_labels(nested).items()}
 
 
-def _mean_std(values: list[float]) -> str:
-    summary = spread(values)
+def _mean_std(summary: dict) -> str:
+    """A `spread` as "mean ± std" (the mean alone for one value)."""
     return f"{summary['mean']:.4g}" if summary["std"] is None else f"{summary['mean']:.4g} ± {summary['std']:.2g}"
 
 
@@ -165,12 +165,10 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
     rows = []
     for ablation, by_seed in metrics.items():
         row = {"ablation": ablation, "seeds": len(by_seed)}
-        row.update({label: _mean_std([m[key] for m in by_seed.values()]) for key, label in METRIC_COLUMNS})
+        row.update({label: _mean_std(spread([m[key] for m in by_seed.values()])) for key, label in METRIC_COLUMNS})
         if "fid_vs_baseline" in summary[ablation]:
-            paired = summary[ablation]["fid_vs_baseline"]
-            row["ΔFID vs baseline"] = _mean_std([metrics[ablation][s]["fid"] - metrics["baseline"][s]["fid"]
-                                                 for s in paired["seeds"]])
-        row["best-CFG FID"] = _mean_std([sweeps[ablation][seed]["best"]["fid"] for seed in by_seed])
+            row["ΔFID vs baseline"] = _mean_std(summary[ablation]["fid_vs_baseline"])
+        row["best-CFG FID"] = _mean_std(spread([sweeps[ablation][seed]["best"]["fid"] for seed in by_seed]))
         row["at CFG"] = ", ".join(sorted({f"{sweeps[ablation][seed]['best']['cfg_scale']:g}" for seed in by_seed}))
         first = next(iter(by_seed.values()))
         row.update(samples=first["num_generated"], step=first.get("checkpoint_step"),

@@ -16,8 +16,6 @@ TIER = config["tier"]
 ABLATION = config["ablation"]
 urepa_config.train_settings(config, TIER, ABLATION)  # unknown tier or ablation: fail now, by name
 urepa_config.check_real_paths(config, TIER)
-_cache = {**config["cache"], **urepa_config.tier_settings(config, urepa_config.data_tier(config, TIER)).get("cache", {})}
-check_shard_rows(_cache["shard_rows"], _cache["batch_size"])  # a shard size that splits a batch: before any job
 
 
 onstart:
@@ -214,6 +212,10 @@ def job_resources(rule_name):
 def cache_settings(tier):
     """config's `cache`, with the tier's own `cache` keys over it."""
     return {**config["cache"], **urepa_config.tier_settings(config, tier).get("cache", {})}
+
+
+_cache = cache_settings(urepa_config.data_tier(config, TIER))
+check_shard_rows(_cache["shard_rows"], _cache["batch_size"])  # a shard size that splits a batch: before any job
 
 
 def cache_parts(name):
