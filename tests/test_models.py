@@ -24,11 +24,21 @@ def test_align_head_projects_then_upsamples_to_unit_tokens(projector):
 
 
 def test_align_head_full_scale_shapes():
-    head = AlignHead(in_channels=1280, dim=1024, grid=16)
+    head = AlignHead(in_channels=1280, dim=1024, grid=16, projector="conv", hidden=2048)
     tokens = head(torch.randn(2, 1280, 8, 8))
     assert tokens.shape == (2, 256, 1024)
     # projection first: the upsampling acts on 1024 channels, the 1x1 conv on the 8x8 map
     assert head.proj[0].weight.shape == (1024, 1280, 1, 1)
+    # 1x1 conv without bias (GroupNorm follows), GroupNorm's affine pair, nothing else
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        "proj.0.weight": (1024, 1280, 1, 1), "proj.1.weight": (1024,), "proj.1.bias": (1024,)}
+    assert isinstance(head.proj[2], torch.nn.GELU)
+    assert head.proj[1].num_groups == 32
+
+
+def test_unknown_projector_is_rejected_by_name():
+    with pytest.raises(ValueError, match="projector must be 'conv' or 'mlp', got 'linear'"):
+        AlignHead(in_channels=64, dim=32, grid=8, projector="linear", hidden=48)
 
 
 def test_hooks_on_the_real_sd15_unet_capture_8x8x1280(sd15_meta_unet):
@@ -56,7 +66,7 @@ def test_lora_targets_on_the_real_sd15_unet_are_inside_the_three_blocks_only(sd1
     assert sum(t.endswith("conv_shortcut") for t in targets) == 3
     assert len(targets) == 4 + 12 + 9
     assert len(lora_target_modules(sd15_meta_unet, "attn")) == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lora_targets must be 'attn' or 'attn\\+conv', got 'everything'"):
         lora_target_modules(sd15_meta_unet, "everything")
 
 
@@ -66,16 +76,68 @@ def tiny_unet(smoke_inputs):
 
 
 def test_peft_adapts_only_whitelisted_modules(tiny_unet):
-    make_trainable(tiny_unet, "lora", lora_rank=4)
+    make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn+conv")
     lora_modules = {name.rsplit(".lora_", 1)[0] for name, _ in tiny_unet.named_parameters() if ".lora_" in name}
     assert lora_modules and all(name.startswith(TRAINABLE_BLOCKS) for name in lora_modules)
     trainable = [name for name, p in tiny_unet.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in name for name in trainable)
 
 
+def lora_layers(unet):
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in unet.named_modules() if isinstance(module, LoraLayer)}
+
+
+def test_lora_starts_as_the_base_unet_with_gaussian_a_of_the_configured_rank(tiny_unet):
+    sample, timesteps, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    base = tiny_unet(sample, timesteps, encoder_hidden_states=context).sample
+    torch.manual_seed(0)
+    make_trainable(tiny_unet, "lora", lora_rank=8, lora_targets="attn+conv")
+    # B = 0 at the start: the adapted U-Net is the pretrained one until the first step
+    torch.testing.assert_close(tiny_unet(sample, timesteps, encoder_hidden_states=context).sample, base)
+    layers = lora_layers(tiny_unet)
+    assert layers
+    a = torch.cat([m.lora_A["default"].weight.flatten() for m in layers.values()])
+    for module in layers.values():
+        assert module.r["default"] == 8 and module.scaling["default"] == 1.0  # lora_alpha = rank
+        assert module.lora_A["default"].weight.shape[0] == 8
+        assert not module.lora_B["default"].weight.any()
+    # peft's "gaussian" init: A ~ N(0, 1/r); its default (kaiming-uniform) would give std 1/sqrt(3 fan_in)
+    assert a.mean().abs() < 0.01 and abs(a.std().item() - 1 / 8) < 0.01
+
+
+def test_attention_only_lora_leaves_the_convolutions_alone(tiny_unet):
+    make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn")
+    names = set(lora_layers(tiny_unet))
+    assert names and all(name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")
+                         for name in names)
+
+
+def test_unknown_finetuning_mode_is_rejected_by_name(tiny_unet):
+    with pytest.raises(ValueError, match="finetune must be 'lora', 'partial' or 'full', got 'bitfit'"):
+        make_trainable(tiny_unet, "bitfit", lora_rank=4, lora_targets="attn")
+
+
+def test_mlp_heads_have_the_configured_hidden_width(tiny_unet):
+    model = AlignedUNet(tiny_unet, ["mid"], dim=32, grid=8, projector="mlp", hidden=40)
+    assert [tuple(m.weight.shape[:2]) for m in model.heads["mid"].proj if isinstance(m, torch.nn.Conv2d)] == [
+        (40, tiny_unet.config.block_out_channels[-1]), (40, 40), (32, 40)]
+
+
+def test_the_timer_charges_the_unet_and_the_heads_to_their_phases(tiny_unet):
+    import contextlib
+
+    phases = []
+    model = AlignedUNet(tiny_unet, ["mid"], dim=32, grid=8, projector="conv", hidden=48)
+    model.timer = lambda name: phases.append(name) or contextlib.nullcontext()
+    model(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 77, 32))
+    assert phases == ["forward", "alignment"]
+
+
 @pytest.mark.parametrize("mode", ["partial", "full"])
 def test_partial_and_full_finetuning_open_the_right_parameters(tiny_unet, mode):
-    make_trainable(tiny_unet, mode)
+    make_trainable(tiny_unet, mode, lora_rank=4, lora_targets="attn+conv")
     trainable = {name for name, p in tiny_unet.named_parameters() if p.requires_grad}
     if mode == "partial":
         assert trainable and all(name.startswith(TRAINABLE_BLOCKS) for name in trainable)
@@ -86,7 +148,7 @@ def test_partial_and_full_finetuning_open_the_right_parameters(tiny_unet, mode):
 
 def _forward_aligned(unet, layers):
     torch.manual_seed(0)
-    model = AlignedUNet(unet, layers, dim=32, grid=8)
+    model = AlignedUNet(unet, layers, dim=32, grid=8, projector="conv", hidden=48)
     sample = torch.randn(2, 4, 16, 16)
     prediction, tokens = model(sample, torch.tensor([10, 500]), torch.randn(2, 77, 32))
     target = torch.nn.functional.normalize(torch.randn(2, 64, 32), dim=-1)
@@ -94,7 +156,7 @@ def _forward_aligned(unet, layers):
 
 
 def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet):
-    make_trainable(tiny_unet, "lora", lora_rank=4)
+    make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn+conv")
     model, _, tokens, target = _forward_aligned(tiny_unet, ["mid"])
     loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0)
     loss_align.backward()
@@ -110,7 +172,7 @@ def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet):
 
 
 def test_alignment_gradient_survives_gradient_checkpointing(tiny_unet):
-    make_trainable(tiny_unet, "lora", lora_rank=4)
+    make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn+conv")
     tiny_unet.enable_gradient_checkpointing()
     tiny_unet.train()
     model, _, tokens, target = _forward_aligned(tiny_unet, ["mid", "enc_last"])
@@ -120,7 +182,7 @@ def test_alignment_gradient_survives_gradient_checkpointing(tiny_unet):
 
 
 def test_zero_lambda_adds_no_gradient(tiny_unet):
-    make_trainable(tiny_unet, "lora", lora_rank=4)
+    make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn+conv")
     model, prediction, tokens, target = _forward_aligned(tiny_unet, ["mid"])
     loss_diff = prediction.pow(2).mean()
     loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0)
@@ -132,7 +194,7 @@ def test_zero_lambda_adds_no_gradient(tiny_unet):
 
 
 def test_aligned_unet_without_layers_has_no_hooks_or_heads(tiny_unet):
-    model = AlignedUNet(tiny_unet, [], dim=32, grid=8)
+    model = AlignedUNet(tiny_unet, [], dim=32, grid=8, projector="conv", hidden=48)
     assert len(model.heads) == 0 and not any(m._forward_hooks for m in tiny_unet.modules())
     _, tokens = model(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 77, 32))
     assert tokens == {}

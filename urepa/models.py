@@ -29,8 +29,7 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
 
 
 def layer_channels(unet: nn.Module, layer: str) -> int:
-    module = get_submodule(unet, ALIGN_LAYER_MODULES[layer])
-    return module.resnets[-1].out_channels if hasattr(module, "resnets") else module.out_channels
+    return get_submodule(unet, ALIGN_LAYER_MODULES[layer]).out_channels
 
 
 class FeatureCapture:
@@ -51,7 +50,7 @@ class FeatureCapture:
 
     def _store(self, layer: str):
         def hook(module, inputs, output):
-            self.features[layer] = output[0] if isinstance(output, tuple) else output
+            self.features[layer] = output  # each captured module returns its feature map (no tuple)
         return hook
 
     def pop(self) -> dict[str, torch.Tensor]:
@@ -76,7 +75,7 @@ class AlignHead(nn.Module):
     GELU; `mlp`: REPA's 3-layer SiLU MLP applied per position (as 1x1 convolutions).
     """
 
-    def __init__(self, in_channels: int, dim: int, grid: int, projector: str = "conv", hidden: int = 2048):
+    def __init__(self, in_channels: int, dim: int, grid: int, projector: str, hidden: int):
         super().__init__()
         self.grid = grid
         if projector == "conv":
@@ -104,8 +103,7 @@ class AlignedUNet(nn.Module):
 
     timer = None
 
-    def __init__(self, unet: nn.Module, layers: list[str], dim: int, grid: int, projector: str = "conv",
-                 hidden: int = 2048):
+    def __init__(self, unet: nn.Module, layers: list[str], dim: int, grid: int, projector: str, hidden: int):
         super().__init__()
         self.unet = unet
         self.heads = nn.ModuleDict({
@@ -124,8 +122,7 @@ class AlignedUNet(nn.Module):
             return prediction, {layer: head(features[layer]) for layer, head in self.heads.items()}
 
 
-def lora_target_modules(unet: nn.Module, targets: str = "attn+conv",
-                        blocks: tuple[str, ...] = TRAINABLE_BLOCKS) -> list[str]:
+def lora_target_modules(unet: nn.Module, targets: str) -> list[str]:
     """Full names of the modules LoRA adapts: attention projections (and, with `attn+conv`, resnet
     convolutions) inside the white-listed blocks only. Full names, because peft matches a bare suffix
     such as `to_q` against every module of the U-Net."""
@@ -135,12 +132,12 @@ def lora_target_modules(unet: nn.Module, targets: str = "attn+conv",
     return [
         name for name, module in unet.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d))
-        and any(name.startswith(block + ".") for block in blocks)
+        and any(name.startswith(block + ".") for block in TRAINABLE_BLOCKS)
         and any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)
     ]
 
 
-def make_trainable(unet: nn.Module, finetune: str, lora_rank: int = 32, lora_targets: str = "attn+conv") -> None:
+def make_trainable(unet: nn.Module, finetune: str, lora_rank: int, lora_targets: str) -> None:
     """Freeze the U-Net, then open up what the fine-tuning mode trains, in place."""
     unet.requires_grad_(False)
     if finetune == "lora":
