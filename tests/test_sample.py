@@ -231,3 +231,50 @@ def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):
     sample_grid(out, tmp_path / "grid.png", images_per_class=2, class_names=["a", "b", "c"], thumb=32)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (160 + 2 * 32, 3 * 32)
+
+
+def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs, tmp_path):
+    """A LoRA export (peft keys, as the trainer writes them) sampled from: the pipeline's U-Net computes what
+    the adapted U-Net computed, with the adapter layers gone and nothing else of SD-1.5 changed."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from urepa.models import make_trainable
+
+    adapted = load_unet(smoke_inputs["sd15"])
+    make_trainable(adapted, "lora", lora_rank=4, lora_targets="attn+conv")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.2)  # a trained adapter: B != 0
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted),
+                                              safe_serialization=True)
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
+
+    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "lora", torch.device("cpu"))
+    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 600]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = adapted(x, t, encoder_hidden_states=context).sample
+        base = load_unet(smoke_inputs["sd15"])(x, t, encoder_hidden_states=context).sample
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, expected,
+                                   rtol=1e-4, atol=1e-5)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does change the output
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
+    load_unet(smoke_inputs["sd15"]).save_pretrained(tmp_path / "unet")
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
+    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu"), dtype=torch.bfloat16)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu")).unet.dtype == \
+        torch.float32
+
+
+def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
+    assert sample_module.inference_dtype(torch.device("cuda")) == torch.float16
+    assert sample_module.inference_dtype("cuda:1") == torch.float16
+    assert sample_module.inference_dtype(torch.device("cpu")) == torch.float32
