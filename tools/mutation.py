@@ -3,6 +3,7 @@
     pip install mutmut==3.8.1
     python tools/mutation.py                 # all modules below
     python tools/mutation.py losses sample   # some of them
+    python tools/mutation.py train --only 'urepa.train.xǁTrainerǁstep__mutmut_*'   # one function's mutants
 
 Each module is mutated by mutmut in its own scratch copy of the tracked files (under .mutation/<module>/,
 so the runs neither touch the working tree nor share mutmut's state), against that module's own fast test
@@ -35,7 +36,7 @@ MODULE_TESTS = {
 }
 
 
-def run_module(module: str, max_children: int) -> dict[str, list[str]]:
+def run_module(module: str, max_children: int, only: list[str]) -> dict[str, list[str]]:
     scratch = SCRATCH / module
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -51,7 +52,7 @@ def run_module(module: str, max_children: int) -> dict[str, list[str]]:
              "use_git_change_detection = false"]
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    subprocess.run(["nice", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+    subprocess.run(["nice", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *only],
                    cwd=scratch, env=env, check=True)
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
                              capture_output=True, text=True, check=True).stdout
@@ -67,15 +68,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULE_TESTS)}")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                        help="test only the mutants whose names match (mutmut's fnmatch patterns)")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULE_TESTS))
     if unknown:
         parser.error(f"unknown module(s) {unknown}; expected some of {list(MODULE_TESTS)}")
     for module in args.modules or MODULE_TESTS:
-        by_status = run_module(module, args.max_children)
+        by_status = run_module(module, args.max_children, args.only)
+        unchecked = len(by_status.pop("not checked", []))  # left out by --only
         total = sum(len(names) for names in by_status.values())
-        print(f"urepa/{module}.py: {len(by_status.get('killed', []))} killed of {total} "
-              f"({', '.join(f'{len(v)} {k}' for k, v in sorted(by_status.items()))})")
+        print(f"urepa/{module}.py: {len(by_status.get('killed', []))} killed of {total} tested "
+              f"({', '.join(f'{len(v)} {k}' for k, v in sorted(by_status.items()))}; {unchecked} not tested)")
         for status, names in sorted(by_status.items()):
             if status != "killed":
                 for name in names:
