@@ -11,6 +11,7 @@ from cleanfid.fid import kernel_distance
 from PIL import Image
 from torch import nn
 
+from urepa import metrics as metrics_module
 from urepa.metrics import (
     INCEPTION_FILENAME,
     INCEPTION_LAYERS,
@@ -237,6 +238,12 @@ class FakeInception(nn.Module):
             ("pool2", nn.AvgPool2d(8)),
         ]))
         self.output = nn.Linear(2048, 1008)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                # He init, no bias: PyTorch's default shrinks the signal through 18 layers until the features
+                # are the last biases, and no longer depend on the image (nor on a wrong normalisation).
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         features = self.layers((img - 128) / 128).reshape(-1, 2048)
@@ -287,6 +294,8 @@ def test_inception_features_are_the_torchscript_outputs_in_one_pass(fake_incepti
         x = getattr(base.layers, name)(x)
     spatial = base.layers.mixed_6.conv(x)[:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # ADM's (h, w, c) order
     pool = base(resized, return_features=True)
+    # the features depend on the image: a 1/255 shift of every input value moves them
+    assert (base(resized + 1, return_features=True) - pool).abs().max() > 1e-3 * pool.abs().max()
     np.testing.assert_allclose(features["pool"], pool.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(features["spatial"], spatial.detach().numpy(), rtol=1e-5, atol=1e-6)
     # IS probabilities as the torchscript gives them without the output bias.
@@ -331,6 +340,36 @@ def test_stand_in_network_is_deterministic_and_leaves_the_global_rng_alone():
     assert not np.array_equal(StandInFeatures(seed=1).features(images)["pool"], a["pool"])
 
 
+def test_stand_in_network_is_the_fixed_function_its_name_stands_for():
+    """Reference statistics are matched to generated features by the network's name alone, and the stand-in's
+    name gives its seed, not its layers: a change to its architecture or initialisation must change its name,
+    or statistics cached by the old network would be compared with the new one's features. These are its
+    features of fixed images (changing them means renaming the stand-in)."""
+    images = np.random.default_rng(12).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    features = StandInFeatures().features(images)
+    expected = {"pool": (0.221959134, 0.217749318, [0.04086054, 0.03258585, 0.16443437]),
+                "spatial": (0.291168089, 0.361379137, [0.09146279, 0.0, 0.3265101]),
+                "logits": (0.678708822, 2.182519074, [-1.09384155, -0.21720129, 0.47256851])}
+    for key, (mean, std, first) in expected.items():
+        values = features[key].astype(np.float64)
+        assert values.mean() == pytest.approx(mean, rel=1e-4) and values.std() == pytest.approx(std, rel=1e-4)
+        np.testing.assert_allclose(values[0, :3], first, rtol=1e-4, atol=1e-6)
+
+
+def test_stand_in_network_is_frozen_bias_free_at_the_logits_and_on_the_requested_device():
+    network = build_feature_network("stand-in", device="meta")
+    assert network.device.type == "meta"
+    assert not any(p.requires_grad for p in network.parameters())
+    assert network.classifier.bias is None  # the IS convention: no output bias
+
+
+def test_the_inception_network_is_built_on_the_requested_device(monkeypatch, tmp_path):
+    built = []
+    monkeypatch.setattr(metrics_module, "InceptionFeatures", lambda *args: built.append(args) or "network")
+    assert build_feature_network("inception", tmp_path, device="cuda:3") == "network"
+    assert built == [(tmp_path, "cuda:3")]
+
+
 def test_extract_features_takes_in_memory_batches_like_files(tmp_path):
     network = build_feature_network("stand-in")
     paths = write_images(tmp_path, [(48, 48)] * 5)
@@ -347,6 +386,16 @@ def test_center_crop_crops_non_square_files_to_their_middle(tmp_path):
     Image.fromarray(wide).save(tmp_path / "wide.png")
     cropped = extract_features(network, [tmp_path / "wide.png"], center_crop=True)
     np.testing.assert_allclose(cropped["pool"], network.features(wide[None, :, 10:50])["pool"], rtol=1e-6)
+    tall = np.random.default_rng(15).integers(0, 256, size=(60, 40, 3), dtype=np.uint8)
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    from_file = extract_features(network, [tmp_path / "tall.png"], center_crop=True)["pool"]
+    np.testing.assert_allclose(from_file, network.features(tall[None, 10:50])["pool"], rtol=1e-6)
+    # in-memory batches are cropped the same way, and nothing is cropped without center_crop
+    np.testing.assert_allclose(extract_features(network, [tall[None]], center_crop=True)["pool"], from_file,
+                               rtol=1e-6)
+    np.testing.assert_allclose(extract_features(network, [tmp_path / "tall.png"])["pool"],
+                               network.features(tall[None])["pool"], rtol=1e-6)
+    assert not np.allclose(network.features(tall[None])["pool"], from_file, rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
