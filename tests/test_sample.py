@@ -278,3 +278,29 @@ def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
     assert sample_module.inference_dtype(torch.device("cuda")) == torch.float16
     assert sample_module.inference_dtype("cuda:1") == torch.float16
     assert sample_module.inference_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_sample_paths_are_the_numbered_pngs_in_index_order(tmp_path):
+    for name in ("000002.png", "000000.png", "000001.png", "grid.png", "sampling.json", "provenance.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in sample_module.sample_paths(tmp_path)] == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_sample_grid_shows_the_first_six_images_of_the_first_sixteen_classes_under_black_labels(tmp_path):
+    from PIL import Image
+
+    def colour(index):  # one solid colour per image: a thumbnail shows which image it is
+        return (index % 256, index * 7 % 256, index * 13 % 256)
+
+    classes, per_class = 20, 7
+    for i in range(classes * per_class):
+        Image.new("RGB", (8, 8), colour(i)).save(tmp_path / f"{i:06d}.png")
+    sample_grid(tmp_path, tmp_path / "grid.png", per_class, [f"class {c}" for c in range(classes)])
+    with Image.open(tmp_path / "grid.png") as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    assert grid.shape == (16 * 128, 160 + 6 * 128, 3)
+    for c, j in [(0, 0), (3, 2), (15, 5)]:
+        assert tuple(grid[c * 128 + 64, 160 + j * 128 + 64]) == colour(c * per_class + j)
+    labels = grid[:, :160]
+    assert (labels[0, 0] == 255).all()  # a white label column ...
+    assert (labels[:128].max(axis=-1) < 64).any()  # ... with the class name written in black
