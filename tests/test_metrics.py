@@ -70,8 +70,51 @@ def test_frechet_distance_survives_rank_deficient_covariances():
 
 
 def test_frechet_distance_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="mismatched"):
-        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    for mu2, sigma1, sigma2 in [(np.zeros(4), np.eye(3), np.eye(3)),  # means differ
+                                (np.zeros(3), np.eye(3), np.eye(4)),  # covariances differ
+                                (np.zeros(3), np.eye(4), np.eye(4))]:  # covariances do not fit the means
+        with pytest.raises(ValueError, match="mismatched statistics"):
+            frechet_distance(np.zeros(3), sigma1, mu2, sigma2)
+
+
+def _frechet_with_root(monkeypatch, roots, mu1, sigma1, mu2, sigma2):
+    """frechet_distance with scipy's sqrtm replaced by `roots` (called in turn); returns the distance and the
+    matrices sqrtm was asked for."""
+    import types
+
+    asked = []
+    monkeypatch.setattr(metrics_module, "linalg", types.SimpleNamespace(
+        sqrtm=lambda matrix: asked.append(matrix) or roots[len(asked) - 1](matrix)))
+    return frechet_distance(mu1, sigma1, mu2, sigma2), asked
+
+
+def test_a_non_finite_root_is_retried_with_eps_on_both_diagonals(monkeypatch):
+    from scipy import linalg
+
+    sigma1, sigma2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.array([[1.0, 0.0], [0.0, 4.0]])
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([3.0, -1.0])
+    with pytest.warns(UserWarning, match="singular covariance product; adding 1e-06 to the diagonals"):
+        distance, asked = _frechet_with_root(monkeypatch, [lambda m: np.full_like(m, np.inf), linalg.sqrtm],
+                                             mu1, sigma1, mu2, sigma2)
+    offset = 1e-6 * np.eye(2)
+    np.testing.assert_array_equal(asked[1], (sigma1 + offset) @ (sigma2 + offset))
+    expected = 13.0 + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(linalg.sqrtm(asked[1]))
+    assert distance == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_negligible_imaginary_part_of_the_root_is_dropped_and_a_large_one_refused(monkeypatch):
+    import warnings
+
+    from scipy import linalg
+
+    sigma = np.array([[2.0, 1.0], [1.0, 2.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no complex-to-real cast left to numpy
+        distance, _ = _frechet_with_root(monkeypatch, [lambda m: linalg.sqrtm(m) + 1e-4j], np.zeros(2), sigma,
+                                         np.ones(2), sigma)
+    assert isinstance(distance, float) and distance == pytest.approx(2.0, abs=1e-9)
+    with pytest.raises(ValueError, match="imaginary component 0.01"):
+        _frechet_with_root(monkeypatch, [lambda m: linalg.sqrtm(m) + 0.01j], np.zeros(2), sigma, np.ones(2), sigma)
 
 
 # ---------------------------------------------------------------- KID
@@ -184,16 +227,23 @@ def brute_force_precision_recall(gen: np.ndarray, ref: np.ndarray, k: int) -> tu
 def test_precision_recall_of_identical_sets_is_one_and_of_far_apart_sets_zero():
     rng = np.random.default_rng(7)
     ref = rng.normal(size=(80, 8))
-    assert precision_recall(ref, ref) == (1.0, 1.0)
-    assert precision_recall(ref + 100, ref) == (0.0, 0.0)
+    assert precision_recall(ref, ref, k=3) == (1.0, 1.0)
+    assert precision_recall(ref + 100, ref, k=3) == (0.0, 0.0)
 
 
 def test_precision_counts_generated_samples_on_the_reference_manifold():
     rng = np.random.default_rng(8)
     ref = rng.normal(size=(40, 8))
     gen = np.concatenate([ref[:20], rng.normal(size=(20, 8)) + 100])
-    precision, _ = precision_recall(gen, ref)
+    precision, _ = precision_recall(gen, ref, k=3)
     assert precision == 0.5
+
+
+def test_a_sample_exactly_on_a_balls_boundary_is_inside_it():
+    line = np.arange(5, dtype=np.float64)[:, None]  # every point's nearest neighbour is 1 away
+    # 5 is 1 from 4, whose radius is 1: on the reference manifold (6 is not); 4 lies on the ball of 5 (radius 1).
+    assert precision_recall(np.array([[5.0], [6.0]]), line, k=1) == pytest.approx((0.5, 0.2))
+    assert precision_recall(line + 1, line, k=1) == (1.0, 1.0)
 
 
 def test_precision_recall_matches_brute_force_across_batches():
@@ -412,9 +462,14 @@ def stand_in_sets(tmp_path_factory) -> tuple[dict, dict]:
 
 def test_statistics_round_trip_through_npz(stand_in_sets, tmp_path):
     _, ref = stand_in_sets
-    path = tmp_path / "stats" / "reference.npz"
-    save_statistics(path, ref)
+    path = tmp_path / "stats" / "of" / "reference.npz"
+    save_statistics(path, ref, skipped=["a/broken.JPEG", "b/empty.JPEG"], provenance={"device": "cpu", "threads": 2})
     stats = load_statistics(path)
+    assert list(stats["skipped"]) == ["a/broken.JPEG", "b/empty.JPEG"]
+    assert stats["provenance"] == {"device": "cpu", "threads": 2}
+    assert type(stats["feature_network"]) is str and type(stats["num_images"]) is int
+    without = load_statistics(save_statistics(tmp_path / "bare.npz", ref) or tmp_path / "bare.npz")
+    assert without["provenance"] == {} and len(without["skipped"]) == 0
     mu, sigma = feature_statistics(ref["spatial"])
     np.testing.assert_array_equal(stats["spatial_mu"], mu)
     np.testing.assert_array_equal(stats["spatial_sigma"], sigma)
@@ -422,6 +477,27 @@ def test_statistics_round_trip_through_npz(stand_in_sets, tmp_path):
     assert stats["pool_sigma"].shape == (128, 128)
     assert stats["feature_network"] == ref["feature_network"]
     assert stats["num_images"] == 24
+
+
+def test_statistics_files_holding_pickled_objects_are_refused(tmp_path):
+    np.savez(tmp_path / "evil.npz", feature_network=np.array([{"not": "a string"}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_statistics(tmp_path / "evil.npz")
+
+
+def test_compute_metrics_defaults_are_the_published_protocols(stand_in_sets):
+    """KID over 100 subsets of at most 1000 (clean-fid), k = 3 for precision / recall (Kynkaanniemi et al.),
+    10 IS splits, seed 0; the KID subset is capped by the smaller set."""
+    gen, ref = stand_in_sets
+    fewer = {**{key: gen[key][:20] for key in ("pool", "spatial", "logits")}, "feature_network": gen["feature_network"]}
+    result = compute_metrics(fewer, ref)
+    assert (result["kid_mean"], result["kid_std"]) == kernel_inception_distance(fewer["pool"], ref["pool"], 100,
+                                                                                1000, seed=0)
+    assert (result["precision"], result["recall"]) == precision_recall(fewer["pool"], ref["pool"], k=3)
+    assert result["inception_score_mean"] == inception_score(fewer["logits"], 10, seed=0)[0]
+    assert result["precision_recall_k"] == 3 and result["kid_subset_size"] == 20
+    assert compute_metrics(gen, {**{key: ref[key][:18] for key in ("pool", "spatial", "logits")},
+                                 "feature_network": ref["feature_network"]})["kid_subset_size"] == 18
 
 
 def test_compute_metrics_against_itself_and_against_a_shifted_set(stand_in_sets, tmp_path):

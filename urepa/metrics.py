@@ -261,7 +261,6 @@ def save_statistics(path: str | Path, features: dict, skipped: list[str] = (), p
     """Reference statistics of a feature dict (from `extract_features`) to an .npz, with the paths of the
     images that could not be used (`skipped`) and how they were computed (`provenance`, as JSON)."""
     stats = reference_statistics(features)
-    stats["feature_network"] = np.array(stats["feature_network"])  # a unicode array: loads without pickle
     stats["skipped"] = np.array(list(skipped), dtype=str)
     stats["provenance"] = np.array(json.dumps(provenance or {}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +354,7 @@ def _kth_neighbour_radii(features: torch.Tensor, k: int, batch_size: int) -> tor
     return torch.cat(radii)
 
 
-def precision_recall(gen_features: np.ndarray, ref_features: np.ndarray, k: int = 3, batch_size: int = 1024,
+def precision_recall(gen_features: np.ndarray, ref_features: np.ndarray, k: int, batch_size: int = 1024,
                      device: str | torch.device = "cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of
     balls reaching each point's k-th nearest neighbour; precision = share of generated samples inside
