@@ -127,7 +127,7 @@ def test_kid_of_identical_sets_is_its_closed_form_and_matches_clean_fid():
     m = len(features)
     mean_diagonal = np.trace(kernel) / m
     mean_off_diagonal = (kernel.sum() - np.trace(kernel)) / (m * (m - 1))
-    kid_mean, kid_std = kernel_inception_distance(features, features, num_subsets=5)
+    kid_mean, kid_std = kernel_inception_distance(features, features, 5, 1000, seed=0)
     assert kid_mean == pytest.approx(2 * (mean_off_diagonal - mean_diagonal) / m, rel=1e-9)
     assert kid_std == pytest.approx(0, abs=1e-9)
     assert kid_mean == pytest.approx(kernel_distance(features, features, num_subsets=5), rel=1e-6)
@@ -137,8 +137,8 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_shifted_ones():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
     shifted = rng.normal(size=(300, 16)) + 0.5
-    same, _ = kernel_inception_distance(a, b, num_subsets=10, max_subset_size=200)
-    different, different_std = kernel_inception_distance(a, shifted, num_subsets=10, max_subset_size=200)
+    same, _ = kernel_inception_distance(a, b, num_subsets=10, max_subset_size=200, seed=0)
+    different, different_std = kernel_inception_distance(a, shifted, num_subsets=10, max_subset_size=200, seed=0)
     assert different > 10 * different_std > 0
     assert abs(same) < 0.05 * different
 
@@ -147,6 +147,21 @@ def test_kid_is_reproducible_with_a_seed():
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=(50, 4)), rng.normal(size=(40, 4))
     assert kernel_inception_distance(a, b, 7, 20, seed=1) == kernel_inception_distance(a, b, 7, 20, seed=1)
+
+
+def test_kid_is_computed_in_float64_whatever_the_features_dtype():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(50, 4)).astype(np.float32), rng.normal(size=(40, 4)).astype(np.float32)
+    as_float64 = kernel_inception_distance(a.astype(np.float64), b.astype(np.float64), 3, 20, seed=0)
+    assert kernel_inception_distance(a, b, 3, 20, seed=0) == as_float64
+    assert kernel_inception_distance(a.astype(np.float64), b, 3, 20, seed=0) == as_float64
+
+
+def test_kid_needs_two_samples_per_set():
+    rng = np.random.default_rng(5)
+    assert np.isfinite(kernel_inception_distance(rng.normal(size=(2, 4)), rng.normal(size=(9, 4)), 3, 20, seed=0)[0])
+    with pytest.raises(ValueError, match="KID needs at least 2 samples per set, got 1 and 9"):
+        kernel_inception_distance(rng.normal(size=(1, 4)), rng.normal(size=(9, 4)), 3, 20, seed=0)
 
 
 # ---------------------------------------------------------------- Inception Score
@@ -470,6 +485,10 @@ def test_statistics_round_trip_through_npz(stand_in_sets, tmp_path):
     assert type(stats["feature_network"]) is str and type(stats["num_images"]) is int
     without = load_statistics(save_statistics(tmp_path / "bare.npz", ref) or tmp_path / "bare.npz")
     assert without["provenance"] == {} and len(without["skipped"]) == 0
+    # statistics written before provenance was recorded still load
+    with np.load(tmp_path / "bare.npz") as data:
+        np.savez(tmp_path / "old.npz", **{key: data[key] for key in data.files if key != "provenance"})
+    assert load_statistics(tmp_path / "old.npz")["provenance"] == {}
     mu, sigma = feature_statistics(ref["spatial"])
     np.testing.assert_array_equal(stats["spatial_mu"], mu)
     np.testing.assert_array_equal(stats["spatial_sigma"], sigma)

@@ -300,8 +300,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray, num_subsets: int = 100,
-                              max_subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray, num_subsets: int,
+                              max_subset_size: int, seed: int) -> tuple[float, float]:
     """KID: unbiased MMD² with the kernel k(x, y) = (x·y / d + 1)³, averaged over random subsets of
     size min(max_subset_size, n_gen, n_ref) drawn without replacement (clean-fid / torch-fidelity).
     Returns the mean and the standard deviation over the subsets."""
