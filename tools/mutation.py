@@ -32,7 +32,10 @@ MODULE_TESTS = {
     "metrics": ["tests/test_wiring_analysis.py", "tests/test_metrics.py"],
     "sample": ["tests/test_wiring_sample.py", "tests/test_sample.py"],
     "models": ["tests/test_wiring_align.py", "tests/test_models.py"],
-    "train": ["tests/test_wiring_train.py"],
+    # test_train.py's whole runs take minutes each: only its in-process checks of the step are selected
+    "train": ["tests/test_wiring_train.py",
+              "tests/test_train.py::test_step_batches_are_a_pure_function_of_seed_and_step",
+              "tests/test_train.py::test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint"],
 }
 
 
