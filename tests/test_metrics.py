@@ -28,6 +28,7 @@ from urepa.metrics import (
     list_images,
     load_statistics,
     precision_recall,
+    reference_statistics,
     save_statistics,
 )
 
@@ -157,6 +158,22 @@ def test_kid_is_computed_in_float64_whatever_the_features_dtype():
     assert kernel_inception_distance(a.astype(np.float64), b, 3, 20, seed=0) == as_float64
 
 
+def test_statistics_and_inception_score_are_computed_in_float64_whatever_the_features_dtype():
+    features = np.random.default_rng(5).normal(size=(30, 6)).astype(np.float32)
+    for got, expected in zip(feature_statistics(features), feature_statistics(features.astype(np.float64))):
+        assert got.dtype == np.float64 and np.array_equal(got, expected)
+    assert inception_score(features, 3, seed=0) == inception_score(features.astype(np.float64), 3, seed=0)
+    # the raw pool features a reference keeps (KID, precision / recall) are float32: 50k x 2048 is 400 MB
+    stats = reference_statistics({"pool": features.astype(np.float64), "spatial": features, "feature_network": "n"})
+    assert stats["pool_features"].dtype == np.float32
+
+
+def test_a_covariance_needs_two_feature_vectors():
+    assert feature_statistics(np.eye(2))[1].shape == (2, 2)
+    with pytest.raises(ValueError, match="need at least 2 feature vectors for a covariance, got 1"):
+        feature_statistics(np.ones((1, 3)))
+
+
 def test_kid_needs_two_samples_per_set():
     rng = np.random.default_rng(5)
     assert np.isfinite(kernel_inception_distance(rng.normal(size=(2, 4)), rng.normal(size=(9, 4)), 3, 20, seed=0)[0])
@@ -167,7 +184,7 @@ def test_kid_needs_two_samples_per_set():
 # ---------------------------------------------------------------- Inception Score
 
 def test_inception_score_of_uniform_predictions_is_one():
-    mean, std = inception_score(np.zeros((100, 1008)))
+    mean, std = inception_score(np.zeros((100, 1008)), 10, seed=0)
     assert mean == pytest.approx(1.0, abs=1e-12)
     assert std == pytest.approx(0.0, abs=1e-12)
 
@@ -223,7 +240,7 @@ def test_inception_score_matches_torch_fidelity_on_class_ordered_and_unordered_l
 
 
 def test_inception_score_uses_fewer_splits_than_samples():
-    mean, _ = inception_score(np.random.default_rng(6).normal(size=(3, 5)), num_splits=10)
+    mean, _ = inception_score(np.random.default_rng(6).normal(size=(3, 5)), num_splits=10, seed=0)
     assert mean == pytest.approx(1.0)  # one sample per split: p(y|x) = p(y)
 
 

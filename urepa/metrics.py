@@ -325,7 +325,7 @@ def kernel_inception_distance(gen_features: np.ndarray, ref_features: np.ndarray
     return float(estimates.mean()), float(estimates.std())
 
 
-def inception_score(logits: np.ndarray, num_splits: int = 10, seed: int = 0) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, num_splits: int, seed: int) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits), over `num_splits` splits (fewer when
     there are fewer samples than splits). Returns the mean and std over the splits.
 
