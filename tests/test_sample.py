@@ -108,9 +108,19 @@ def test_gathering_refuses_shards_that_do_not_make_one_set(pipeline, clip, tmp_p
         gather_samples([shard[0], shard[2]], tmp_path / "out")
     other = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "other", SETTINGS, seed=5, batch_size=2,
                              weights_digest="other-weights", shards=3, shard=1)
-    with pytest.raises(ValueError, match="different weights or settings"):
+    with pytest.raises(ValueError, match=f"the shards {shard[0]}, {other}, {shard[2]} were sampled from different "
+                                         f"weights or settings"):
         gather_samples([shard[0], other, shard[2]], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_set_of_one_shard_is_gathered(pipeline, clip, tmp_path):
+    """Small sets (a curve point of few batches) are one shard: gathering it is the set itself."""
+    whole = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "whole", SETTINGS, seed=5, batch_size=8,
+                             weights_digest=WEIGHTS, shards=1, shard=0)
+    out = gather_samples([whole], tmp_path / "out")
+    assert [p.name for p in sample_module.sample_paths(out)] == [f"{i:06d}.png" for i in range(6)]
+    assert json.loads((out / "sampling.json").read_text())["shards"] == 1
 
 
 def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip, tmp_path, monkeypatch):
@@ -270,6 +280,8 @@ def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
     trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
     pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu"), dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    on_meta = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("meta"))
+    assert on_meta.unet.device.type == on_meta.vae.device.type == "meta"  # moved to the device asked for
     assert load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu")).unet.dtype == \
         torch.float32
 

@@ -61,7 +61,6 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finet
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
