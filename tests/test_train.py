@@ -561,8 +561,10 @@ def test_step_batches_are_a_pure_function_of_seed_and_step():
     halves = [_take(StepBatches(rows, BATCH, seed=5, rank=r, world_size=2), 10) for r in (0, 1)]
     for step in range(10):
         assert np.array_equal(np.concatenate([halves[0][step], halves[1][step]]), run[step])
-    with pytest.raises(ValueError, match="valid cached rows"):
+    with pytest.raises(ValueError, match="only 3 valid cached rows for a batch of 4"):
         StepBatches(rows[:3], BATCH, seed=5)
+    exactly_one_batch = _take(StepBatches(rows[:BATCH], BATCH, seed=5), 2)  # an epoch of one batch
+    assert all(sorted(batch.tolist()) == rows[:BATCH].tolist() for batch in exactly_one_batch)
 
 
 def test_training_skips_rows_marked_invalid(data, tmp_path, caplog):
