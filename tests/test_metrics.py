@@ -1,5 +1,6 @@
 """Metrics against closed forms and brute force; the Inception code path through a tiny fake of
 clean-fid's torchscript (the real weights cannot be downloaded here)."""
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -391,6 +392,34 @@ def test_resize_is_clean_fid_clean_mode():
     image = np.random.default_rng(11).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
     expected = build_resizer("clean")(image).transpose(2, 0, 1)
     np.testing.assert_array_equal(StandInFeatures(input_size=299).resize(image).numpy(), expected)
+
+
+class TruncatedInception(nn.Module):
+    """A torchscript that is not clean-fid's: FakeInception's layers without `drop`, and no `output` layer
+    if asked."""
+
+    def __init__(self, drop: str, with_output: bool) -> None:
+        super().__init__()
+        kept = ((name, module) for name, module in FakeInception().layers.named_children() if name != drop)
+        self.layers = nn.Sequential(OrderedDict(kept))
+        if with_output:
+            self.output = nn.Linear(2048, 1008)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.layers(img)
+
+
+@pytest.mark.parametrize("drop, with_output, missing", [("pool2", True, "['pool2']"), ("", False, "[]")])
+def test_a_torchscript_that_is_not_clean_fids_inception_is_refused(tmp_path, drop, with_output, missing):
+    torch.jit.save(torch.jit.script(TruncatedInception(drop, with_output).eval()), str(tmp_path / INCEPTION_FILENAME))
+    expected = rf"is not clean-fid's Inception torchscript \(layers missing: {re.escape(missing)}\)"
+    with pytest.raises(ValueError, match=expected):
+        InceptionFeatures(tmp_path)
+
+
+def test_the_inception_network_is_frozen(fake_inception_dir):
+    network = InceptionFeatures(fake_inception_dir)
+    assert list(network.parameters()) and not any(p.requires_grad for p in network.parameters())
 
 
 def test_missing_inception_weights_name_the_expected_path(tmp_path):
