@@ -563,6 +563,13 @@ def test_compute_metrics_defaults_are_the_published_protocols(stand_in_sets):
     assert result["precision_recall_k"] == 3 and result["kid_subset_size"] == 20
     assert compute_metrics(gen, {**{key: ref[key][:18] for key in ("pool", "spatial", "logits")},
                                  "feature_network": ref["feature_network"]})["kid_subset_size"] == 18
+    rng = np.random.default_rng(3)  # sets larger than a KID subset: subsets of 1000
+    large = [{"pool": rng.normal(size=(1001, 4)) + shift, "spatial": rng.normal(size=(1001, 3)),
+              "logits": rng.normal(size=(1001, 5)), "feature_network": "n"} for shift in (0.0, 0.1)]
+    result = compute_metrics(*large)
+    assert result["kid_subset_size"] == 1000
+    reference_pool = large[1]["pool"].astype(np.float32)  # what reference statistics keep
+    assert result["kid_mean"] == kernel_inception_distance(large[0]["pool"], reference_pool, 100, 1000, seed=0)[0]
 
 
 def test_compute_metrics_against_itself_and_against_a_shifted_set(stand_in_sets, tmp_path):
