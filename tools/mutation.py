@@ -4,6 +4,7 @@
     python tools/mutation.py                 # all modules below
     python tools/mutation.py losses sample   # some of them
     python tools/mutation.py train --only 'urepa.train.xǁTrainerǁstep__mutmut_*'   # one function's mutants
+    python tools/mutation.py train --tests tests/test_train.py --max-children 8   # the run orchestration too
 
 Each module is mutated by mutmut in its own scratch copy of the tracked files (under .mutation/<module>/,
 so the runs neither touch the working tree nor share mutmut's state), against that module's own fast test
@@ -39,7 +40,7 @@ MODULE_TESTS = {
 }
 
 
-def run_module(module: str, max_children: int, only: list[str]) -> dict[str, list[str]]:
+def run_module(module: str, max_children: int, only: list[str], tests: list[str]) -> dict[str, list[str]]:
     scratch = SCRATCH / module
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -50,7 +51,7 @@ def run_module(module: str, max_children: int, only: list[str]) -> dict[str, lis
             shutil.copy2(REPO / name, scratch / name)
     lines = ["[mutmut]", "source_paths = urepa/", f"only_mutate = urepa/{module}.py",
              "also_copy =", "    config/", "    workflow/", "    Snakefile",
-             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in MODULE_TESTS[module]] + [
+             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests or MODULE_TESTS[module]] + [
              "pytest_add_cli_args = -p no:cacheprovider", "process_isolation = forkserver",
              "use_git_change_detection = false"]
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
@@ -71,6 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULE_TESTS)}")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--tests", nargs="+", default=[], metavar="PYTEST_ARG",
+                        help="the tests to run instead of the module's fast selection (e.g. tests/test_train.py for "
+                             "train.py's run orchestration: minutes per mutant)")
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                         help="test only the mutants whose names match (mutmut's fnmatch patterns)")
     args = parser.parse_args()
@@ -78,7 +82,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown module(s) {unknown}; expected some of {list(MODULE_TESTS)}")
     for module in args.modules or MODULE_TESTS:
-        by_status = run_module(module, args.max_children, args.only)
+        by_status = run_module(module, args.max_children, args.only, args.tests)
         unchecked = len(by_status.pop("not checked", []))  # left out by --only
         total = sum(len(names) for names in by_status.values())
         print(f"urepa/{module}.py: {len(by_status.get('killed', []))} killed of {total} tested "
