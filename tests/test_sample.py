@@ -114,6 +114,48 @@ def test_gathering_refuses_shards_that_do_not_make_one_set(pipeline, clip, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_gathering_copies_across_file_systems_and_replaces_stale_output(pipeline, clip, tmp_path, monkeypatch):
+    shards = [generate_samples(pipeline, clip, 3, 3, 2, tmp_path / str(s), SETTINGS, seed=5, batch_size=2,
+                               weights_digest=WEIGHTS, shards=3, shard=s) for s in range(3)]
+    with pytest.raises(ValueError, match=r"the shards cover images 0\.\.3 of a set of 6"):
+        gather_samples(shards[:2], tmp_path / "out")
+    out = tmp_path / "nested" / "set" / "samples"
+    linked = gather_samples(shards, out)
+    # a rerun after a killed gather: a stale partial folder and the old output are replaced, not merged
+    (out.with_name("samples.partial")).mkdir()
+    (out.with_name("samples.partial") / "stale.png").write_bytes(b"")
+    (out / "left-over.png").write_bytes(b"")
+
+    def no_hard_links(source, destination):
+        raise OSError("Invalid cross-device link")
+
+    monkeypatch.setattr(sample_module.os, "link", no_hard_links)
+    copied = gather_samples(shards, out)
+    assert sorted(p.name for p in copied.iterdir()) == [f"{i:06d}.png" for i in range(6)] + [
+        "provenance.json", "sampling.json"]
+    assert not out.with_name("samples.partial").exists()
+    for i in range(6):
+        assert (copied / f"{i:06d}.png").read_bytes() == (shards[i // 2] / f"{i:06d}.png").read_bytes()
+        assert (copied / f"{i:06d}.png").stat().st_ino != (shards[i // 2] / f"{i:06d}.png").stat().st_ino
+    assert linked == copied
+
+
+def test_class_of_an_image_is_its_index_divided_by_the_images_per_class():
+    assert [sample_module.class_of(i, 3) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert all(type(sample_module.class_of(i, 3)) is int for i in range(7))
+
+
+def test_the_guidance_interval_ends_at_the_schedules_last_noise_level():
+    from diffusers import DDPMScheduler
+
+    from urepa.sd15 import SD15_SCHEDULER_CONFIG
+
+    alpha_bar = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    assert sample_module.noise_level(scheduler, 1.0) == pytest.approx(((1 - alpha_bar[999]) / alpha_bar[999]) ** 0.5,
+                                                                      rel=1e-4)
+
+
 def test_a_set_of_one_shard_is_gathered(pipeline, clip, tmp_path):
     """Small sets (a curve point of few batches) are one shard: gathering it is the set itself."""
     whole = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "whole", SETTINGS, seed=5, batch_size=8,
