@@ -133,6 +133,9 @@ def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_
     for call in spy.calls:
         z = (call["sample"].double().numpy() / data["scaling"] - mean.double().numpy()) / 0.4
         assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+        # one draw per image and channel: not one shared by the batch (a draw of the wrong shape broadcasts)
+        assert all(abs(np.corrcoef(z[0].ravel(), z[b].ravel())[0, 1]) < 0.5 for b in range(1, len(z)))
+        assert abs(np.corrcoef(z[0, 0].ravel(), z[0, 1].ravel())[0, 1]) < 0.5
         draws.append(z.ravel())
     assert abs(np.corrcoef(draws[0], draws[1])[0, 1]) < 0.1  # a new sample, not the last step's again
 
