@@ -255,3 +255,31 @@ def test_condition_dropout_at_one_half_is_per_image(data, tmp_path):
     # every position of the batch is dropped sometimes and kept sometimes, in no fixed pattern
     assert all(5 <= n <= steps - 5 for n in dropped.sum(axis=0)), dropped.sum(axis=0)
     assert len({tuple(row) for row in dropped}) > steps // 3
+
+
+# -- gradient accumulation --------------------------------------------------------------------------------
+def first_step_gradients(data, settings: dict, run_dir: Path) -> tuple[dict, list[torch.Tensor]]:
+    """The logged values of a trainer's first step and the gradients the optimiser stepped with."""
+    trainer = make_trainer(data, settings, run_dir)
+    grads, optimizer_step = [], trainer.optimizer.step
+
+    def spying_step(*args, **kwargs):
+        grads.extend(p.grad.detach().clone() for p in trainer.trainable)
+        return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = spying_step
+    return trainer.step(batch_of(trainer, data)), grads
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_accumulated_micro_batches_step_with_the_whole_batchs_losses_and_gradient(data, tmp_path, mode):
+    """grad_accum = 2 splits the step's batch in two: the same draws, the same logged terms, and the gradient
+    of the whole batch's loss (with the sample Gram over the whole batch, from the no-grad pre-pass)."""
+    settings = settings_for(manifold_mode=mode, manifold_coeff=3.0, align_coeff=0.7)
+    whole, whole_grads = first_step_gradients(data, {**settings, "grad_accum": 1}, tmp_path / "whole")
+    accumulated, accumulated_grads = first_step_gradients(data, {**settings, "grad_accum": 2}, tmp_path / "accum")
+    for term in ("loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "grad_norm"):
+        assert accumulated[term] == pytest.approx(whole[term], rel=1e-5), term
+    assert len(accumulated_grads) == len(whole_grads) and any(g.abs().sum() > 0 for g in whole_grads)
+    for a, b in zip(accumulated_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-12)
