@@ -36,7 +36,8 @@ MODULE_TESTS = {
     # test_train.py's whole runs take minutes each: only its in-process checks of the step are selected
     "train": ["tests/test_wiring_train.py",
               "tests/test_train.py::test_step_batches_are_a_pure_function_of_seed_and_step",
-              "tests/test_train.py::test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint"],
+              "tests/test_train.py::test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint",
+              "tests/test_sample.py::test_samplers_follow_the_parameterisation_exported_with_the_weights"],
 }
 
 
