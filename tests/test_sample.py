@@ -198,7 +198,7 @@ def test_other_settings_set_the_partial_set_aside(pipeline, clip, tmp_path, capl
     (partial / "000000.png").write_bytes(b"stale")
     out = _sample(pipeline, clip, tmp_path / "s")
     assert (out / "000000.png").read_bytes() != b"stale"
-    assert "other weights or settings" in caplog.text
+    assert f"{partial} was sampled from other weights or settings: moved to" in caplog.text
     (stale,) = tmp_path.glob("s.partial.stale-*")
     assert (stale / "000000.png").read_bytes() == b"stale"  # set aside, not deleted
 
@@ -274,6 +274,11 @@ def test_manifest_gives_the_guidance_interval_in_sigma(pipeline, clip, tmp_path)
     assert manifest["guidance_sigma_high"] == pytest.approx(sigma[700], rel=1e-4)  # diffusers keeps float32
     assert manifest["guidance_sigma_low"] == pytest.approx(sigma[0], rel=1e-4)
     assert manifest["prediction_type"] == "v_prediction"
+    # the record a metrics job and a reader see: every setting the images depend on, under its own name
+    sigmas = {key: manifest.pop(key) for key in ("guidance_sigma_low", "guidance_sigma_high")}
+    assert manifest == {"weights_sha256": WEIGHTS, "batch_size": 4, **SETTINGS, "prediction_type": "v_prediction",
+                        "seed": 5, "num_classes": 3, "images_per_class": 2, "indices": [0, 6]}
+    assert set(sigmas) == {"guidance_sigma_low", "guidance_sigma_high"}
 
 
 def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):
