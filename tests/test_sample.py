@@ -165,14 +165,16 @@ def test_a_set_of_one_shard_is_gathered(pipeline, clip, tmp_path):
     assert json.loads((out / "sampling.json").read_text())["shards"] == 1
 
 
-def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip, tmp_path, monkeypatch):
+def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip, tmp_path, monkeypatch, caplog):
     reference = _sample(pipeline, clip, tmp_path / "reference")
     out = tmp_path / "resumed"
     partial = tmp_path / "resumed.partial"
     partial.mkdir()
-    # What a job killed after four images leaves behind: its manifest, four PNGs and a half-written one.
+    # What a job killed after four images leaves behind: its manifest and provenance record, four PNGs and a
+    # half-written one.
     _sample(pipeline, clip, tmp_path / "first")
-    (tmp_path / "first" / "sampling.json").rename(partial / "sampling.json")
+    for record in ("sampling.json", "provenance.json"):
+        (tmp_path / "first" / record).rename(partial / record)
     for i in range(4):
         (tmp_path / "first" / f"{i:06d}.png").rename(partial / f"{i:06d}.png")
     (partial / "000004.tmp.png").write_bytes(b"truncated")
@@ -184,8 +186,14 @@ def test_killed_sampling_resumes_without_redoing_finished_images(pipeline, clip,
         return original(unet, scheduler, cond, uncond, noise, *args)
 
     monkeypatch.setattr(sample_module, "sample_latents", counting)
+    caplog.set_level("INFO", logger="urepa.sample")
     _sample(pipeline, clip, out)
     assert sum(drawn) == 2
+    assert "resuming sampling: 1 of 2 batches already written" in caplog.text
+    # who drew what: the killed job (all six images planned) and the resumed one (the last batch)
+    sessions = json.loads((out / "provenance.json").read_text())
+    assert [session["images"] for session in sessions] == [[0, 6], [4, 6]]
+    assert all(session["dtype"] == "float32" and session["device"] == "cpu" for session in sessions)
     for i in range(6):
         assert (out / f"{i:06d}.png").read_bytes() == (reference / f"{i:06d}.png").read_bytes()
     assert not list(out.glob("*.tmp.png"))
