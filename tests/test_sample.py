@@ -49,6 +49,14 @@ def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
         torch.testing.assert_close(loaded, expected)
 
 
+def test_a_rerun_replaces_the_finished_set(pipeline, clip, tmp_path):
+    first = {p.name: p.read_bytes() for p in _sample(pipeline, clip, tmp_path / "s").iterdir()}
+    (tmp_path / "s" / "000099.png").write_bytes(b"not of this set")
+    again = _sample(pipeline, clip, tmp_path / "s")
+    assert {p.name for p in again.iterdir()} == set(first)
+    assert all((again / name).read_bytes() == data for name, data in first.items() if name.endswith(".png"))
+
+
 def test_same_seed_gives_identical_pngs(pipeline, clip, tmp_path):
     first = _sample(pipeline, clip, tmp_path / "a")
     second = _sample(pipeline, clip, tmp_path / "b")

@@ -88,11 +88,13 @@ def test_each_image_is_drawn_from_its_classs_prompt_and_its_own_noise(trained_co
         """Latents that say which prompt and which noise each image got."""
         assert (steps, cfg_scale, low, high) == (4, 2.5, 0.1, 0.6)
         assert scheduler.config.prediction_type == trained_config.prediction_type
-        assert all(torch.equal(row, torch.from_numpy(clip[null])) for row in uncond)
+        assert cond.dtype == uncond.dtype == noise.dtype == unet.dtype  # the U-Net's own dtype (fp16 on CUDA)
+        assert all(torch.equal(row.float(), torch.from_numpy(clip[null])) for row in uncond)
         latents = torch.zeros(len(cond), 4, size, size)
         for b in range(len(cond)):
-            (latents[b, 0, 0, 0],) = [k for k in range(len(clip)) if torch.equal(cond[b], torch.from_numpy(clip[k]))]
-            (latents[b, 1, 0, 0],) = [i for i in range(len(noises)) if torch.equal(noise[b], noises[i])]
+            (latents[b, 0, 0, 0],) = [k for k in range(len(clip))
+                                      if torch.equal(cond[b].float(), torch.from_numpy(clip[k]))]
+            (latents[b, 1, 0, 0],) = [i for i in range(len(noises)) if torch.equal(noise[b].float(), noises[i])]
         return latents
 
     def identifying_decode(vae, latents):
@@ -104,7 +106,7 @@ def test_each_image_is_drawn_from_its_classs_prompt_and_its_own_noise(trained_co
     monkeypatch.setattr(sample_module, "decode", identifying_decode)
     unet = torch.nn.Linear(1, 1)
     unet.config = types.SimpleNamespace(in_channels=4, sample_size=size)
-    unet.device, unet.dtype = torch.device("cpu"), torch.float32
+    unet.device, unet.dtype = torch.device("cpu"), torch.float64  # not the inputs' float32
     pipe = types.SimpleNamespace(unet=unet, vae=None, scheduler=DDPMScheduler.from_config(trained_config))
     out = generate_samples(pipe, clip, null, num_classes, per_class, tmp_path / "samples", settings, seed,
                            batch_size=4, weights_digest="w")
