@@ -283,3 +283,20 @@ def test_accumulated_micro_batches_step_with_the_whole_batchs_losses_and_gradien
     assert len(accumulated_grads) == len(whole_grads) and any(g.abs().sum() > 0 for g in whole_grads)
     for a, b in zip(accumulated_grads, whole_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-12)
+
+
+def test_every_random_draw_of_a_step_comes_from_the_checkpointed_generator(data, tmp_path):
+    """Resume and several processes rely on it: replaying the generator's state replays the step's posterior
+    sample, noise, timesteps and dropout exactly, whatever torch's global generator does meanwhile."""
+    trainer = make_trainer(data, settings_for(cond_dropout=0.5), tmp_path)
+    shape = batch_of(trainer, data)["latent_mean"].shape[1:]
+    state = trainer.generator.get_state()
+    torch.manual_seed(123)
+    first = trainer.draw(shape)
+    trainer.generator.set_state(state)
+    torch.manual_seed(456)
+    again = trainer.draw(shape)
+    assert set(first) == {"posterior", "noise", "timesteps", "dropped"}
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(trainer.draw(shape)["noise"], first["noise"])  # and the generator moves on
