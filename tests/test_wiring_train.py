@@ -309,3 +309,44 @@ def test_every_random_draw_of_a_step_comes_from_the_checkpointed_generator(data,
     for key in first:
         assert torch.equal(first[key], again[key]), key
     assert not torch.equal(trainer.draw(shape)["noise"], first["noise"])  # and the generator moves on
+
+
+def test_timesteps_are_uniform_over_the_whole_schedule_including_zero(data, tmp_path):
+    """t ~ U{0, ..., T-1} per image: on a 4-step schedule every step, 0 and T-1 included, comes up about
+    equally often (an off-by-one in the range would never draw one end)."""
+    from diffusers import DDPMScheduler
+
+    short = DDPMScheduler.from_config(load_noise_scheduler(data["sd15"]).config, num_train_timesteps=4)
+    trainer = make_trainer(data, settings_for(), tmp_path, short)
+    shape = batch_of(trainer, data)["latent_mean"].shape[1:]
+    drawn = torch.cat([trainer.draw(shape)["timesteps"] for _ in range(100)]).numpy()
+    counts = np.bincount(drawn, minlength=5)
+    # 400 draws: 100 +- 8.7 per step; the bounds are 4 sigma
+    assert counts[4] == 0 and all(65 <= n <= 135 for n in counts[:4]), counts
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_and_is_logged(data, tmp_path):
+    """diffusers' cosine schedule with warm-up, in optimiser steps: after step n, lr = base * n / W for n < W
+    and base * (1 + cos(pi * (n - W) / (T - W))) / 2 after (W = warmup_ratio * T). The step logs the rate the
+    next step will use, which is the optimiser's."""
+    settings = settings_for(max_steps=8, warmup_ratio=0.25, learning_rate=1e-3)
+    trainer = make_trainer(data, settings, tmp_path)
+    base, warmup, total = 1e-3, 2, 8
+    for n in range(1, total + 1):
+        logged = trainer.step(batch_of(trainer, data))
+        expected = base * n / warmup if n < warmup else \
+            base * (1 + math.cos(math.pi * (n - warmup) / (total - warmup))) / 2
+        assert logged["lr"] == pytest.approx(expected, abs=1e-12), n
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), n
+
+
+def test_a_nan_loss_before_any_checkpoint_says_there_is_none(data, tmp_path):
+    trainer = make_trainer(data, settings_for(), tmp_path)
+    batch = batch_of(trainer, data)
+    batch["latent_mean"][0] = float("nan")
+    with pytest.raises(FloatingPointError) as error:
+        trainer.step(batch)
+    message = str(error.value)
+    assert message.startswith("non-finite loss at step 1: ")
+    assert "the last good checkpoint is none (no checkpoint yet)." in message
+    assert trainer.state.step == 0  # the bad step is not counted
