@@ -350,3 +350,77 @@ def test_a_nan_loss_before_any_checkpoint_says_there_is_none(data, tmp_path):
     assert message.startswith("non-finite loss at step 1: ")
     assert "the last good checkpoint is none (no checkpoint yet)." in message
     assert trainer.state.step == 0  # the bad step is not counted
+
+
+# -- the run loop: log, snapshots, checkpoints, resume ----------------------------------------------------
+class Killed(Exception):
+    """Stands for a kill: raised from a snapshot, after the step's log row and before its checkpoint."""
+
+
+def run_trainer(data, settings: dict, run_dir: Path, kill_at: int | None = None) -> tuple[Trainer, list[int]]:
+    run_dir.mkdir(parents=True, exist_ok=True)  # train_run's claim of the run state makes it
+    trainer, snapshots = make_trainer(data, settings, run_dir), []
+
+    def on_snapshot(trainer: Trainer, step: int) -> None:
+        snapshots.append(step)
+        if step == kill_at:
+            raise Killed
+
+    try:
+        trainer.run(on_snapshot)
+    except Killed:
+        pass
+    return trainer, snapshots
+
+
+def test_a_run_logs_every_step_snapshots_at_eval_interval_and_keeps_its_last_checkpoints(data, tmp_path):
+    settings = settings_for(max_steps=6, eval_interval=4, checkpoint_every=2, checkpoints_total_limit=2)
+    trainer, snapshots = run_trainer(data, settings, tmp_path)
+    assert snapshots == [4, 6]  # every eval_interval steps, and the last step
+    assert [p.name for p in trainer.checkpoints()] == ["checkpoint-4", "checkpoint-6"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log.columns) == ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr",
+                                 "grad_norm", "step_time"]
+    assert log["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert np.isfinite(log.drop(columns="step").to_numpy()).all() and (log["step_time"] > 0).all()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_one(data, tmp_path):
+    """Killed after step 5's log row (checkpoint-4 the newest), a new trainer on the same folder resumes at
+    step 4, drops the logged row 5, redoes steps 5 and 6 and ends with the uninterrupted run's log, weights,
+    EMA and generator. A leftover half checkpoint (*.tmp) is cleared before it is written into."""
+    settings = settings_for(max_steps=6, eval_interval=1, checkpoint_every=2, checkpoints_total_limit=10)
+    whole, _ = run_trainer(data, settings, tmp_path / "whole")
+
+    run_dir = tmp_path / "killed"
+    (run_dir / "checkpoints" / "checkpoint-2.tmp").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2.tmp" / "leftover").write_text("from a killed save")
+    killed, snapshots = run_trainer(data, settings, run_dir, kill_at=5)
+    assert snapshots == [1, 2, 3, 4, 5] and killed.state.step == 5
+    assert [p.name for p in killed.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
+    assert not (run_dir / "checkpoints" / "checkpoint-2" / "leftover").exists()
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3, 4, 5]
+
+    resumed, snapshots = run_trainer(data, settings, run_dir)
+    assert snapshots == [5, 6]
+    assert [p.name for p in resumed.checkpoints()] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    logged = {name: pd.read_csv(folder / "train_log.csv").drop(columns="step_time")
+              for name, folder in (("whole", tmp_path / "whole"), ("resumed", run_dir))}
+    assert logged["resumed"]["step"].tolist() == [1, 2, 3, 4, 5, 6]  # one header, row 5 once
+    pd.testing.assert_frame_equal(logged["resumed"], logged["whole"], rtol=0, atol=0)
+    for a, b in zip(resumed.trainable, whole.trainable):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.ema.shadow_params, whole.ema.shadow_params):
+        assert torch.equal(a, b)
+    assert resumed.ema.optimization_step == whole.ema.optimization_step == 6
+    assert torch.equal(resumed.generator.get_state(), whole.generator.get_state())
+
+
+def test_complete_checkpoints_are_ordered_by_step_and_skip_half_written_ones(tmp_path):
+    from urepa.train import complete_checkpoints
+
+    for name in ("checkpoint-10", "checkpoint-9", "checkpoint-100.tmp", "checkpoint-2", "other-3"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
+    assert complete_checkpoints(tmp_path / "none") == []
