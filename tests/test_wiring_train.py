@@ -424,3 +424,34 @@ def test_complete_checkpoints_are_ordered_by_step_and_skip_half_written_ones(tmp
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
     assert complete_checkpoints(tmp_path / "none") == []
+
+
+# -- what the trainer is built with ------------------------------------------------------------------------
+def test_the_ema_averages_the_trained_weights_with_the_configured_decay(data, tmp_path):
+    """diffusers' EMA with its warm-up: the first update copies the weights, the second mixes with decay
+    min((1 + 1) / (10 + 1), ema_decay) = ema_decay for ema_decay = 0.1."""
+    trainer = make_trainer(data, settings_for(ema_decay=0.1), tmp_path)
+    weights = []
+    for _ in range(2):
+        trainer.step(batch_of(trainer, data))
+        weights.append([p.detach().clone() for p in trainer.trainable])
+    assert len(trainer.ema.shadow_params) == len(trainer.trainable)
+    for shadow, first, second in zip(trainer.ema.shadow_params, *weights):
+        torch.testing.assert_close(shadow, 0.1 * first + 0.9 * second, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gradient_checkpointing_is_set_on_the_unet_as_configured(data, tmp_path, enabled):
+    trainer = make_trainer(data, settings_for(gradient_checkpointing=enabled), tmp_path)
+    assert trainer.accelerator.unwrap_model(trainer.model).unet.is_gradient_checkpointing is enabled
+
+
+@pytest.mark.parametrize("prediction, finetune, warned", [("v", "lora", True), ("v", "partial", False),
+                                                          ("epsilon", "lora", False)])
+def test_v_prediction_with_lora_is_warned_about(data, tmp_path, caplog, prediction, finetune, warned):
+    with caplog.at_level("WARNING", logger="urepa.train"):
+        make_trainer(data, settings_for(prediction=prediction, finetune=finetune), tmp_path)
+    assert ("prediction 'v' with LoRA: SD-1.5 is an epsilon model" in caplog.text) is warned
+    if warned:
+        assert "use prediction: epsilon" in caplog.text
