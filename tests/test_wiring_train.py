@@ -8,6 +8,7 @@ the loss still goes down.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -455,3 +456,63 @@ def test_v_prediction_with_lora_is_warned_about(data, tmp_path, caplog, predicti
     assert ("prediction 'v' with LoRA: SD-1.5 is an epsilon model" in caplog.text) is warned
     if warned:
         assert "use prediction: epsilon" in caplog.text
+
+
+# -- the exported weights ------------------------------------------------------------------------------------
+def unet_inputs(data, trainer: Trainer) -> tuple:
+    latents = batch_of(trainer, data)["latent_mean"][:2].float() * data["scaling"]
+    return latents, torch.tensor([50, 700]), torch.from_numpy(data["clip"][[0, data["null_index"]]]).float()
+
+
+@torch.no_grad()
+def predict(unet, inputs: tuple) -> torch.Tensor:
+    sample, timesteps, hidden = inputs
+    return unet(sample, timesteps, encoder_hidden_states=hidden).sample
+
+
+@pytest.mark.parametrize("finetune, prediction", [("lora", "epsilon"), ("partial", "v")])
+def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path, finetune, prediction):
+    """LoRA: pytorch_lora_weights.safetensors, which a stock pipeline loads into the trained U-Net; partial:
+    a unet/ folder. Both: the scheduler with the trained parameterisation, and the align heads with what
+    rebuilds them."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    settings = settings_for(finetune=finetune, prediction=prediction, learning_rate=1e-2)
+    trainer = make_trainer(data, settings, tmp_path / "run")
+    trainer.step(batch_of(trainer, data))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    inputs = unet_inputs(data, trainer)
+    expected = predict(model.unet, inputs)
+    trainer.save_weights(tmp_path / "out")
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), local_files_only=True)
+    base = predict(pipeline.unet, inputs)
+    if finetune == "lora":
+        assert not (tmp_path / "out" / "unet").exists()
+        pipeline.load_lora_weights(str(tmp_path / "out"))
+        loaded = predict(pipeline.unet, inputs)
+    else:
+        assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+        loaded = predict(UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet")), inputs)
+    assert (expected - base).abs().max() > 1e-4, "the step changed nothing: the comparison would prove nothing"
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == {"epsilon": "epsilon", "v": "v_prediction"}[prediction]
+    assert scheduler["num_train_timesteps"] == trainer.noise_scheduler.config.num_train_timesteps
+    heads = load_file(tmp_path / "out" / "align_heads.safetensors")
+    assert heads.keys() == model.heads.state_dict().keys()
+    for key, value in model.heads.state_dict().items():
+        assert torch.equal(heads[key], value)
+    meta = json.loads((tmp_path / "out" / "align_heads.json").read_text())
+    assert meta == {"layers": settings["align_layers"], "grid": data["dino"].attrs["grid"],
+                    "projector": settings["projector"], "projector_hidden": settings["projector_hidden"],
+                    "dim": data["dino"].attrs["dim"]}
+
+
+def test_the_baseline_exports_no_align_heads(data, tmp_path):
+    trainer = make_trainer(data, settings_for(align_coeff=0.0), tmp_path / "run")
+    trainer.save_weights(tmp_path / "out")
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert not list((tmp_path / "out").glob("align_heads.*"))
