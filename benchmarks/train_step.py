@@ -78,7 +78,8 @@ def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, 
     torch.manual_seed(0)
     trainer = Trainer(unet_factory(), scheduler, MemoryRows(rows, latent, tokens, classes), np.arange(rows), clip,
                       classes, tokens[1], int(tokens[0] ** 0.5), 0.18215, settings,
-                      workdir / f"run-{ablation}-{finetune}-{batch}", seed=0, device=device, time_phases=True)
+                      workdir / f"run-{ablation}-{finetune}-{batch}", seed=0, device=device, num_workers=0,
+                      time_phases=True, report_to="none")
     batches = iter(trainer.batches(0))
     for _ in range(args.warmup):
         trainer.step(next(batches))

@@ -88,7 +88,8 @@ def make_trainer(data, settings, run_dir, vae_path=None, seed: int = SEED) -> Tr
     return Trainer(load_unet(data["sd15"]), load_noise_scheduler(data["sd15"]),
                    CachedRows(vae_path, caches["dino"], data["table"]["class_id"].to_numpy()), valid_rows(vae, dino),
                    clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-                   vae.attrs["scaling_factor"], settings, run_dir, seed, CPU, 0)
+                   vae.attrs["scaling_factor"], settings, run_dir, seed, CPU, 0, time_phases=False,
+                   report_to="tensorboard")
 
 
 def rebuild_model(data, settings, state: dict[str, torch.Tensor]) -> AlignedUNet:

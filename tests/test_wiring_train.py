@@ -50,7 +50,7 @@ def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None) -> T
                    CachedRows(data["caches"]["vae"], data["caches"]["dino"], data["caches"]["table"]["class_id"].to_numpy()),
                    data["rows"], data["clip"], data["null_index"], data["dino"].attrs["dim"],
                    data["dino"].attrs["grid"], data["scaling"], settings, run_dir, seed=0, device=CPU,
-                   report_to="none")
+                   num_workers=0, time_phases=False, report_to="none")
 
 
 class ForwardSpy:

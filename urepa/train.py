@@ -105,8 +105,8 @@ class Trainer:
 
     def __init__(self, unet, noise_scheduler, dataset: CachedRows, rows: np.ndarray, clip_embeddings: np.ndarray,
                  null_index: int, token_dim: int, token_grid: int, latent_scaling: float, settings: dict,
-                 run_dir: str | Path, seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 0,
-                 time_phases: bool = False, report_to: str = "tensorboard"):
+                 run_dir: str | Path, seed: int, device: str | torch.device, num_workers: int, time_phases: bool,
+                 report_to: str):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
@@ -461,7 +461,8 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers, report_to=report_to)
+        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers, time_phases=False,
+        report_to=report_to)
 
     def snapshot(trainer: Trainer, step: int) -> None:
         if trainer.accelerator.is_main_process:
