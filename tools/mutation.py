@@ -5,6 +5,7 @@
     python tools/mutation.py losses sample   # some of them
     python tools/mutation.py train --only 'urepa.train.xǁTrainerǁstep__mutmut_*'   # one function's mutants
     python tools/mutation.py train --tests tests/test_train.py --max-children 8   # the run orchestration too
+    python tools/mutation.py train --sample 150 --seed 0   # an unbiased estimate where a full run takes too long
 
 Each module is mutated by mutmut in its own scratch copy of the tracked files (under .mutation/<module>/,
 so the runs neither touch the working tree nor share mutmut's state), against that module's own fast test
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
+import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -33,15 +37,36 @@ MODULE_TESTS = {
     "metrics": ["tests/test_wiring_analysis.py", "tests/test_metrics.py"],
     "sample": ["tests/test_wiring_sample.py", "tests/test_sample.py"],
     "models": ["tests/test_wiring_align.py", "tests/test_models.py"],
-    # test_train.py's whole runs take minutes each: only its in-process checks of the step are selected
-    "train": ["tests/test_wiring_train.py",
-              "tests/test_train.py::test_step_batches_are_a_pure_function_of_seed_and_step",
-              "tests/test_train.py::test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint",
+    # test_train.py's runs of a few steps (seconds each); its kill-and-resume in child processes and the tests on
+    # the 120-step smoke run take minutes (test_wiring_train.py resumes in process)
+    "train": ["tests/test_wiring_train.py"] + [f"tests/test_train.py::test_{name}" for name in (
+                  "step_batches_are_a_pure_function_of_seed_and_step",
+                  "nan_loss_stops_with_the_step_and_an_intact_last_checkpoint",
+                  "dino_cache_from_another_encoder_is_refused_before_training",
+                  "dino_cache_of_another_view_is_refused_before_training",
+                  "experiment_tracking_is_selectable",
+                  "training_skips_rows_marked_invalid",
+                  "baseline_builds_no_heads_or_hooks_and_logs_no_token_loss",
+                  "v_prediction_is_exported_with_its_scheduler_and_warned_about_with_lora",
+                  "run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finished_run",
+                  "partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks",
+                  "a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state")] + [
               "tests/test_sample.py::test_samplers_follow_the_parameterisation_exported_with_the_weights"],
 }
 
 
-def run_module(module: str, max_children: int, only: list[str], tests: list[str]) -> dict[str, list[str]]:
+def sampled_mutants(scratch: Path, module: str, env: dict, only: list[str], size: int, seed: int) -> list[str]:
+    """`size` mutants drawn at random (seeded) from the module's mutants that match `only` (all if empty)."""
+    subprocess.run([sys.executable, "-c", "from mutmut.__main__ import create_mutants; create_mutants(1)"],
+                   cwd=scratch, env=env, check=True, stdout=subprocess.DEVNULL)
+    meta = json.loads((scratch / "mutants" / "urepa" / f"{module}.py.meta").read_text())
+    names = sorted(name for name in meta["exit_code_by_key"]
+                   if not only or any(fnmatch.fnmatch(name, pattern) for pattern in only))
+    return random.Random(seed).sample(names, min(size, len(names)))
+
+
+def run_module(module: str, max_children: int, only: list[str], tests: list[str], sample: int | None,
+               seed: int) -> dict[str, list[str]]:
     scratch = SCRATCH / module
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -57,6 +82,8 @@ def run_module(module: str, max_children: int, only: list[str], tests: list[str]
              "use_git_change_detection = false"]
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    if sample is not None:
+        only = sampled_mutants(scratch, module, env, only, sample, seed)
     subprocess.run(["nice", sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *only],
                    cwd=scratch, env=env, check=True)
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=scratch, env=env,
@@ -78,12 +105,16 @@ def main() -> None:
                              "train.py's run orchestration: minutes per mutant)")
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                         help="test only the mutants whose names match (mutmut's fnmatch patterns)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="test N mutants drawn at random from those selected (a score estimate for a module "
+                             "whose full run takes too long); the rest are reported as not tested")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw (default 0)")
     args = parser.parse_args()
     unknown = sorted(set(args.modules) - set(MODULE_TESTS))
     if unknown:
         parser.error(f"unknown module(s) {unknown}; expected some of {list(MODULE_TESTS)}")
     for module in args.modules or MODULE_TESTS:
-        by_status = run_module(module, args.max_children, args.only, args.tests)
+        by_status = run_module(module, args.max_children, args.only, args.tests, args.sample, args.seed)
         unchecked = len(by_status.pop("not checked", []))  # left out by --only
         total = sum(len(names) for names in by_status.values())
         print(f"urepa/{module}.py: {len(by_status.get('killed', []))} killed of {total} tested "
