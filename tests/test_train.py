@@ -417,11 +417,7 @@ def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data,
     assert meta["layers"] == ["mid"] and meta["grid"] == 4 and meta["dim"] == 64
     assert meta["projector"] == settings["projector"]
 
-    # The resolved settings, the loss curve, and an EMA snapshot at every eval_interval step.
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["settings"] == settings and config["seed"] == SEED
-    assert config["final_step"] == settings["max_steps"]
-    assert (model_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # An EMA snapshot at every eval_interval step.
     every = settings["eval_interval"]
     steps = range(every, settings["max_steps"] + 1, every)
     assert sorted(p.name for p in (model_dir / "snapshots").iterdir()) == [f"step-{s:07d}" for s in steps]
@@ -568,22 +564,27 @@ def test_step_batches_are_a_pure_function_of_seed_and_step():
     assert all(sorted(batch.tolist()) == rows[:BATCH].tolist() for batch in exactly_one_batch)
 
 
-def test_training_skips_rows_marked_invalid(data, tmp_path, caplog):
-    # The row the first batch would hold if invalid rows were not skipped: NaN data, marked invalid.
+@pytest.mark.parametrize("invalid_in", ["vae", "dino"])
+def test_training_skips_rows_marked_invalid(data, tmp_path, caplog, invalid_in):
+    """A row either encoder failed on (marked invalid in its cache, NaN data) is never trained on."""
+    # The row the first batch would hold if invalid rows were not skipped.
     num_rows = len(data["table"])
     skipped = int(_take(StepBatches(np.arange(num_rows), BATCH, SEED), 1)[0][0])
-    vae_path = tmp_path / "vae_latents.zarr"
-    vae = copy_cache(data["caches"]["vae"], vae_path)
-    vae["mean"][skipped] = np.nan
-    vae["valid"][skipped] = False
+    path = tmp_path / Path(data["caches"][invalid_in]).name
+    cache = copy_cache(data["caches"][invalid_in], path)
+    cache["mean" if invalid_in == "vae" else "tokens"][skipped] = np.nan
+    cache["valid"][skipped] = False
+    caches = {**data["caches"], invalid_in: path}
     settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
     with caplog.at_level(logging.WARNING, logger="urepa.train"):
-        run_dir, model_dir = run(data, settings, tmp_path / "run", {**data["caches"], "vae": vae_path})
+        run_dir, model_dir = run(data, settings, tmp_path / "run", caches)
     assert f"skipping 1 invalid cached rows of {num_rows}" in caplog.text
     assert np.isfinite(read_log(run_dir)["loss"]).all()
     assert json.loads((model_dir / "config.json").read_text())["trained_rows"] == num_rows - 1
+    if invalid_in == "dino":
+        return
     # and the trainer's own data loader never hands the row out, over several epochs
-    trainer = make_trainer(data, settings, tmp_path / "inspect", vae_path)
+    trainer = make_trainer(data, settings, tmp_path / "inspect", path)
     seen = np.concatenate([batch["row"].numpy() for batch in itertools.islice(iter(trainer.batches(0)), 20)])
     assert skipped not in seen and len(np.unique(seen)) == num_rows - 1
 
@@ -602,7 +603,9 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
     vae.attrs["errors"] = [{"row": 0, "error": "OSError: image file is truncated"}]
     with caplog.at_level(logging.INFO, logger="urepa.train"):
         second_run_dir, _ = run(data, settings, tmp_path / "run", caches)
-    assert "new identity, training from step 0" in caplog.text and run_dir.name in caplog.text
+    assert second_run_dir != run_dir
+    assert (f"run state {second_run_dir}: new identity, training from step 0 (states of other identities kept "
+            f"beside it: {run_dir.name})") in caplog.text
     assert second_run_dir != run_dir and (run_dir / "checkpoints" / "checkpoint-2").is_dir()  # kept
     assert json.loads((second_run_dir / "run.json").read_text())["caches"]["vae"] != \
         json.loads((run_dir / "run.json").read_text())["caches"]["vae"]
@@ -637,9 +640,56 @@ def test_run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finis
     finished = (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="urepa.train"):
         reverted_dir, _ = run(data, settings, tmp_path)
-    assert reverted_dir == first_dir and "resumed where it was left" in caplog.text
+    assert reverted_dir == first_dir and f"run state {first_dir}: this identity's state, resumed" in caplog.text
     assert (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns == finished
     assert read_log(first_dir)["step"].tolist() == [1, 2]
     assert_tensors_equal(load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors"), first, "re-exported EMA")
-    assert json.loads((model_dir / "config.json").read_text())["run_state"] == str(first_dir)
     assert sorted(p.parent for p in (tmp_path / "train_state").glob("*/run.json")) == sorted([first_dir, other_dir])
+    # run.json: each start of the run, how it was launched and the step it trained from
+    launches = json.loads((first_dir / "run.json").read_text())["launches"]
+    assert [launch["from_step"] for launch in launches] == [0, 2]
+    assert all(launch["processes"] == 1 and launch["grad_accum"] == settings["grad_accum"] and
+               launch["mixed_precision"] == settings["mixed_precision"] and launch["device"] == "cpu" and
+               launch["torch"] == torch.__version__ for launch in launches)
+    # The model folder records how it was made, and the loss curve
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["run_state"] == str(first_dir) and config["launches"] == launches
+    assert config["settings"] == settings and config["seed"] == SEED and config["final_step"] == 2
+    assert config["sd15_dir"] == str(data["sd15"]) and config["dinov2"] == str(data["dinov2"])
+    assert config["caches"] == {k: str(v) for k, v in data["caches"].items()}
+    assert config["trained_rows"] == len(data["table"]) and (config["token_grid"], config["token_dim"]) == (4, 64)
+    assert (model_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(model_dir / "train_log.csv").equals(read_log(first_dir))
+
+
+def test_a_clip_cache_of_another_width_is_refused_before_training(data, tmp_path):
+    clip = copy_cache(data["caches"]["clip"], tmp_path / "clip_embeddings.zarr")
+    clip.attrs["dim"] = 77
+    with pytest.raises(ValueError, match="CLIP cache dim 77 does not match the U-Net's cross-attention dim 32"):
+        run(data, settings_for(max_steps=2), tmp_path / "run", {**data["caches"], "clip": tmp_path / "clip_embeddings.zarr"})
+    assert not list((tmp_path / "run").glob("train_state/*"))
+
+
+def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
+    from urepa.train import run_state_dir
+
+    identity = {"settings": {"lr": 1e-4, "align_coeff": 0.8}, "seed": 0}
+    reordered = {"seed": 0, "settings": {"align_coeff": 0.8, "lr": 1e-4}}
+    assert run_state_dir(tmp_path, identity) == run_state_dir(tmp_path, reordered)
+    assert run_state_dir(tmp_path, identity) != run_state_dir(tmp_path, {**identity, "seed": 1})
+    assert run_state_dir(tmp_path, identity).parent == tmp_path
+
+
+def test_a_state_folder_recording_another_identity_is_set_aside(tmp_path, caplog):
+    from urepa.train import claim_run_state, run_state_dir
+
+    identity, launch = {"settings": {"align_coeff": 0.8}, "seed": 0}, {"processes": 1}
+    squatter = run_state_dir(tmp_path, identity)
+    (squatter / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (squatter / "run.json").write_text(json.dumps({"settings": {"align_coeff": 0.5}, "seed": 0, "launches": [{}]}))
+    with caplog.at_level(logging.WARNING):
+        claimed = claim_run_state(tmp_path, identity, launch)
+    assert claimed == squatter and f"{squatter} records another identity than its name says" in caplog.text
+    (stale,) = tmp_path.glob(f"{squatter.name}.stale-*")
+    assert (stale / "checkpoints" / "checkpoint-4").is_dir()  # kept, not deleted
+    assert json.loads((claimed / "run.json").read_text()) == {**identity, "launches": [{"processes": 1, "from_step": 0}]}

@@ -45,12 +45,12 @@ def settings_for(**overrides) -> dict:
     return settings
 
 
-def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None) -> Trainer:
+def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None, num_workers: int = 0) -> Trainer:
     return Trainer(load_unet(data["sd15"]), noise_scheduler or load_noise_scheduler(data["sd15"]),
                    CachedRows(data["caches"]["vae"], data["caches"]["dino"], data["caches"]["table"]["class_id"].to_numpy()),
                    data["rows"], data["clip"], data["null_index"], data["dino"].attrs["dim"],
                    data["dino"].attrs["grid"], data["scaling"], settings, run_dir, seed=0, device=CPU,
-                   num_workers=0, time_phases=False, report_to="none")
+                   num_workers=num_workers, time_phases=False, report_to="none")
 
 
 class ForwardSpy:
@@ -516,3 +516,19 @@ def test_the_baseline_exports_no_align_heads(data, tmp_path):
     trainer.save_weights(tmp_path / "out")
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert not list((tmp_path / "out").glob("align_heads.*"))
+
+
+def test_data_workers_load_the_same_batches_in_the_same_order(data, tmp_path):
+    """num_workers reading processes, kept for the whole run, hand out the batches StepBatches orders, as the
+    main process alone would."""
+    import itertools
+
+    loaders = {workers: make_trainer(data, settings_for(), tmp_path / str(workers), num_workers=workers).batches(3)
+               for workers in (0, 2)}
+    assert loaders[2].num_workers == 2 and loaders[2].persistent_workers
+    assert loaders[0].num_workers == 0 and not loaders[0].pin_memory  # pinned memory only for a GPU
+    batches = {workers: list(itertools.islice(iter(loader), 4)) for workers, loader in loaders.items()}
+    for alone, read in zip(batches[0], batches[2]):
+        assert alone.keys() == read.keys()
+        for key in alone:
+            assert torch.equal(alone[key], read[key]), key
