@@ -45,12 +45,13 @@ def settings_for(**overrides) -> dict:
     return settings
 
 
-def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None, num_workers: int = 0) -> Trainer:
+def make_trainer(data, settings: dict, run_dir: Path, noise_scheduler=None, num_workers: int = 0,
+                 time_phases: bool = False) -> Trainer:
     return Trainer(load_unet(data["sd15"]), noise_scheduler or load_noise_scheduler(data["sd15"]),
                    CachedRows(data["caches"]["vae"], data["caches"]["dino"], data["caches"]["table"]["class_id"].to_numpy()),
                    data["rows"], data["clip"], data["null_index"], data["dino"].attrs["dim"],
                    data["dino"].attrs["grid"], data["scaling"], settings, run_dir, seed=0, device=CPU,
-                   num_workers=num_workers, time_phases=False, report_to="none")
+                   num_workers=num_workers, time_phases=time_phases, report_to="none")
 
 
 class ForwardSpy:
@@ -532,3 +533,17 @@ def test_data_workers_load_the_same_batches_in_the_same_order(data, tmp_path):
         assert alone.keys() == read.keys()
         for key in alone:
             assert torch.equal(alone[key], read[key]), key
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_phase_timing_charges_every_phase_of_a_step_when_enabled(data, tmp_path, enabled):
+    """benchmarks/train_step.py's split of a step: forward (inside the model), alignment, backward, optimizer
+    and EMA each get their wall time; nothing is timed when disabled."""
+    trainer = make_trainer(data, settings_for(), tmp_path, time_phases=enabled)
+    trainer.step(batch_of(trainer, data))
+    totals = trainer.timer.totals
+    if enabled:
+        assert set(totals) == {"forward", "alignment", "backward", "optimizer", "ema"}
+        assert all(seconds > 0 for seconds in totals.values())
+    else:
+        assert not totals
