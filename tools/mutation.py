@@ -50,7 +50,10 @@ MODULE_TESTS = {
                   "v_prediction_is_exported_with_its_scheduler_and_warned_about_with_lora",
                   "run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finished_run",
                   "partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks",
-                  "a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state")] + [
+                  "a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state",
+                  "a_clip_cache_of_another_width_is_refused_before_training",
+                  "a_run_state_is_named_by_its_identity_whatever_the_key_order",
+                  "a_state_folder_recording_another_identity_is_set_aside")] + [
               "tests/test_sample.py::test_samplers_follow_the_parameterisation_exported_with_the_weights"],
 }
 
