@@ -16,6 +16,13 @@ CACHE_BATCH = 4
 CPU = torch.device("cpu")
 
 
+@torch.no_grad()
+def unet_prediction(unet, inputs: tuple) -> torch.Tensor:
+    """A U-Net's output for (noisy latents, timesteps, text conditions)."""
+    sample, timesteps, hidden = inputs
+    return unet(sample, timesteps, encoder_hidden_states=hidden).sample
+
+
 @pytest.fixture(scope="session")
 def smoke_inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("smoke_inputs")

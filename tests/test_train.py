@@ -28,7 +28,7 @@ import zarr
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE
+from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE, unet_prediction
 from urepa import generated
 from urepa.caches import (
     CachedRows,
@@ -40,7 +40,7 @@ from urepa.evaluate import alignment_analysis, analysis_layer
 from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
-from urepa.train import LOG_COLUMNS, StepBatches, Trainer, train_run
+from urepa.train import LOG_COLUMNS, StepBatches, Trainer, claim_run_state, run_state_dir, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_yaml(REPO / "config" / "config.yaml")
@@ -360,12 +360,6 @@ def _unet_input(data):
     return sample, timesteps, hidden
 
 
-@torch.no_grad()
-def _predict(unet, inputs):
-    sample, timesteps, hidden = inputs
-    return unet(sample, timesteps, encoder_hidden_states=hidden).sample
-
-
 def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data, smoke_run):
     from diffusers import StableDiffusionPipeline
 
@@ -375,23 +369,23 @@ def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data,
     inputs = _unet_input(data)
 
     trained = rebuild_model(data, settings, saved["model"])
-    expected = _predict(trained.unet, inputs)
+    expected = unet_prediction(trained.unet, inputs)
     # The EMA weights: the checkpointed shadow parameters in the trainable parameters' order.
     trainable = [p for p in trained.parameters() if p.requires_grad]
     assert len(trainable) == len(saved["ema"]["shadow_params"])
     with torch.no_grad():
         for parameter, shadow in zip(trainable, saved["ema"]["shadow_params"]):
             parameter.copy_(shadow)
-    expected_ema = _predict(trained.unet, inputs)
+    expected_ema = unet_prediction(trained.unet, inputs)
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), local_files_only=True)
-    base = _predict(pipeline.unet, inputs)
+    base = unet_prediction(pipeline.unet, inputs)
     pipeline.load_lora_weights(str(model_dir), adapter_name="trained")
     pipeline.load_lora_weights(str(model_dir / "ema"), adapter_name="ema")
     pipeline.set_adapters("trained")
-    loaded = _predict(pipeline.unet, inputs)
+    loaded = unet_prediction(pipeline.unet, inputs)
     pipeline.set_adapters("ema")
-    loaded_ema = _predict(pipeline.unet, inputs)
+    loaded_ema = unet_prediction(pipeline.unet, inputs)
 
     # Every adapted module of the trained U-Net is adapted in the loaded one (none silently dropped).
     def adapted(unet):
@@ -603,7 +597,6 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
     vae.attrs["errors"] = [{"row": 0, "error": "OSError: image file is truncated"}]
     with caplog.at_level(logging.INFO, logger="urepa.train"):
         second_run_dir, _ = run(data, settings, tmp_path / "run", caches)
-    assert second_run_dir != run_dir
     assert (f"run state {second_run_dir}: new identity, training from step 0 (states of other identities kept "
             f"beside it: {run_dir.name})") in caplog.text
     assert second_run_dir != run_dir and (run_dir / "checkpoints" / "checkpoint-2").is_dir()  # kept
@@ -663,16 +656,14 @@ def test_run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finis
 
 
 def test_a_clip_cache_of_another_width_is_refused_before_training(data, tmp_path):
-    clip = copy_cache(data["caches"]["clip"], tmp_path / "clip_embeddings.zarr")
-    clip.attrs["dim"] = 77
+    clip_path = tmp_path / "clip_embeddings.zarr"
+    copy_cache(data["caches"]["clip"], clip_path).attrs["dim"] = 77
     with pytest.raises(ValueError, match="CLIP cache dim 77 does not match the U-Net's cross-attention dim 32"):
-        run(data, settings_for(max_steps=2), tmp_path / "run", {**data["caches"], "clip": tmp_path / "clip_embeddings.zarr"})
+        run(data, settings_for(max_steps=2), tmp_path / "run", {**data["caches"], "clip": clip_path})
     assert not list((tmp_path / "run").glob("train_state/*"))
 
 
 def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
-    from urepa.train import run_state_dir
-
     identity = {"settings": {"lr": 1e-4, "align_coeff": 0.8}, "seed": 0}
     reordered = {"seed": 0, "settings": {"align_coeff": 0.8, "lr": 1e-4}}
     assert run_state_dir(tmp_path, identity) == run_state_dir(tmp_path, reordered)
@@ -681,8 +672,6 @@ def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
 
 
 def test_a_state_folder_recording_another_identity_is_set_aside(tmp_path, caplog):
-    from urepa.train import claim_run_state, run_state_dir
-
     identity, launch = {"settings": {"align_coeff": 0.8}, "seed": 0}, {"processes": 1}
     squatter = run_state_dir(tmp_path, identity)
     (squatter / "checkpoints" / "checkpoint-4").mkdir(parents=True)
@@ -692,4 +681,5 @@ def test_a_state_folder_recording_another_identity_is_set_aside(tmp_path, caplog
     assert claimed == squatter and f"{squatter} records another identity than its name says" in caplog.text
     (stale,) = tmp_path.glob(f"{squatter.name}.stale-*")
     assert (stale / "checkpoints" / "checkpoint-4").is_dir()  # kept, not deleted
-    assert json.loads((claimed / "run.json").read_text()) == {**identity, "launches": [{"processes": 1, "from_step": 0}]}
+    recorded = json.loads((claimed / "run.json").read_text())
+    assert recorded == {**identity, "launches": [{"processes": 1, "from_step": 0}]}

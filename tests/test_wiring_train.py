@@ -8,6 +8,7 @@ the loss still goes down.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,11 +19,11 @@ import pytest
 import torch
 import zarr
 
-from conftest import CPU
+from conftest import CPU, unet_prediction
 from urepa.caches import CachedRows, valid_rows
 from urepa.config import load_yaml, train_settings
 from urepa.sd15 import load_noise_scheduler, load_unet
-from urepa.train import Trainer
+from urepa.train import Trainer, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_yaml(REPO / "config" / "config.yaml")
@@ -420,8 +421,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrup
 
 
 def test_complete_checkpoints_are_ordered_by_step_and_skip_half_written_ones(tmp_path):
-    from urepa.train import complete_checkpoints
-
     for name in ("checkpoint-10", "checkpoint-9", "checkpoint-100.tmp", "checkpoint-2", "other-3"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
@@ -465,12 +464,6 @@ def unet_inputs(data, trainer: Trainer) -> tuple:
     return latents, torch.tensor([50, 700]), torch.from_numpy(data["clip"][[0, data["null_index"]]]).float()
 
 
-@torch.no_grad()
-def predict(unet, inputs: tuple) -> torch.Tensor:
-    sample, timesteps, hidden = inputs
-    return unet(sample, timesteps, encoder_hidden_states=hidden).sample
-
-
 @pytest.mark.parametrize("finetune, prediction", [("lora", "epsilon"), ("partial", "v")])
 def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path, finetune, prediction):
     """LoRA: pytorch_lora_weights.safetensors, which a stock pipeline loads into the trained U-Net; partial:
@@ -484,18 +477,18 @@ def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path,
     trainer.step(batch_of(trainer, data))
     model = trainer.accelerator.unwrap_model(trainer.model)
     inputs = unet_inputs(data, trainer)
-    expected = predict(model.unet, inputs)
+    expected = unet_prediction(model.unet, inputs)
     trainer.save_weights(tmp_path / "out")
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), local_files_only=True)
-    base = predict(pipeline.unet, inputs)
+    base = unet_prediction(pipeline.unet, inputs)
     if finetune == "lora":
         assert not (tmp_path / "out" / "unet").exists()
         pipeline.load_lora_weights(str(tmp_path / "out"))
-        loaded = predict(pipeline.unet, inputs)
+        loaded = unet_prediction(pipeline.unet, inputs)
     else:
         assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
-        loaded = predict(UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet")), inputs)
+        loaded = unet_prediction(UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet")), inputs)
     assert (expected - base).abs().max() > 1e-4, "the step changed nothing: the comparison would prove nothing"
     torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
 
@@ -522,8 +515,6 @@ def test_the_baseline_exports_no_align_heads(data, tmp_path):
 def test_data_workers_load_the_same_batches_in_the_same_order(data, tmp_path):
     """num_workers reading processes, kept for the whole run, hand out the batches StepBatches orders, as the
     main process alone would."""
-    import itertools
-
     loaders = {workers: make_trainer(data, settings_for(), tmp_path / str(workers), num_workers=workers).batches(3)
                for workers in (0, 2)}
     assert loaders[2].num_workers == 2 and loaders[2].persistent_workers
