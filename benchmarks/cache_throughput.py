@@ -128,8 +128,8 @@ def main(argv=None) -> None:
         print()
         print(f"cache-building throughput | tier {tier_name} | device {device} | batch {batch_size} | "
               f"workers {workers} | torch threads {torch.get_num_threads()}")
-        generated = "the smoke tier's generated " if args.work_dir is None and not args.imagenet_dir else ""
-        print(f"inputs: {generated}images ({len(table) // args.repeat} rows x {args.repeat}), "
+        source = "the smoke tier's generated " if args.work_dir is None and not args.imagenet_dir else ""
+        print(f"inputs: {source}images ({len(table) // args.repeat} rows x {args.repeat}), "
               f"SD-1.5 {'tiny random' if args.sd15_dir is None else sd15_dir}, "
               f"DINOv2 {'tiny random' if args.dinov2 is None else dinov2}")
         header = (f"{'cache':<16} {'input':>9} {'items':>7} {'unit':>8} {'wall s':>8} {'load s':>7} {'items/s':>9} "
