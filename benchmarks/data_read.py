@@ -1,9 +1,9 @@
 """Training-shaped read throughput from zarr caches of the real tier's shapes.
 
 Generates a VAE-latent cache (posterior mean and std, [N, 4, 64, 64] float16) and a DINOv2-token cache
-([N, 256, 1024] float16) of random data with `urepa.caches.create_row_cache` -- the same layout,
+([N, 256, 1024] float16) of random data with `urepa.rowstore.create_row_cache` -- the same layout,
 chunking, sharding and compression the cache stage writes, a shard at a time as it does -- then reads random batches through
-`urepa.caches.CachedRows` and a torch DataLoader driven by `urepa.train.StepBatches`, exactly as
+`urepa.rowstore.CachedRows` and a torch DataLoader driven by `urepa.batches.StepBatches`, exactly as
 training does, for each number of DataLoader workers, and prints samples/s.
 
     python benchmarks/data_read.py                        # 2000 rows, batch 48, workers 0 1 2
@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from urepa.caches import SHARD_ROWS, CachedRows, create_row_cache  # noqa: E402
-from urepa.train import StepBatches  # noqa: E402
+from urepa.rowstore import SHARD_ROWS, CachedRows, create_row_cache  # noqa: E402
+from urepa.batches import StepBatches  # noqa: E402
 
 LATENT_SHAPE = (4, 64, 64)   # SD-1.5 VAE at 512 px
 TOKEN_SHAPE = (256, 1024)    # DINOv2 ViT-L/14 at 224 px: 16x16 grid, dim 1024

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from urepa import generated, metrics
+from urepa import feature_networks, generated, metrics
 from urepa.sample import decode, initial_noise, make_sampler, sample_latents
 from urepa.sd15 import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
@@ -71,7 +71,7 @@ def main() -> None:
                          "images/s": batch / per_batch, "s/batch": per_batch})
 
     kind = "inception" if args.inception_dir else "stand-in"
-    network = metrics.build_feature_network(kind, args.inception_dir, device)
+    network = feature_networks.build_feature_network(kind, args.inception_dir, device)
     image_size = 512 if args.scale == "full" else 128
     images = np.random.default_rng(0).integers(0, 256, (args.metric_images, image_size, image_size, 3), dtype=np.uint8)
     batches = [images[i:i + 64] for i in range(0, len(images), 64)]

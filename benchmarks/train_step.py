@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class MemoryRows:
-    """Random cached rows held in memory, indexed like urepa.caches.CachedRows."""
+    """Random cached rows held in memory, indexed like urepa.rowstore.CachedRows."""
 
     def __init__(self, rows: int, latent: tuple[int, ...], tokens: tuple[int, ...], classes: int):
         generator = torch.Generator().manual_seed(0)
@@ -61,6 +61,10 @@ def build_parts(scale: str, workdir: Path):
     return unet_factory, scheduler, latent, tokens, text
 
 
+# The exported description's VAE entry: the benchmark trains on random latents, from no VAE on disk.
+RANDOM_VAE = {"name": "random latents", "path": None, "fingerprint": None}
+
+
 def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, finetune: str, batch: int,
             workdir: Path) -> dict:
     from urepa.train import Trainer
@@ -77,7 +81,7 @@ def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, 
     device = torch.device(args.device)
     torch.manual_seed(0)
     trainer = Trainer(unet_factory(), scheduler, MemoryRows(rows, latent, tokens, classes), np.arange(rows), clip,
-                      classes, tokens[1], int(tokens[0] ** 0.5), 0.18215, settings,
+                      classes, tokens[1], int(tokens[0] ** 0.5), 0.18215, RANDOM_VAE, settings,
                       workdir / f"run-{ablation}-{finetune}-{batch}", seed=0, device=device, num_workers=0,
                       time_phases=True, report_to="none")
     batches = iter(trainer.batches(0))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO
 from urepa import config as urepa_config
-from urepa.metrics import INCEPTION_NAME
+from urepa.feature_networks import INCEPTION_NAME
 
 RESULTS = REPO / "results" / "rehearsal"
 pytestmark = [pytest.mark.rehearsal,

@@ -1,31 +1,21 @@
-"""Stage 4: reproducible, resumable class-balanced sampling with interval-limited guidance."""
+"""Stage 4 (urepa.sample): reproducible, resumable class-balanced sampling with interval-limited guidance; and
+the sampler's wiring: the guidance formula and its interval, the prompt and noise of every image, each against
+values computed here. (Loading the weights a set is drawn from: tests/test_export.py.)"""
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from urepa import sample as sample_module
-from urepa.sample import (gather_samples, generate_samples, load_finetuned_pipeline, sample_grid, sample_latents,
+from urepa.sample import (gather_samples, generate_samples, initial_noise, make_sampler, sample_grid, sample_latents,
                           shard_count, shard_indices)
-from urepa.sd15 import load_noise_scheduler, load_unet
-from urepa.train import trained_scheduler
+from urepa.sd15 import SD15_SCHEDULER_CONFIG
+
 
 SETTINGS = {"sampler": "ddim", "steps": 3, "cfg_scale": 4.0, "guidance_low": 0.0, "guidance_high": 0.7}
-
-
-@pytest.fixture(scope="module")
-def pipeline(smoke_inputs, tmp_path_factory):
-    """The tiny pipeline with a 'partially fine-tuned' U-Net (perturbed mid block) loaded as a run's weights."""
-    weights = tmp_path_factory.mktemp("weights")
-    unet = load_unet(smoke_inputs["sd15"])
-    with torch.no_grad():
-        for p in unet.mid_block.parameters():
-            p.add_(0.01)
-    unet.save_pretrained(weights / "unet")
-    # What a `v` run exports beside its weights: the training schedule with its parameterisation.
-    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "v").save_pretrained(weights / "scheduler")
-    return load_finetuned_pipeline(smoke_inputs["sd15"], weights, "partial", torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +30,6 @@ def _sample(pipeline, clip, out, weights_digest=WEIGHTS, **overrides):
     settings = {**SETTINGS, **overrides}
     return generate_samples(pipeline, clip, null_index=3, num_classes=3, images_per_class=2, out_dir=out,
                             settings=settings, seed=5, batch_size=4, weights_digest=weights_digest)
-
-
-def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
-    base = dict(load_unet(smoke_inputs["sd15"]).named_parameters())
-    for name, loaded in pipeline.unet.named_parameters():
-        expected = base[name] + 0.01 if name.startswith("mid_block.") else base[name]
-        torch.testing.assert_close(loaded, expected)
 
 
 def test_a_rerun_replaces_the_finished_set(pipeline, clip, tmp_path):
@@ -270,15 +253,12 @@ def test_guidance_is_applied_only_inside_the_interval(pipeline):
     assert {b for _, b in unet.calls} == {2, 4}
 
 
-def test_samplers_follow_the_parameterisation_exported_with_the_weights(pipeline, smoke_inputs, tmp_path):
+def test_samplers_follow_the_parameterisation_exported_with_the_weights(pipeline):
     assert pipeline.scheduler.config.prediction_type == "v_prediction"  # from the weights' scheduler/, not SD's
     for name in ("ddim", "euler", "dpmpp"):
         assert sample_module.make_sampler(name, pipeline.scheduler.config).config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="sampler must be one of"):
         sample_module.make_sampler("heun", pipeline.scheduler.config)
-    (tmp_path / "unet").mkdir()
-    with pytest.raises(FileNotFoundError, match="no scheduler/ folder"):
-        load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "partial", torch.device("cpu"))
 
 
 def test_manifest_gives_the_guidance_interval_in_sigma(pipeline, clip, tmp_path):
@@ -306,55 +286,6 @@ def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):
         assert grid.size == (160 + 2 * 32, 3 * 32)
 
 
-def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs, tmp_path):
-    """A LoRA export (peft keys, as the trainer writes them) sampled from: the pipeline's U-Net computes what
-    the adapted U-Net computed, with the adapter layers gone and nothing else of SD-1.5 changed."""
-    from diffusers import StableDiffusionPipeline
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import get_peft_model_state_dict
-
-    from urepa.models import make_trainable
-
-    adapted = load_unet(smoke_inputs["sd15"])
-    make_trainable(adapted, "lora", lora_rank=4, lora_targets="attn+conv")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(0, 0.2)  # a trained adapter: B != 0
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted),
-                                              safe_serialization=True)
-    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
-
-    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "lora", torch.device("cpu"))
-    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
-    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 600]), torch.randn(2, 77, 32)
-    with torch.no_grad():
-        expected = adapted(x, t, encoder_hidden_states=context).sample
-        base = load_unet(smoke_inputs["sd15"])(x, t, encoder_hidden_states=context).sample
-        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, expected,
-                                   rtol=1e-4, atol=1e-5)
-    assert (expected - base).abs().max() > 1e-3  # the adapter does change the output
-    assert pipe.scheduler.config.prediction_type == "epsilon"
-
-
-def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
-    load_unet(smoke_inputs["sd15"]).save_pretrained(tmp_path / "unet")
-    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
-    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu"), dtype=torch.bfloat16)
-    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
-    on_meta = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("meta"))
-    assert on_meta.unet.device.type == on_meta.vae.device.type == "meta"  # moved to the device asked for
-    assert load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, "full", torch.device("cpu")).unet.dtype == \
-        torch.float32
-
-
-def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
-    assert sample_module.inference_dtype(torch.device("cuda")) == torch.float16
-    assert sample_module.inference_dtype("cuda:1") == torch.float16
-    assert sample_module.inference_dtype(torch.device("cpu")) == torch.float32
-
-
 def test_sample_paths_are_the_numbered_pngs_in_index_order(tmp_path):
     for name in ("000002.png", "000000.png", "000001.png", "grid.png", "sampling.json", "provenance.json"):
         (tmp_path / name).write_bytes(b"")
@@ -379,3 +310,117 @@ def test_sample_grid_shows_the_first_six_images_of_the_first_sixteen_classes_und
     labels = grid[:, :160]
     assert (labels[0, 0] == 255).all()  # a white label column ...
     assert (labels[:128].max(axis=-1) < 64).any()  # ... with the class name written in black
+
+
+# -- the sampler's wiring, against values computed here -------------------------------------------------
+
+
+class ConditionOnlyUNet(torch.nn.Module):
+    """A U-Net stand-in whose output depends only on the condition: channel c of image b is the mean of
+    its prompt embedding's token c, everywhere (whatever the input and the timestep)."""
+
+    def forward(self, x, t, encoder_hidden_states):
+        value = encoder_hidden_states[:, :x.shape[1]].mean(dim=-1)  # [B, C]
+        return types.SimpleNamespace(sample=value[:, :, None, None].expand_as(x).clone())
+
+
+class RecordingScheduler:
+    """A diffusers scheduler that records the model output handed to each step."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.outputs = scheduler, []
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+    def step(self, model_output, t, latents):
+        self.outputs.append((int(t), model_output.clone()))
+        return self.scheduler.step(model_output, t, latents)
+
+
+@pytest.fixture(scope="module")
+def trained_config():
+    """SD-1.5's schedule as a run exports it for its sampler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG).config
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_guided_output_is_uncond_plus_scale_times_cond_minus_uncond_inside_the_interval_and_cond_outside(
+        trained_config, sampler):
+    scheduler = RecordingScheduler(make_sampler(sampler, trained_config))
+    scheduler.set_timesteps(10)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    # interval ends on two of the sampler's own timesteps: both ends belong to it
+    low, high = timesteps[7] / 1000, timesteps[3] / 1000
+    generator = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(3, 77, 8, generator=generator), torch.randn(3, 77, 8, generator=generator)
+    noise = torch.randn(3, 4, 8, 8, generator=generator)
+    scale = 4.0
+    sample_latents(ConditionOnlyUNet(), scheduler, cond, uncond, noise, 10, scale, low, high)
+
+    c, u = cond[:, :4].mean(-1)[:, :, None, None], uncond[:, :4].mean(-1)[:, :, None, None]
+    assert [t for t, _ in scheduler.outputs] == timesteps
+    inside = [t for t in timesteps if low <= t / 1000 <= high]
+    assert len(inside) == 5 and len(timesteps) - len(inside) == 5
+    for t, output in scheduler.outputs:
+        expected = u + scale * (c - u) if t in inside else c
+        torch.testing.assert_close(output, expected.expand_as(output), rtol=1e-5, atol=1e-5)
+
+
+def test_each_image_is_drawn_from_its_classs_prompt_and_its_own_noise(trained_config, tmp_path, monkeypatch):
+    """Through the whole of generate_samples, in batches that cut across classes: image i gets the prompt
+    of class i // images_per_class, the null prompt as the unconditional one, the noise of index i and the
+    configured sampler settings, and is written as i's PNG."""
+    from diffusers import DDPMScheduler
+
+    num_classes, per_class, seed, size = 3, 2, 7, 8
+    clip = np.random.default_rng(0).standard_normal((num_classes + 1, 77, 8)).astype(np.float32)
+    null = num_classes
+    noises = torch.stack([initial_noise(i, seed, (4, size, size)) for i in range(num_classes * per_class)])
+    settings = {"sampler": "ddim", "steps": 4, "cfg_scale": 2.5, "guidance_low": 0.1, "guidance_high": 0.6}
+
+    def identifying_sample_latents(unet, scheduler, cond, uncond, noise, steps, cfg_scale, low, high):
+        """Latents that say which prompt and which noise each image got."""
+        assert (steps, cfg_scale, low, high) == (4, 2.5, 0.1, 0.6)
+        assert scheduler.config.prediction_type == trained_config.prediction_type
+        assert cond.dtype == uncond.dtype == noise.dtype == unet.dtype  # the U-Net's own dtype (fp16 on CUDA)
+        assert all(torch.equal(row.float(), torch.from_numpy(clip[null])) for row in uncond)
+        latents = torch.zeros(len(cond), 4, size, size)
+        for b in range(len(cond)):
+            (latents[b, 0, 0, 0],) = [k for k in range(len(clip))
+                                      if torch.equal(cond[b].float(), torch.from_numpy(clip[k]))]
+            (latents[b, 1, 0, 0],) = [i for i in range(len(noises)) if torch.equal(noise[b].float(), noises[i])]
+        return latents
+
+    def identifying_decode(vae, latents):
+        images = np.zeros((len(latents), 8, 8, 3), np.uint8)
+        images[:, 0, 0, :2] = latents[:, :2, 0, 0].numpy()
+        return images
+
+    monkeypatch.setattr(sample_module, "sample_latents", identifying_sample_latents)
+    monkeypatch.setattr(sample_module, "decode", identifying_decode)
+    unet = torch.nn.Linear(1, 1)
+    unet.config = types.SimpleNamespace(in_channels=4, sample_size=size)
+    unet.device, unet.dtype = torch.device("cpu"), torch.float64  # not the inputs' float32
+    pipe = types.SimpleNamespace(unet=unet, vae=None, scheduler=DDPMScheduler.from_config(trained_config))
+    out = generate_samples(pipe, clip, null, num_classes, per_class, tmp_path / "samples", settings, seed,
+                           batch_size=4, weights_digest="w")
+    for i in range(num_classes * per_class):
+        pixel = np.asarray(Image.open(out / f"{i:06d}.png"))[0, 0]
+        assert (pixel[0], pixel[1]) == (i // per_class, i), f"image {i}: class {pixel[0]}, noise {pixel[1]}"
+
+
+def test_initial_noise_is_per_index_and_seed():
+    first = initial_noise(3, 5, (4, 8, 8))
+    assert torch.equal(first, initial_noise(3, 5, (4, 8, 8)))
+    assert not torch.equal(first, initial_noise(4, 5, (4, 8, 8)))
+    assert not torch.equal(first, initial_noise(3, 6, (4, 8, 8)))
+    assert abs(float(first.mean())) < 0.2 and abs(float(first.std()) - 1) < 0.2
+    # Pinned: a partial set is resumed image by image, so the noise of (index, seed) may never change
+    # between versions (torch's CPU generator seeded with seed * 1_000_003 + index).
+    torch.testing.assert_close(initial_noise(3, 5, (4,)), torch.tensor([0.20378858, 0.91243392, -0.78203511,
+                                                                        0.94386351]), rtol=0, atol=1e-7)
+    assert torch.equal(initial_noise(3, 5, (4,)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(5 * 1_000_003 + 3)))

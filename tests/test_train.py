@@ -1,17 +1,27 @@
-"""Stage 3: the training loop -- kill-and-resume equals an uninterrupted run, NaN stops with the last
-good checkpoint intact, the smoke tier lowers the token loss and moves the U-Net's own features towards
-DINOv2's (against a baseline run), diffusers-loadable artifacts, the baseline ablation, cache/encoder
-mismatch, and the step sampler.
+"""Stage 3: the training loop (urepa.train) -- kill-and-resume equals an uninterrupted run, NaN stops with the last
+good checkpoint intact, the smoke tier lowers the token loss and moves the U-Net's own features towards DINOv2's
+(against a baseline run), diffusers-loadable artifacts, the baseline ablation, cache/encoder mismatch, invalid rows
+and run states; and the wiring of `Trainer.step`, pinned against values computed here from what the step itself
+drew.
 
 The subset and the three caches are conftest's `smoke_caches`, at the sizes the smoke tier uses: VAE at
-128 px (latents 4x16x16), DINOv2 on the same square at 56 px (a 4x4 token grid), CLIP for the tree's classes. Runs are tiny (batch 4, a few steps) except the one
-smoke-tier run that checks the token loss goes down, whose artifacts the artifact and alignment tests reuse.
+128 px (latents 4x16x16), DINOv2 on the same square at 56 px (a 4x4 token grid), CLIP for the tree's classes. Runs
+are tiny (batch 4, a few steps) except the one smoke-tier run (conftest's `smoke_run`) that checks the token loss
+goes down, whose artifacts the artifact and alignment tests reuse (marked slow, with the kill-and-resume test in
+child processes: minutes each).
+
+A step is observed from outside: a forward hook on the trained model records its inputs (noisy latents,
+timesteps, text conditions) and outputs (prediction, aligned tokens); the batch is one the test built.
+From those, the expected diffusion target, losses and conditions are recomputed by hand (numpy, SD-1.5's
+schedule from its betas), so a step that draws, routes or weights something wrongly fails here even when
+the loss still goes down.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -28,68 +38,26 @@ import zarr
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE, unet_prediction
-from urepa import generated
-from urepa.caches import (
-    CachedRows,
-    CacheMismatchError,
-    valid_rows,
-)
-from urepa.config import load_yaml, train_settings
-from urepa.evaluate import alignment_analysis, analysis_layer
+from conftest import (CONFIG, CPU, DINO_SIZE, REPO, SEED, SMOKE_IMAGE_SIZE, TRAIN_BATCH, VIEW, batch_of,
+                      make_trainer, run_training, settings_for, unet_prediction)
+from test_batches import take_batches
+from urepa import generated, losses
+from urepa.analysis import alignment_analysis
+from urepa.batches import StepBatches
+from urepa.config import train_settings
 from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
+from urepa.rowstore import CacheMismatchError, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
-from urepa.train import LOG_COLUMNS, StepBatches, Trainer, claim_run_state, run_state_dir, train_run
+from urepa.train import LOG_COLUMNS, Trainer, train_run
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_yaml(REPO / "config" / "config.yaml")
-CPU = torch.device("cpu")
-BATCH = 4
-SEED = 0
-VIEW = {"image_size": SMOKE_IMAGE_SIZE, "dino_size": DINO_SIZE}  # the view the shared caches were built with
-
-
-# -- shared inputs ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data(smoke_inputs, smoke_caches) -> dict:
-    caches = {name: smoke_caches[name] for name in ("csv", "vae", "dino", "clip")}
-    return {"caches": caches, "table": smoke_caches["table"], "sd15": smoke_inputs["sd15"],
-            "dinov2": smoke_inputs["dinov2"]}
-
-
-def settings_for(ablation: str = "urepa", **overrides) -> dict:
-    """The smoke tier's resolved settings for an ablation, made smaller where a test says so."""
-    settings = train_settings(CONFIG, "smoke", ablation)
-    settings.update(batch_size=BATCH, **overrides)
-    return settings
-
-
-def run(data, settings, out: Path, caches: dict | None = None, seed: int = SEED) -> tuple[Path, Path]:
-    """Train into out/train_state/<identity>/ and out/model/; returns (the run's state folder, model folder)."""
-    model_dir = out / "model"
-    run_dir = train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]),
-                        str(data["dinov2"]), settings, out / "train_state", model_dir, seed, CPU, 0, "test", **VIEW)
-    return run_dir, model_dir
+BATCH = TRAIN_BATCH
 
 
 def state_of(states_dir: Path) -> Path:
     """The one run state (identity folder) under a train_state/ folder."""
     (state,) = [marker.parent for marker in states_dir.glob("*/run.json")]
     return state
-
-
-def make_trainer(data, settings, run_dir, vae_path=None, seed: int = SEED) -> Trainer:
-    """A Trainer built the way train_run builds it, for tests that look inside one."""
-    caches = data["caches"]
-    vae_path = vae_path or caches["vae"]
-    vae, dino = zarr.open_group(str(vae_path), mode="r"), zarr.open_group(str(caches["dino"]), mode="r")
-    clip = zarr.open_group(str(caches["clip"]), mode="r")
-    return Trainer(load_unet(data["sd15"]), load_noise_scheduler(data["sd15"]),
-                   CachedRows(vae_path, caches["dino"], data["table"]["class_id"].to_numpy()), valid_rows(vae, dino),
-                   clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-                   vae.attrs["scaling_factor"], settings, run_dir, seed, CPU, 0, time_phases=False,
-                   report_to="tensorboard")
 
 
 def rebuild_model(data, settings, state: dict[str, torch.Tensor]) -> AlignedUNet:
@@ -132,6 +100,8 @@ def assert_tensors_equal(a: dict, b: dict, what: str) -> None:
 
 
 # -- 1. kill and resume -----------------------------------------------------------------------------
+
+
 CHILD = """
 import json, sys
 import torch
@@ -155,6 +125,7 @@ def _start_child(script: Path, args: dict, name: str, tmp_path: Path) -> tuple[s
     return process, log_path
 
 
+@pytest.mark.slow  # two training processes, one killed and resumed: minutes
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
     settings = settings_for(max_steps=12, checkpoint_every=4, eval_interval=4)
     script = tmp_path / "child.py"
@@ -229,6 +200,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
 
 
 # -- 2. a NaN loss ------------------------------------------------------------------------------------
+
+
 def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_path):
     settings = settings_for(max_steps=12, checkpoint_every=4, eval_interval=100)
     # A latent full of NaN in a row still marked valid, placed in the batch of step 5 (the first
@@ -245,7 +218,7 @@ def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_pa
 
     caches = {**data["caches"], "vae": vae_path}
     with pytest.raises(FloatingPointError) as error:
-        run(data, settings, tmp_path / "run", caches)
+        run_training(data, settings, tmp_path / "run", caches)
     message = str(error.value)
     checkpoints = state_of(tmp_path / "run" / "train_state") / "checkpoints"
     assert "step 5" in message and str(checkpoints / "checkpoint-4") in message
@@ -255,21 +228,16 @@ def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_pa
     saved = checkpoint_state(checkpoints / "checkpoint-4")
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
     # ... and loadable: a new trainer resumes from it at step 4 with its weights.
-    trainer = make_trainer(data, settings, checkpoints.parent, vae_path)
+    trainer = make_trainer(data, settings, checkpoints.parent, vae_path, report_to="tensorboard")
     assert trainer.resume() == 4
     assert trainer.ema.optimization_step == 4
     assert_tensors_equal(trainer.model.state_dict(), saved["model"], "resumed model")
 
 
 # -- 3. the smoke tier learns the alignment ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def smoke_run(data, tmp_path_factory) -> dict:
-    """One run on the smoke tier's own settings (batch 8, 120 steps), shared by the tests below."""
-    settings = train_settings(CONFIG, "smoke", "urepa")
-    run_dir, model_dir = run(data, settings, tmp_path_factory.mktemp("smoke_run"))
-    return {"settings": settings, "run_dir": run_dir, "model_dir": model_dir}
 
 
+@pytest.mark.slow  # the smoke tier's 120-step run: minutes
 def test_smoke_run_lowers_the_token_loss(smoke_run):
     log = read_log(smoke_run["run_dir"])
     assert log["step"].tolist() == list(range(1, smoke_run["settings"]["max_steps"] + 1))
@@ -279,29 +247,6 @@ def test_smoke_run_lowers_the_token_loss(smoke_run):
     # average ~0.74 and the last ten ~0.5.
     assert log["loss_token"].iloc[0] > 0.9
     assert last < 0.8 * first, f"token loss went from {first:.3f} to {last:.3f}"
-
-
-def test_alignment_analysis_of_the_run_does_not_depend_on_the_batch_size(smoke_run, data, smoke_inputs, tmp_path):
-    val_csv = tmp_path / "val_subset.csv"
-    build_subset(smoke_inputs["imagenet"], images_per_class=4, seed=0, split="val").to_csv(val_csv, index=False)
-    clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")["embeddings"][:]
-
-    def analyse(batch_size: int) -> dict:
-        return alignment_analysis(val_csv, data["sd15"], data["dinov2"], smoke_run["model_dir"] / "ema", clip,
-                                  smoke_run["settings"], SMOKE_IMAGE_SIZE, DINO_SIZE, 12, [100, 500, 900], SEED, CPU,
-                                  tmp_path / f"tsne-{batch_size}.png", batch_size=batch_size)
-
-    whole, batched = analyse(32), analyse(5)
-    assert whole["layer"] == "mid" and whole["has_head"] and whole["images"] == 12
-    assert [e["timestep"] for e in whole["timesteps"]] == [100, 500, 900]
-    for a, b in zip(whole["timesteps"], batched["timesteps"]):
-        scores = {"cknna", "cca", "head_token_cosine", "head_cknna"}
-        assert a.keys() == b.keys() >= scores | {f"{score}_chance" for score in scores}
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-    assert (tmp_path / "tsne-32.png").stat().st_size > 0
-    # Every ablation is analysed at the mid block when it is aligned there, whatever else is.
-    assert analysis_layer(["enc_last", "mid", "dec_first"]) == "mid" and analysis_layer(["dec_first"]) == "dec_first"
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +260,7 @@ def held_out_csv(data, tmp_path_factory) -> Path:
     return root / "held_out.csv"
 
 
+@pytest.mark.slow  # two 120-step runs: minutes
 def test_alignment_moves_the_mid_block_features_towards_dinov2(smoke_run, data, held_out_csv, tmp_path):
     """The alignment gradient reaches the U-Net, end to end: trained on the smoke tier's own settings, the
     urepa run's mid-block features of held-out images are closer to DINOv2's than those of the baseline
@@ -329,8 +275,8 @@ def test_alignment_moves_the_mid_block_features_towards_dinov2(smoke_run, data, 
     clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")["embeddings"][:]
     images = len(pd.read_csv(held_out_csv))
 
-    def held_out_cknna(model_dir: Path, settings: dict) -> tuple[float, float]:
-        result = alignment_analysis(held_out_csv, data["sd15"], data["dinov2"], model_dir / "ema", clip, settings,
+    def held_out_cknna(model_dir: Path) -> tuple[float, float]:
+        result = alignment_analysis(held_out_csv, data["sd15"], data["dinov2"], model_dir / "ema", clip,
                                     SMOKE_IMAGE_SIZE, DINO_SIZE, images,
                                     CONFIG["evaluate"]["analysis_timesteps"], SEED, CPU, tmp_path / "tsne.png")
         assert result["images"] == images == 48 and result["layer"] == "mid"
@@ -340,9 +286,9 @@ def test_alignment_moves_the_mid_block_features_towards_dinov2(smoke_run, data, 
     baseline_settings = train_settings(CONFIG, "smoke", "baseline")
     assert {k: v for k, v in baseline_settings.items() if k != "align_coeff"} == \
         {k: v for k, v in smoke_run["settings"].items() if k != "align_coeff"}
-    _, baseline_dir = run(data, baseline_settings, tmp_path / "baseline")
-    aligned, aligned_chance = held_out_cknna(smoke_run["model_dir"], smoke_run["settings"])
-    plain, plain_chance = held_out_cknna(baseline_dir, baseline_settings)
+    _, baseline_dir = run_training(data, baseline_settings, tmp_path / "baseline")
+    aligned, aligned_chance = held_out_cknna(smoke_run["model_dir"])
+    plain, plain_chance = held_out_cknna(baseline_dir)
     scores = f"urepa {aligned:.3f} (chance {aligned_chance:.3f}), baseline {plain:.3f} (chance {plain_chance:.3f})"
     # Without the alignment loss the features hold little more of DINOv2's structure than chance ...
     assert abs(plain - plain_chance) < 0.1, scores
@@ -351,6 +297,8 @@ def test_alignment_moves_the_mid_block_features_towards_dinov2(smoke_run, data, 
 
 
 # -- 4. artifacts -----------------------------------------------------------------------------------
+
+
 def _unet_input(data):
     clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")
     generator = torch.Generator().manual_seed(1)
@@ -360,6 +308,7 @@ def _unet_input(data):
     return sample, timesteps, hidden
 
 
+@pytest.mark.slow  # the smoke tier's 120-step run: minutes
 def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data, smoke_run):
     from diffusers import StableDiffusionPipeline
 
@@ -422,13 +371,15 @@ def test_lora_artifacts_load_into_diffusers_and_reproduce_the_trained_unet(data,
                          "final snapshot vs EMA export")
 
 
+@pytest.mark.slow  # the smoke tier's 120-step run: minutes
 def test_exported_folder_loads_into_a_stock_pipeline_with_its_parameterisation(data, smoke_run, tmp_path):
     """The README's three lines give a stock StableDiffusionPipeline the run's EMA weights and the scheduler
     they were trained for; unguided, it then makes the very images our own sampler makes."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from urepa.caches import directory_digest
-    from urepa.sample import generate_samples, initial_noise, load_finetuned_pipeline
+    from urepa.digests import directory_digest
+    from urepa.export import load_finetuned_pipeline
+    from urepa.sample import generate_samples, initial_noise
 
     ema = smoke_run["model_dir"] / "ema"
     pipe = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), safety_checker=None, local_files_only=True)
@@ -442,7 +393,7 @@ def test_exported_folder_loads_into_a_stock_pipeline_with_its_parameterisation(d
     clip = zarr.open_group(str(data["caches"]["clip"]), mode="r")
     embeddings = clip["embeddings"][:]
     settings = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0}
-    ours = generate_samples(load_finetuned_pipeline(data["sd15"], ema, "lora", CPU), embeddings,
+    ours = generate_samples(load_finetuned_pipeline(data["sd15"], ema, CPU), embeddings,
                             clip.attrs["null_index"], num_classes=1, images_per_class=2, out_dir=tmp_path / "ours",
                             settings=settings, seed=3, batch_size=2, weights_digest=directory_digest(ema))
     size = SMOKE_IMAGE_SIZE // 8
@@ -459,7 +410,7 @@ def test_v_prediction_is_exported_with_its_scheduler_and_warned_about_with_lora(
 
     settings = settings_for(prediction="v", max_steps=2, checkpoint_every=2, eval_interval=2)
     with caplog.at_level(logging.WARNING):
-        _, model_dir = run(data, settings, tmp_path)
+        _, model_dir = run_training(data, settings, tmp_path)
     assert "prediction 'v' with LoRA" in caplog.text and "epsilon model" in caplog.text
     for folder in (model_dir, model_dir / "ema", model_dir / "snapshots" / "step-0000002"):
         scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
@@ -470,7 +421,7 @@ def test_partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks(d
     from diffusers import UNet2DConditionModel
 
     settings = settings_for(finetune="partial", max_steps=3, checkpoint_every=3, eval_interval=3)
-    _, model_dir = run(data, settings, tmp_path)
+    _, model_dir = run_training(data, settings, tmp_path)
     assert not (model_dir / "pytorch_lora_weights.safetensors").exists()
     base = load_unet(data["sd15"]).state_dict()
     for folder in (model_dir / "unet", model_dir / "ema" / "unet"):
@@ -483,19 +434,22 @@ def test_partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks(d
 
 
 # -- 5. baseline ------------------------------------------------------------------------------------
+
+
 def test_baseline_builds_no_heads_or_hooks_and_logs_no_token_loss(data, tmp_path):
     settings = settings_for("baseline", max_steps=3, checkpoint_every=3, eval_interval=3)
     assert settings["align_coeff"] == 0
-    trainer = make_trainer(data, settings, tmp_path / "inspect")
+    trainer = make_trainer(data, settings, tmp_path / "inspect", report_to="tensorboard")
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert len(model.heads) == 0 and model.capture is None
     assert not any(m._forward_hooks for m in model.modules())
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     # (the U-REPA run of the same tier does register its hook: the check above can fail)
-    aligned = trainer.accelerator.unwrap_model(make_trainer(data, settings_for(), tmp_path / "aligned").model)
+    aligned = trainer.accelerator.unwrap_model(
+        make_trainer(data, settings_for(), tmp_path / "aligned", report_to="tensorboard").model)
     assert len(aligned.heads) == 1 and any(m._forward_hooks for m in aligned.unet.modules())
 
-    run_dir, model_dir = run(data, settings, tmp_path / "run")
+    run_dir, model_dir = run_training(data, settings, tmp_path / "run")
     log = read_log(run_dir)
     assert log["step"].tolist() == [1, 2, 3]
     assert log["loss_token"].isna().all() and log["loss_manifold"].isna().all()
@@ -506,6 +460,8 @@ def test_baseline_builds_no_heads_or_hooks_and_logs_no_token_loss(data, tmp_path
 
 
 # -- 6. caches from another encoder -----------------------------------------------------------------
+
+
 def test_dino_cache_from_another_encoder_is_refused_before_training(data, tmp_path):
     other = generated.make_dinov2(tmp_path / "other_dinov2", seed=1)
     settings = settings_for(max_steps=2)
@@ -527,35 +483,7 @@ def test_dino_cache_of_another_view_is_refused_before_training(data, tmp_path):
     assert not run_dir.exists()
 
 
-# -- 7. the step sampler and invalid rows -----------------------------------------------------------
-def _take(sampler: StepBatches, n: int) -> list[np.ndarray]:
-    return list(itertools.islice(iter(sampler), n))
-
-
-def test_step_batches_are_a_pure_function_of_seed_and_step():
-    rows = np.setdiff1d(np.arange(30), [3, 17])  # 28 rows: 7 batches of 4 per epoch
-    run = _take(StepBatches(rows, BATCH, seed=5), 30)
-    again = _take(StepBatches(rows, BATCH, seed=5), 30)
-    assert all(np.array_equal(a, b) for a, b in zip(run, again))
-    other_seed = _take(StepBatches(rows, BATCH, seed=6), 30)
-    assert not all(np.array_equal(a, b) for a, b in zip(run, other_seed))
-    for start in (1, 6, 7, 13, 20):  # inside and across epoch boundaries
-        resumed = _take(StepBatches(rows, BATCH, seed=5, start_step=start), 30 - start)
-        assert all(np.array_equal(a, b) for a, b in zip(resumed, run[start:]))
-    for batch in run:
-        assert len(batch) == BATCH and len(set(batch.tolist())) == BATCH and np.isin(batch, rows).all()
-    # an epoch visits every valid row at most once, and successive epochs are shuffled differently
-    epoch0, epoch1 = np.concatenate(run[:7]), np.concatenate(run[7:14])
-    assert sorted(epoch0.tolist()) == sorted(rows.tolist()) == sorted(epoch1.tolist())
-    assert not np.array_equal(epoch0, epoch1)
-    # two processes split each global batch between them
-    halves = [_take(StepBatches(rows, BATCH, seed=5, rank=r, world_size=2), 10) for r in (0, 1)]
-    for step in range(10):
-        assert np.array_equal(np.concatenate([halves[0][step], halves[1][step]]), run[step])
-    with pytest.raises(ValueError, match="only 3 valid cached rows for a batch of 4"):
-        StepBatches(rows[:3], BATCH, seed=5)
-    exactly_one_batch = _take(StepBatches(rows[:BATCH], BATCH, seed=5), 2)  # an epoch of one batch
-    assert all(sorted(batch.tolist()) == rows[:BATCH].tolist() for batch in exactly_one_batch)
+# -- 7. invalid rows, rebuilt caches, run states ---------------------------------------------------
 
 
 @pytest.mark.parametrize("invalid_in", ["vae", "dino"])
@@ -563,7 +491,7 @@ def test_training_skips_rows_marked_invalid(data, tmp_path, caplog, invalid_in):
     """A row either encoder failed on (marked invalid in its cache, NaN data) is never trained on."""
     # The row the first batch would hold if invalid rows were not skipped.
     num_rows = len(data["table"])
-    skipped = int(_take(StepBatches(np.arange(num_rows), BATCH, SEED), 1)[0][0])
+    skipped = int(take_batches(StepBatches(np.arange(num_rows), BATCH, SEED), 1)[0][0])
     path = tmp_path / Path(data["caches"][invalid_in]).name
     cache = copy_cache(data["caches"][invalid_in], path)
     cache["mean" if invalid_in == "vae" else "tokens"][skipped] = np.nan
@@ -571,14 +499,14 @@ def test_training_skips_rows_marked_invalid(data, tmp_path, caplog, invalid_in):
     caches = {**data["caches"], invalid_in: path}
     settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
     with caplog.at_level(logging.WARNING, logger="urepa.train"):
-        run_dir, model_dir = run(data, settings, tmp_path / "run", caches)
+        run_dir, model_dir = run_training(data, settings, tmp_path / "run", caches)
     assert f"skipping 1 invalid cached rows of {num_rows}" in caplog.text
     assert np.isfinite(read_log(run_dir)["loss"]).all()
     assert json.loads((model_dir / "config.json").read_text())["trained_rows"] == num_rows - 1
     if invalid_in == "dino":
         return
     # and the trainer's own data loader never hands the row out, over several epochs
-    trainer = make_trainer(data, settings, tmp_path / "inspect", path)
+    trainer = make_trainer(data, settings, tmp_path / "inspect", path, report_to="tensorboard")
     seen = np.concatenate([batch["row"].numpy() for batch in itertools.islice(iter(trainer.batches(0)), 20)])
     assert skipped not in seen and len(np.unique(seen)) == num_rows - 1
 
@@ -590,13 +518,13 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
     vae_path = tmp_path / "vae_latents.zarr"
     copy_cache(data["caches"]["vae"], vae_path)
     caches = {**data["caches"], "vae": vae_path}
-    run_dir, model_dir = run(data, settings, tmp_path / "run", caches)
+    run_dir, model_dir = run_training(data, settings, tmp_path / "run", caches)
     first = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
     vae = zarr.open_group(str(vae_path), mode="r+")
     vae["valid"][0] = False
     vae.attrs["errors"] = [{"row": 0, "error": "OSError: image file is truncated"}]
-    with caplog.at_level(logging.INFO, logger="urepa.train"):
-        second_run_dir, _ = run(data, settings, tmp_path / "run", caches)
+    with caplog.at_level(logging.INFO, logger="urepa.runstate"):
+        second_run_dir, _ = run_training(data, settings, tmp_path / "run", caches)
     assert (f"run state {second_run_dir}: new identity, training from step 0 (states of other identities kept "
             f"beside it: {run_dir.name})") in caplog.text
     assert second_run_dir != run_dir and (run_dir / "checkpoints" / "checkpoint-2").is_dir()  # kept
@@ -626,13 +554,13 @@ def test_run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finis
     """Change a setting, then change it back: the first run's finished state is found again and re-exported
     as it was (no step trained again), while the other setting's run keeps its own state."""
     settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
-    first_dir, model_dir = run(data, settings, tmp_path)
+    first_dir, model_dir = run_training(data, settings, tmp_path)
     first = load_file(model_dir / "ema" / "pytorch_lora_weights.safetensors")
-    other_dir, _ = run(data, {**settings, "align_coeff": 0.5}, tmp_path)
+    other_dir, _ = run_training(data, {**settings, "align_coeff": 0.5}, tmp_path)
     assert other_dir != first_dir and json.loads((other_dir / "run.json").read_text())["settings"]["align_coeff"] == 0.5
     finished = (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="urepa.train"):
-        reverted_dir, _ = run(data, settings, tmp_path)
+    with caplog.at_level(logging.INFO, logger="urepa.runstate"):
+        reverted_dir, _ = run_training(data, settings, tmp_path)
     assert reverted_dir == first_dir and f"run state {first_dir}: this identity's state, resumed" in caplog.text
     assert (first_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").stat().st_mtime_ns == finished
     assert read_log(first_dir)["step"].tolist() == [1, 2]
@@ -659,27 +587,463 @@ def test_a_clip_cache_of_another_width_is_refused_before_training(data, tmp_path
     clip_path = tmp_path / "clip_embeddings.zarr"
     copy_cache(data["caches"]["clip"], clip_path).attrs["dim"] = 77
     with pytest.raises(ValueError, match="CLIP cache dim 77 does not match the U-Net's cross-attention dim 32"):
-        run(data, settings_for(max_steps=2), tmp_path / "run", {**data["caches"], "clip": clip_path})
+        run_training(data, settings_for(max_steps=2), tmp_path / "run", {**data["caches"], "clip": clip_path})
     assert not list((tmp_path / "run").glob("train_state/*"))
 
 
-def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
-    identity = {"settings": {"lr": 1e-4, "align_coeff": 0.8}, "seed": 0}
-    reordered = {"seed": 0, "settings": {"align_coeff": 0.8, "lr": 1e-4}}
-    assert run_state_dir(tmp_path, identity) == run_state_dir(tmp_path, reordered)
-    assert run_state_dir(tmp_path, identity) != run_state_dir(tmp_path, {**identity, "seed": 1})
-    assert run_state_dir(tmp_path, identity).parent == tmp_path
+# -- the wiring of a step, pinned against values computed here from what the step itself drew ----------
 
 
-def test_a_state_folder_recording_another_identity_is_set_aside(tmp_path, caplog):
-    identity, launch = {"settings": {"align_coeff": 0.8}, "seed": 0}, {"processes": 1}
-    squatter = run_state_dir(tmp_path, identity)
-    (squatter / "checkpoints" / "checkpoint-4").mkdir(parents=True)
-    (squatter / "run.json").write_text(json.dumps({"settings": {"align_coeff": 0.5}, "seed": 0, "launches": [{}]}))
-    with caplog.at_level(logging.WARNING):
-        claimed = claim_run_state(tmp_path, identity, launch)
-    assert claimed == squatter and f"{squatter} records another identity than its name says" in caplog.text
-    (stale,) = tmp_path.glob(f"{squatter.name}.stale-*")
-    assert (stale / "checkpoints" / "checkpoint-4").is_dir()  # kept, not deleted
-    recorded = json.loads((claimed / "run.json").read_text())
-    assert recorded == {**identity, "launches": [{"processes": 1, "from_step": 0}]}
+class ForwardSpy:
+    """Every forward of the trainer's model: its inputs and outputs, detached."""
+
+    def __init__(self, trainer: Trainer):
+        self.calls: list[dict] = []
+        trainer.accelerator.unwrap_model(trainer.model).register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        names = ("sample", "timesteps", "encoder_hidden_states")
+        inputs = {**dict(zip(names, args)), **kwargs}
+        prediction, tokens = output
+        self.calls.append({**{k: v.detach().clone() for k, v in inputs.items()},
+                           "prediction": prediction.detach().clone(),
+                           "tokens": {k: v.detach().clone() for k, v in tokens.items()}})
+
+
+def alphas_cumprod(scheduler) -> np.ndarray:
+    """SD-1.5's DDPM schedule from its config, by hand: scaled-linear betas, cumulative product of 1 - beta."""
+    config = scheduler.config
+    assert config.beta_schedule == "scaled_linear"
+    betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps) ** 2
+    return np.cumprod(1 - betas)
+
+
+# -- 8. the objective as trained ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction, snr_gamma", [("epsilon", None), ("v", None), ("epsilon", 5.0), ("v", 5.0)])
+def test_loss_diff_is_the_mse_to_the_configured_target_from_the_steps_own_draws(data, tmp_path, prediction,
+                                                                                 snr_gamma):
+    """With a zero posterior std the latents are known (mean x scaling factor); the noise then follows from
+    the U-Net's input and timesteps, and the target and loss are recomputed from it."""
+    trainer = make_trainer(data, settings_for(steps=8, prediction=prediction, snr_gamma=snr_gamma), tmp_path)
+    spy = ForwardSpy(trainer)
+    batch = batch_of(trainer, data)
+    batch["latent_std"] = torch.zeros_like(batch["latent_std"])
+    logged = trainer.step(batch)
+
+    (call,) = spy.calls
+    t = call["timesteps"].numpy()
+    abar = alphas_cumprod(trainer.noise_scheduler)[t].reshape(-1, 1, 1, 1)
+    x0 = batch["latent_mean"].double().numpy() * data["scaling"]
+    noisy = call["sample"].double().numpy()
+    noise = (noisy - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+    # What was recovered is the step's standard-normal noise (a wrong x0 would not look like it).
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
+    target = noise if prediction == "epsilon" else np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
+    per_image = ((call["prediction"].double().numpy() - target) ** 2).mean(axis=(1, 2, 3))
+    if snr_gamma is None:
+        expected = per_image.mean()
+    else:  # min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for epsilon, / (snr + 1) for v
+        snr = (abar / (1 - abar)).ravel()
+        weights = np.minimum(snr, snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+        expected = (weights * per_image).mean()
+    assert logged["loss_diff"] == pytest.approx(expected, rel=1e-4)
+    # the timesteps cover the schedule's range, one per image
+    assert t.shape == (BATCH,) and ((0 <= t) & (t < 1000)).all()
+
+
+def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_step(data, tmp_path):
+    """A schedule without noise (all betas 0) hands the U-Net x0 itself: (mean + std * z) * scaling factor,
+    with z standard normal and drawn anew at every step."""
+    from diffusers import DDPMScheduler
+
+    sd = load_noise_scheduler(data["sd15"])
+    noiseless = DDPMScheduler.from_config(sd.config, trained_betas=[0.0] * sd.config.num_train_timesteps)
+    trainer = make_trainer(data, settings_for(steps=8), tmp_path, noise_scheduler=noiseless)
+    spy = ForwardSpy(trainer)
+    batch = batch_of(trainer, data)
+    # Means far from 0 and a std unlike 1 and unlike the scaling factor: a missing factor, the mean alone
+    # or the variance for the std each give a z that is not standard normal.
+    mean = 2.0 + torch.arange(batch["latent_mean"].numel()).reshape(batch["latent_mean"].shape) % 3.0
+    batch["latent_mean"], batch["latent_std"] = mean, torch.full_like(mean, 0.4)
+    trainer.step(batch)
+    trainer.step(batch)
+    draws = []
+    for call in spy.calls:
+        z = (call["sample"].double().numpy() / data["scaling"] - mean.double().numpy()) / 0.4
+        assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+        # one draw per image and channel: not one shared by the batch (a draw of the wrong shape broadcasts)
+        assert all(abs(np.corrcoef(z[0].ravel(), z[b].ravel())[0, 1]) < 0.5 for b in range(1, len(z)))
+        assert abs(np.corrcoef(z[0, 0].ravel(), z[0, 1].ravel())[0, 1]) < 0.5
+        draws.append(z.ravel())
+    assert abs(np.corrcoef(draws[0], draws[1])[0, 1]) < 0.1  # a new sample, not the last step's again
+
+
+def hand_alignment_terms(tokens: dict[str, torch.Tensor], target: torch.Tensor, mode: str, upper_only: bool,
+                         mask_diag: bool) -> tuple[float, float]:
+    """(L_token, L_manifold) by hand in float64, averaged over the aligned layers."""
+    target = target.double().numpy()
+    token_terms, manifold_terms = [], []
+    for pred in tokens.values():
+        pred = pred.double().numpy()
+        cosine = (pred * target).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
+        token_terms.append((1 - cosine).mean())
+
+        def grams(x):
+            if mode == "sample":
+                pooled = x.mean(axis=1)
+                pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+                return pooled @ pooled.T
+            unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+            return unit @ unit.transpose(0, 2, 1)
+
+        squared = (grams(pred) - grams(target)) ** 2
+        n = squared.shape[-1]
+        keep = np.triu(np.ones((n, n), bool)) if upper_only else np.ones((n, n), bool)
+        if mask_diag:
+            keep &= ~np.eye(n, dtype=bool)
+        manifold_terms.append(squared[..., keep].mean())
+    return float(np.mean(token_terms)), float(np.mean(manifold_terms))
+
+
+def lambda_by_hand(step: int, coeff: float, warmup: int, decay: int, end: float, cutoff: int | None) -> float:
+    """The linear-decay schedule of these tests, written out: warm-up to coeff, linear to end, 0 from cutoff."""
+    if cutoff is not None and step >= cutoff:
+        return 0.0
+    if step < warmup:
+        return coeff * (step + 1) / warmup
+    return coeff + (end - coeff) * min(1.0, (step - warmup) / decay)
+
+
+@pytest.mark.parametrize("layers, mode, upper_only, mask_diag, coeff, manifold_coeff", [
+    (["mid"], "sample", False, False, 0.8, 3.0),
+    (["mid", "enc_last"], "token", True, True, 0.5, 2.0),
+    (["mid"], "token", True, False, 0.5, 2.0),  # upper triangle with its diagonal: unlike the full Gram's mean
+])
+def test_every_logged_row_is_loss_diff_plus_lambda_times_token_plus_w_manifold(data, tmp_path, layers, mode,
+                                                                            upper_only, mask_diag, coeff,
+                                                                            manifold_coeff):
+    schedule = {"kind": "linear", "warmup_steps": 2, "decay_steps": 2, "end": 0.2, "cutoff_step": 5}
+    steps = 6
+    settings = settings_for(steps=8, align_layers=layers, manifold_mode=mode, manifold_upper_only=upper_only,
+                            manifold_mask_diag=mask_diag, align_coeff=coeff, manifold_coeff=manifold_coeff,
+                            align_schedule=schedule, max_steps=steps, checkpoint_every=steps, eval_interval=steps)
+    trainer = make_trainer(data, settings, tmp_path)
+    spy = ForwardSpy(trainer)
+    batches = []
+    step = trainer.step
+
+    def recording_step(batch):
+        batches.append(batch)
+        return step(batch)
+
+    trainer.step = recording_step
+    trainer.run()
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert log["step"].tolist() == list(range(1, steps + 1)) and len(spy.calls) == len(batches) == steps
+    for row, call, batch in zip(log.itertuples(), spy.calls, batches):
+        lam = lambda_by_hand(row.step - 1, coeff, 2, 2, 0.2, 5)
+        token, manifold = hand_alignment_terms(call["tokens"], batch["tokens"], mode, upper_only, mask_diag)
+        assert set(call["tokens"]) == set(layers)
+        assert row.align_coeff == pytest.approx(lam, abs=1e-12)
+        assert row.loss_token == pytest.approx(token, rel=1e-5)
+        assert row.loss_manifold == pytest.approx(manifold, rel=1e-4, abs=1e-7)
+        assert row.loss == pytest.approx(row.loss_diff + lam * (token + manifold_coeff * manifold), rel=1e-5)
+    # the schedule went through warm-up, decay and cut-off, so a lambda that ignored it would fail above
+    assert sorted(set(log["align_coeff"].round(6))) == pytest.approx([0.0, 0.2, coeff / 2, (coeff + 0.2) / 2, coeff])
+
+
+# -- 9. condition dropout -------------------------------------------------------------------------------
+
+
+def conditions(data, trainer: Trainer, steps: int) -> tuple[np.ndarray, list]:
+    """Per step and image: True where the U-Net got the null prompt, False where its class's prompt;
+    anything else fails."""
+    spy = ForwardSpy(trainer)
+    class_ids = []
+    for step in range(steps):
+        batch = batch_of(trainer, data, first=(step * BATCH) % (len(data["rows"]) - BATCH))
+        class_ids.append(batch["class_id"].numpy())
+        trainer.step(batch)
+    clip = torch.from_numpy(data["clip"]).float()
+    null = clip[-1]
+    dropped = np.zeros((steps, BATCH), bool)
+    for s, (call, ids) in enumerate(zip(spy.calls, class_ids)):
+        for i, hidden in enumerate(call["encoder_hidden_states"]):
+            is_null, is_class = torch.equal(hidden, null), torch.equal(hidden, clip[ids[i]])
+            assert is_null != is_class, f"step {s}, image {i}: neither its class's prompt nor the null prompt"
+            dropped[s, i] = is_null
+    return dropped, class_ids
+
+
+def test_the_null_prompt_is_the_clip_caches_last_row(data):
+    assert data["null_index"] == len(data["clip"]) - 1
+    assert len(set(data["table"]["class_id"])) == len(data["clip"]) - 1
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_condition_dropout_at_zero_and_one(data, tmp_path, rate):
+    dropped, _ = conditions(data, make_trainer(data, settings_for(steps=8, cond_dropout=rate), tmp_path), 3)
+    assert (dropped == bool(rate)).all()
+
+
+def test_condition_dropout_at_one_half_is_per_image(data, tmp_path):
+    steps = 30
+    dropped, _ = conditions(data, make_trainer(data, settings_for(steps=8, cond_dropout=0.5), tmp_path), steps)
+    # 120 Bernoulli(1/2) draws: 60 +- 5.5; the bounds are 4 sigma.
+    assert 38 <= dropped.sum() <= 82, dropped.sum()
+    mixed = [s for s in range(steps) if 0 < dropped[s].sum() < BATCH]
+    assert len(mixed) >= steps // 2, "dropout is drawn per batch, not per image"
+    # every position of the batch is dropped sometimes and kept sometimes, in no fixed pattern
+    assert all(5 <= n <= steps - 5 for n in dropped.sum(axis=0)), dropped.sum(axis=0)
+    assert len({tuple(row) for row in dropped}) > steps // 3
+
+
+# -- 10. gradient accumulation, draws, learning rate -------------------------------------------------------
+
+
+def first_step_gradients(data, settings: dict, run_dir: Path) -> tuple[dict, list[torch.Tensor]]:
+    """The logged values of a trainer's first step and the gradients the optimiser stepped with."""
+    trainer = make_trainer(data, settings, run_dir)
+    grads, optimizer_step = [], trainer.optimizer.step
+
+    def spying_step(*args, **kwargs):
+        grads.extend(p.grad.detach().clone() for p in trainer.trainable)
+        return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = spying_step
+    return trainer.step(batch_of(trainer, data)), grads
+
+
+@pytest.mark.parametrize("mode, align_coeff", [("sample", 0.7), ("token", 0.7), ("sample", 0.0)])
+def test_accumulated_micro_batches_step_with_the_whole_batchs_losses_and_gradient(data, tmp_path, mode,
+                                                                                  align_coeff):
+    """grad_accum = 2 splits the step's batch in two: the same draws, the same logged terms, and the gradient
+    of the whole batch's loss (with the sample Gram over the whole batch, from the no-grad pre-pass). The
+    baseline (align_coeff 0) logs no alignment terms (NaN)."""
+    settings = settings_for(steps=8, manifold_mode=mode, manifold_coeff=3.0, align_coeff=align_coeff)
+    whole, whole_grads = first_step_gradients(data, {**settings, "grad_accum": 1}, tmp_path / "whole")
+    accumulated, accumulated_grads = first_step_gradients(data, {**settings, "grad_accum": 2}, tmp_path / "accum")
+    aligned = align_coeff > 0
+    for term in ("loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "grad_norm"):
+        if not aligned and term in ("loss_token", "loss_manifold"):
+            assert np.isnan(whole[term]) and np.isnan(accumulated[term]), term
+        else:
+            assert accumulated[term] == pytest.approx(whole[term], rel=1e-5), term
+    if not aligned:
+        assert whole["loss"] == whole["loss_diff"]
+    assert len(accumulated_grads) == len(whole_grads) and any(g.abs().sum() > 0 for g in whole_grads)
+    for a, b in zip(accumulated_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-12)
+
+
+def test_the_objective_is_summed_in_one_place_for_the_plain_and_the_accumulated_step(data, tmp_path, monkeypatch):
+    """`losses.Objective` is the only place the terms become the loss: a change planted there (lambda counted
+    twice) changes the plain step and the accumulated one (whose manifold term is the pre-pass's global Gram)
+    alike, in the logged loss and in the gradient."""
+    settings = settings_for(steps=8, manifold_mode="sample", manifold_coeff=3.0, align_coeff=0.7)
+    before = {accumulate: first_step_gradients(data, {**settings, "grad_accum": accumulate}, tmp_path / f"{accumulate}")
+              for accumulate in (1, 2)}
+    original = losses.Objective.__call__
+
+    def planted(self, model_pred, target, timesteps, pred_tokens, target_tokens, align_coeff, accumulate=1,
+                gather=None):
+        return original(self, model_pred, target, timesteps, pred_tokens, target_tokens, 2 * align_coeff, accumulate,
+                        gather)
+
+    monkeypatch.setattr(losses.Objective, "__call__", planted)
+    for accumulate, (unplanted, unplanted_grads) in before.items():
+        values, grads = first_step_gradients(data, {**settings, "grad_accum": accumulate},
+                                             tmp_path / f"planted-{accumulate}")
+        assert values["loss_diff"] == unplanted["loss_diff"], accumulate
+        expected = unplanted["loss_diff"] + 2 * 0.7 * (unplanted["loss_token"] + 3.0 * unplanted["loss_manifold"])
+        assert values["loss"] == pytest.approx(expected, rel=1e-5), accumulate
+        assert values["loss"] != pytest.approx(unplanted["loss"], rel=1e-3), accumulate
+        assert any(not torch.allclose(a, b, rtol=1e-3, atol=0) for a, b in zip(grads, unplanted_grads)), accumulate
+
+
+def test_every_random_draw_of_a_step_comes_from_the_checkpointed_generator(data, tmp_path):
+    """Resume and several processes rely on it: replaying the generator's state replays the step's posterior
+    sample, noise, timesteps and dropout exactly, whatever torch's global generator does meanwhile."""
+    trainer = make_trainer(data, settings_for(steps=8, cond_dropout=0.5), tmp_path)
+    shape = batch_of(trainer, data)["latent_mean"].shape[1:]
+    state = trainer.generator.get_state()
+    torch.manual_seed(123)
+    first = trainer.draw(shape)
+    trainer.generator.set_state(state)
+    torch.manual_seed(456)
+    again = trainer.draw(shape)
+    assert set(first) == {"posterior", "noise", "timesteps", "dropped"}
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(trainer.draw(shape)["noise"], first["noise"])  # and the generator moves on
+
+
+def test_timesteps_are_uniform_over_the_whole_schedule_including_zero(data, tmp_path):
+    """t ~ U{0, ..., T-1} per image: on a 4-step schedule every step, 0 and T-1 included, comes up about
+    equally often (an off-by-one in the range would never draw one end)."""
+    from diffusers import DDPMScheduler
+
+    short = DDPMScheduler.from_config(load_noise_scheduler(data["sd15"]).config, num_train_timesteps=4)
+    trainer = make_trainer(data, settings_for(steps=8), tmp_path, noise_scheduler=short)
+    shape = batch_of(trainer, data)["latent_mean"].shape[1:]
+    drawn = torch.cat([trainer.draw(shape)["timesteps"] for _ in range(100)]).numpy()
+    counts = np.bincount(drawn, minlength=5)
+    # 400 draws: 100 +- 8.7 per step; the bounds are 4 sigma
+    assert counts[4] == 0 and all(65 <= n <= 135 for n in counts[:4]), counts
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_on_a_cosine_and_is_logged(data, tmp_path):
+    """diffusers' cosine schedule with warm-up, in optimiser steps: after step n, lr = base * n / W for n < W
+    and base * (1 + cos(pi * (n - W) / (T - W))) / 2 after (W = warmup_ratio * T). The step logs the rate the
+    next step will use, which is the optimiser's."""
+    settings = settings_for(steps=8, max_steps=8, warmup_ratio=0.25, learning_rate=1e-3)
+    trainer = make_trainer(data, settings, tmp_path)
+    base, warmup, total = 1e-3, 2, 8
+    for n in range(1, total + 1):
+        logged = trainer.step(batch_of(trainer, data))
+        expected = base * n / warmup if n < warmup else \
+            base * (1 + math.cos(math.pi * (n - warmup) / (total - warmup))) / 2
+        assert logged["lr"] == pytest.approx(expected, abs=1e-12), n
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), n
+
+
+def test_a_nan_loss_before_any_checkpoint_says_there_is_none(data, tmp_path):
+    trainer = make_trainer(data, settings_for(steps=8), tmp_path)
+    batch = batch_of(trainer, data)
+    batch["latent_mean"][0] = float("nan")
+    with pytest.raises(FloatingPointError) as error:
+        trainer.step(batch)
+    message = str(error.value)
+    assert message.startswith("non-finite loss at step 1: ")
+    assert "the last good checkpoint is none (no checkpoint yet)." in message
+    assert trainer.state.step == 0  # the bad step is not counted
+
+
+# -- 11. the run loop: log, snapshots, checkpoints, resume -------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands for a kill: raised from a snapshot, after the step's log row and before its checkpoint."""
+
+
+def run_trainer(data, settings: dict, run_dir: Path, kill_at: int | None = None) -> tuple[Trainer, list[int]]:
+    run_dir.mkdir(parents=True, exist_ok=True)  # train_run's claim of the run state makes it
+    trainer, snapshots = make_trainer(data, settings, run_dir), []
+
+    def on_snapshot(trainer: Trainer, step: int) -> None:
+        snapshots.append(step)
+        if step == kill_at:
+            raise Killed
+
+    try:
+        trainer.run(on_snapshot)
+    except Killed:
+        pass
+    return trainer, snapshots
+
+
+def test_a_run_logs_every_step_snapshots_at_eval_interval_and_keeps_its_last_checkpoints(data, tmp_path):
+    settings = settings_for(steps=8, max_steps=6, eval_interval=4, checkpoint_every=2, checkpoints_total_limit=2)
+    trainer, snapshots = run_trainer(data, settings, tmp_path)
+    assert snapshots == [4, 6]  # every eval_interval steps, and the last step
+    assert [p.name for p in trainer.checkpoints()] == ["checkpoint-4", "checkpoint-6"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    log = pd.read_csv(tmp_path / "train_log.csv")
+    assert list(log.columns) == ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr",
+                                 "grad_norm", "step_time"]
+    assert log["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert np.isfinite(log.drop(columns="step").to_numpy()).all() and (log["step_time"] > 0).all()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_an_uninterrupted_one(data, tmp_path):
+    """Killed after step 5's log row (checkpoint-4 the newest), a new trainer on the same folder resumes at
+    step 4, drops the logged row 5, redoes steps 5 and 6 and ends with the uninterrupted run's log, weights,
+    EMA and generator. A leftover half checkpoint (*.tmp) is cleared before it is written into."""
+    settings = settings_for(steps=8, max_steps=6, eval_interval=1, checkpoint_every=2, checkpoints_total_limit=10)
+    whole, _ = run_trainer(data, settings, tmp_path / "whole")
+
+    run_dir = tmp_path / "killed"
+    (run_dir / "checkpoints" / "checkpoint-2.tmp").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2.tmp" / "leftover").write_text("from a killed save")
+    killed, snapshots = run_trainer(data, settings, run_dir, kill_at=5)
+    assert snapshots == [1, 2, 3, 4, 5] and killed.state.step == 5
+    assert [p.name for p in killed.checkpoints()] == ["checkpoint-2", "checkpoint-4"]
+    assert not (run_dir / "checkpoints" / "checkpoint-2" / "leftover").exists()
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3, 4, 5]
+
+    resumed, snapshots = run_trainer(data, settings, run_dir)
+    assert snapshots == [5, 6]
+    assert [p.name for p in resumed.checkpoints()] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    logged = {name: pd.read_csv(folder / "train_log.csv").drop(columns="step_time")
+              for name, folder in (("whole", tmp_path / "whole"), ("resumed", run_dir))}
+    assert logged["resumed"]["step"].tolist() == [1, 2, 3, 4, 5, 6]  # one header, row 5 once
+    pd.testing.assert_frame_equal(logged["resumed"], logged["whole"], rtol=0, atol=0)
+    for a, b in zip(resumed.trainable, whole.trainable):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed.ema.shadow_params, whole.ema.shadow_params):
+        assert torch.equal(a, b)
+    assert resumed.ema.optimization_step == whole.ema.optimization_step == 6
+    assert torch.equal(resumed.generator.get_state(), whole.generator.get_state())
+
+
+# -- 12. what the trainer is built with -------------------------------------------------------------------
+
+
+def test_the_ema_averages_the_trained_weights_with_the_configured_decay(data, tmp_path):
+    """diffusers' EMA with its warm-up: the first update copies the weights, the second mixes with decay
+    min((1 + 1) / (10 + 1), ema_decay) = ema_decay for ema_decay = 0.1."""
+    trainer = make_trainer(data, settings_for(steps=8, ema_decay=0.1), tmp_path)
+    weights = []
+    for _ in range(2):
+        trainer.step(batch_of(trainer, data))
+        weights.append([p.detach().clone() for p in trainer.trainable])
+    assert len(trainer.ema.shadow_params) == len(trainer.trainable)
+    for shadow, first, second in zip(trainer.ema.shadow_params, *weights):
+        torch.testing.assert_close(shadow, 0.1 * first + 0.9 * second, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gradient_checkpointing_is_set_on_the_unet_as_configured(data, tmp_path, enabled):
+    trainer = make_trainer(data, settings_for(steps=8, gradient_checkpointing=enabled), tmp_path)
+    assert trainer.accelerator.unwrap_model(trainer.model).unet.is_gradient_checkpointing is enabled
+
+
+@pytest.mark.parametrize("prediction, finetune, warned", [("v", "lora", True), ("v", "partial", False),
+                                                          ("epsilon", "lora", False)])
+def test_v_prediction_with_lora_is_warned_about(data, tmp_path, caplog, prediction, finetune, warned):
+    with caplog.at_level("WARNING", logger="urepa.train"):
+        make_trainer(data, settings_for(steps=8, prediction=prediction, finetune=finetune), tmp_path)
+    assert ("prediction 'v' with LoRA: SD-1.5 is an epsilon model" in caplog.text) is warned
+    if warned:
+        assert "use prediction: epsilon" in caplog.text
+
+
+def test_data_workers_load_the_same_batches_in_the_same_order(data, tmp_path):
+    """num_workers reading processes, kept for the whole run, hand out the batches StepBatches orders, as the
+    main process alone would."""
+    loaders = {workers: make_trainer(data, settings_for(steps=8), tmp_path / str(workers), num_workers=workers).batches(3)
+               for workers in (0, 2)}
+    assert loaders[2].num_workers == 2 and loaders[2].persistent_workers
+    assert loaders[0].num_workers == 0 and not loaders[0].pin_memory  # pinned memory only for a GPU
+    batches = {workers: list(itertools.islice(iter(loader), 4)) for workers, loader in loaders.items()}
+    for alone, read in zip(batches[0], batches[2]):
+        assert alone.keys() == read.keys()
+        for key in alone:
+            assert torch.equal(alone[key], read[key]), key
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_phase_timing_charges_every_phase_of_a_step_when_enabled(data, tmp_path, enabled):
+    """benchmarks/train_step.py's split of a step: forward (inside the model), alignment, backward, optimizer
+    and EMA each get their wall time; nothing is timed when disabled."""
+    trainer = make_trainer(data, settings_for(steps=8), tmp_path, time_phases=enabled)
+    trainer.step(batch_of(trainer, data))
+    totals = trainer.timer.totals
+    if enabled:
+        assert set(totals) == {"forward", "alignment", "backward", "optimizer", "ema"}
+        assert all(seconds > 0 for seconds in totals.values())
+    else:
+        assert not totals

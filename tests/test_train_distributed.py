@@ -3,7 +3,10 @@
 End to end on the smoke tier's settings (batch 8, lr 3e-3; 10 steps, warm-up 3 steps, so that the warm-up
 shows in the LR): two CPU processes under `accelerate launch` and grad_accum=2 give the one-process per-step
 losses and final EMA weights, the LR schedule advances once per optimiser step, and a run resumes on another
-process count (2 -> 1, 1 -> 2). (tests/test_distributed.py: the manifold term of a split batch, gradient included.)
+process count (2 -> 1, 1 -> 2). (tests/test_batches.py: the manifold term of a split batch, gradient included, and
+each process's share of the step's batch.)
+
+Several training runs, some in child processes: minutes. Marked slow (tools/mutation.py leaves them out).
 """
 from __future__ import annotations
 
@@ -12,26 +15,25 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DINO_SIZE, SMOKE_IMAGE_SIZE
+from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
 from urepa import launch
-from urepa.config import load_yaml, train_settings
-from urepa.train import StepBatches, train_run
+from urepa.config import train_settings
+from urepa.train import train_run
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_yaml(REPO / "config" / "config.yaml")
-CPU = torch.device("cpu")
-SEED = 0
+pytestmark = pytest.mark.slow
+
+
 LOSSES = ["loss", "loss_diff", "loss_token", "loss_manifold", "grad_norm"]
+
+
 WEIGHTS = ["ema/pytorch_lora_weights.safetensors", "ema/align_heads.safetensors"]
 
 
-# -- end to end on the smoke tier --------------------------------------------------------------------
 def smoke_settings(**overrides) -> dict:
     settings = train_settings(CONFIG, "smoke", "urepa")
     assert settings["batch_size"] == 8 and settings["manifold_mode"] == "sample"
@@ -166,13 +168,3 @@ def test_a_batch_that_does_not_split_evenly_is_refused_before_any_work(smoke_inp
     # A run whose processes setting is not the process count it runs on (not started by urepa.launch).
     with pytest.raises(ValueError, match="train.processes is 2 but this run has 1 process"):
         run_in_process(smoke_inputs, smoke_caches, smoke_settings(processes=2), tmp_path)
-
-
-def test_each_process_reads_its_micro_batches_of_the_global_batch():
-    """StepBatches hands process r the parts m * processes + r of the one-process batch, in micro-batch order."""
-    rows = np.arange(40)
-    whole = next(iter(StepBatches(rows, 8, seed=3)))
-    parts = whole.reshape(4, 2)  # 2 processes x 2 micro-batches of 2 rows
-    for rank in (0, 1):
-        share = next(iter(StepBatches(rows, 8, seed=3, rank=rank, world_size=2, grad_accum=2)))
-        assert share.tolist() == [*parts[rank], *parts[2 + rank]]

@@ -1,8 +1,14 @@
-"""The workflow as a whole: one invocation per results folder."""
+"""The workflow as a whole: one invocation per results folder, the jobs and outputs it plans, and the
+inputs its rules hand to the stages."""
 import fcntl
+import re
 import shutil
 import subprocess
 import sys
+import types
+from pathlib import Path
+
+import yaml
 
 from conftest import REPO
 from urepa.runtime import RESULTS_LOCK
@@ -75,3 +81,64 @@ def test_a_nested_command_line_setting_wins_over_the_tiers(tmp_path):
     planned = _planned_outputs(tmp_path, "--config", "train={max_steps: 50}")
     steps = {o.split("/curve/")[1].split("/")[0] for o in planned if "/curve/step-" in o}
     assert steps == {"step-0000040", "step-0000050"}
+
+
+# -- the cache rules ------------------------------------------------------------------------------------
+
+
+def dry_run(tmp_path: Path, smoke_cache: dict) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the smoke tier's image caches, with `smoke_cache` as the tier's `cache` settings."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["tiers"]["smoke"]["cache"] = smoke_cache
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "-n", "results/smoke/cache/vae_latents.zarr",
+                           "results/smoke/cache/dino_tokens.zarr"], capture_output=True, text=True, timeout=600)
+
+
+def test_cache_shards_splits_each_image_cache_into_part_jobs_and_a_sealing_job(tmp_path):
+    planned = dry_run(tmp_path, {"shards": 3, "shard_rows": 32})
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    for name in ("vae_latents", "dino_tokens"):
+        for part in range(3):
+            assert f"results/smoke/cache/{name}.parts/{part}-of-3.json" in planned.stdout
+        assert f"results/smoke/cache/{name}.parts/3-of-3.json" not in planned.stdout
+    counts = dict(re.findall(r"^(cache_\w+)\s+(\d+)$", planned.stdout, flags=re.MULTILINE))
+    assert counts == {"cache_vae_part": "3", "cache_dino_part": "3", "cache_vae": "1", "cache_dino": "1"}
+
+    refused = dry_run(tmp_path, {"shard_rows": 48})
+    assert refused.returncode != 0
+    assert "cache.shard_rows (48) must be a positive multiple of cache.batch_size (32)" in refused.stdout + refused.stderr
+
+
+# -- the sampling rules ---------------------------------------------------------------------------------
+
+
+def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
+    """The final set and every CFG-sweep point load the run's EMA export; FID-vs-step points its EMA
+    snapshots. Read from the rules as Snakemake loads them, for one job's wildcards."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ResourceSettings
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    monkeypatch.chdir(tmp_path)  # Snakemake enters the workdir; the test's teardown leaves it
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
+                                workdir=tmp_path)._workflow
+
+        def weights(sample_set: str) -> tuple[str, str]:
+            """(weights folder, model folder) of a sampling job of the sample set."""
+            rule = workflow.get_rule("sample_shard")
+            values = {name: "x" for name in rule.wildcard_names}
+            values.update(tier="smoke", ablation="urepa", seed="0", set=sample_set, shard="0", shards="1")
+            param = rule.params["weights"]
+            folder = param(types.SimpleNamespace(**values)) if callable(param) else param.format(**values)
+            return folder, rule.input["model"].format(**values)
+
+        folder, model = weights("final")
+        assert folder == f"{model}/ema"
+        folder, model = weights("cfg_sweep/cfg-1.5")
+        assert folder == f"{model}/ema"
+        folder, model = weights("curve/step-40")
+        assert folder == f"{model}/snapshots/step-0000040"

@@ -1,18 +1,19 @@
-"""Mutation testing of the modules whose wiring the tests pin (issue 11). Local only: it is slow.
+"""Mutation testing of urepa's modules, each against its own test file (issue 11). Local only: it is slow.
 
     pip install mutmut==3.8.1
-    python tools/mutation.py                 # all modules below
+    python tools/mutation.py                 # every module with a test file (urepa/<module>.py: tests/test_<module>.py)
     python tools/mutation.py losses sample   # some of them
     python tools/mutation.py train --only 'urepa.train.xǁTrainerǁstep__mutmut_*'   # one function's mutants
-    python tools/mutation.py train --tests tests/test_train.py --max-children 8   # the run orchestration too
+    python tools/mutation.py train --tests tests/test_train.py --max-children 8   # the slow tests too
     python tools/mutation.py train --sample 150 --seed 0   # an unbiased estimate where a full run takes too long
 
 Each module is mutated by mutmut in its own scratch copy of the tracked files (under .mutation/<module>/,
-so the runs neither touch the working tree nor share mutmut's state), against that module's own fast test
-selection: mutmut then runs, for each mutant, only the selected tests that reach the mutated function.
-Prints killed / total per module and the surviving mutants; `mutmut show <name>` inside the scratch copy
-shows one. mutmut 3 does not mutate decorated functions (`@torch.no_grad()`, `@contextmanager`,
-`@property`): those are outside the score.
+so the runs neither touch the working tree nor share mutmut's state), against that module's test file,
+tests/test_<module>.py, less the tests marked slow (`-m "not slow"`: the minutes-long training runs and the
+runs on several processes): mutmut then runs, for each mutant, only the selected tests that reach the mutated
+function. `--tests` replaces the test file, and then the slow tests run too. Prints killed / total per module
+and the surviving mutants; `mutmut show <name>` inside the scratch copy shows one. mutmut 3 does not mutate
+decorated functions (`@torch.no_grad()`, `@contextmanager`, `@property`): those are outside the score.
 """
 from __future__ import annotations
 
@@ -30,32 +31,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH = REPO / ".mutation"
 
-# module -> the tests that pin it, cheapest and most telling first (mutmut stops at the first failure)
-MODULE_TESTS = {
-    "losses": ["tests/test_losses.py", "tests/test_wiring_losses.py"],
-    "analysis": ["tests/test_wiring_analysis.py", "tests/test_alignment_analysis.py"],
-    "metrics": ["tests/test_wiring_analysis.py", "tests/test_metrics.py"],
-    "sample": ["tests/test_wiring_sample.py", "tests/test_sample.py"],
-    "models": ["tests/test_wiring_align.py", "tests/test_models.py"],
-    # test_train.py's runs of a few steps (seconds each); its kill-and-resume in child processes and the tests on
-    # the 120-step smoke run take minutes (test_wiring_train.py resumes in process)
-    "train": ["tests/test_wiring_train.py"] + [f"tests/test_train.py::test_{name}" for name in (
-                  "step_batches_are_a_pure_function_of_seed_and_step",
-                  "nan_loss_stops_with_the_step_and_an_intact_last_checkpoint",
-                  "dino_cache_from_another_encoder_is_refused_before_training",
-                  "dino_cache_of_another_view_is_refused_before_training",
-                  "experiment_tracking_is_selectable",
-                  "training_skips_rows_marked_invalid",
-                  "baseline_builds_no_heads_or_hooks_and_logs_no_token_loss",
-                  "v_prediction_is_exported_with_its_scheduler_and_warned_about_with_lora",
-                  "run_states_are_kept_by_identity_and_a_reverted_setting_reuses_its_finished_run",
-                  "partial_finetune_exports_a_unet_that_differs_only_in_the_three_blocks",
-                  "a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state",
-                  "a_clip_cache_of_another_width_is_refused_before_training",
-                  "a_run_state_is_named_by_its_identity_whatever_the_key_order",
-                  "a_state_folder_recording_another_identity_is_set_aside")] + [
-              "tests/test_sample.py::test_samplers_follow_the_parameterisation_exported_with_the_weights"],
-}
+PACKAGE = REPO / "urepa"
+TESTS = REPO / "tests"
+FAST = ["-m", "not slow"]  # the minutes-long tests (pytest marker `slow`, pyproject.toml) stay out of a mutant's run
+
+
+def module_tests() -> dict[str, str]:
+    """module -> its test file: every urepa/<module>.py that has a tests/test_<module>.py, in name order."""
+    return {path.stem: f"tests/test_{path.stem}.py" for path in sorted(PACKAGE.glob("*.py"))
+            if (TESTS / f"test_{path.stem}.py").is_file()}
 
 
 def sampled_mutants(scratch: Path, module: str, env: dict, only: list[str], size: int, seed: int) -> list[str]:
@@ -80,9 +64,9 @@ def run_module(module: str, max_children: int, only: list[str], tests: list[str]
             shutil.copy2(REPO / name, scratch / name)
     lines = ["[mutmut]", "source_paths = urepa/", f"only_mutate = urepa/{module}.py",
              "also_copy =", "    config/", "    workflow/", "    Snakefile",
-             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests or MODULE_TESTS[module]] + [
-             "pytest_add_cli_args = -p no:cacheprovider", "process_isolation = forkserver",
-             "use_git_change_detection = false"]
+             "pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests or [module_tests()[module]]] + [
+             "pytest_add_cli_args ="] + [f"    {arg}" for arg in ["-p", "no:cacheprovider", *([] if tests else FAST)]] + [
+             "process_isolation = forkserver", "use_git_change_detection = false"]
     (scratch / "setup.cfg").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     if sample is not None:
@@ -100,12 +84,13 @@ def run_module(module: str, max_children: int, only: list[str], tests: list[str]
 
 
 def main() -> None:
+    modules = module_tests()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULE_TESTS)}")
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(modules)}")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--tests", nargs="+", default=[], metavar="PYTEST_ARG",
-                        help="the tests to run instead of the module's fast selection (e.g. tests/test_train.py for "
-                             "train.py's run orchestration: minutes per mutant)")
+                        help="the tests to run instead of the module's test file less its slow tests (e.g. "
+                             "tests/test_train.py for train.py's slow tests too: minutes per mutant)")
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                         help="test only the mutants whose names match (mutmut's fnmatch patterns)")
     parser.add_argument("--sample", type=int, metavar="N",
@@ -113,10 +98,11 @@ def main() -> None:
                              "whose full run takes too long); the rest are reported as not tested")
     parser.add_argument("--seed", type=int, default=0, help="the seed of --sample's draw (default 0)")
     args = parser.parse_args()
-    unknown = sorted(set(args.modules) - set(MODULE_TESTS))
+    unknown = sorted(set(args.modules) - set(modules))
     if unknown:
-        parser.error(f"unknown module(s) {unknown}; expected some of {list(MODULE_TESTS)}")
-    for module in args.modules or MODULE_TESTS:
+        parser.error(f"unknown module(s) {unknown}; expected some of {list(modules)} (urepa modules with a "
+                     f"tests/test_<module>.py)")
+    for module in args.modules or modules:
         by_status = run_module(module, args.max_children, args.only, args.tests, args.sample, args.seed)
         unchecked = len(by_status.pop("not checked", []))  # left out by --only
         total = sum(len(names) for names in by_status.values())

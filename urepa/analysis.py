@@ -1,4 +1,5 @@
-"""Alignment analyses between U-Net features and DINOv2 tokens: CKNNA, CCA and t-SNE.
+"""Alignment analyses between U-Net features and DINOv2 tokens: CKNNA, CCA and t-SNE, and the stage that runs
+them on a trained run's held-out images (`alignment_analysis`).
 
 Inputs are per-image features [B, D] or tokens [B, N, D] (torch or numpy); tokens are mean-pooled
 over N into one vector per image where a per-image measure is needed. Scores are read against their
@@ -6,10 +7,17 @@ chance level: the same score with the images of one side shuffled.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from .images import dinov2_transform, open_rgb, vae_transform
+from .runtime import provenance
+
+log = logging.getLogger(__name__)
 
 
 def _per_image(x) -> np.ndarray:
@@ -160,3 +168,110 @@ def tsne_plot(pred, target, labels, path: str | Path, shared_space: bool, seed: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return coords
+
+
+def held_out_rows(val_csv: str | Path, count: int, skipped: list | None = None) -> pd.DataFrame:
+    """A fixed, class-balanced held-out batch: the first usable images of each class in turn. Unusable files
+    are passed over (named in the log, and appended to `skipped` when given); only candidates are opened."""
+    table = pd.read_csv(val_csv)
+    table["rank"] = table.groupby("class_id").cumcount()
+    chosen = []
+    for index, path in table.sort_values(["rank", "class_id"])["img_path"].items():
+        if len(chosen) == count:
+            break
+        try:
+            open_rgb(path)
+            chosen.append(index)
+        except Exception as error:  # corrupt, truncated, missing, unsupported or too small file
+            log.warning("skipping validation image %s: %s: %s", path, type(error).__name__, error)
+            if skipped is not None:
+                skipped.append(path)
+    return table.loc[chosen].reset_index(drop=True)
+
+
+def analysis_layer(align_layers: list[str]) -> str:
+    """The layer every ablation is analysed at: `mid` whenever it is aligned (the default, and the
+    baseline's), so that scores compare the same features across ablations."""
+    return "mid" if "mid" in align_layers else align_layers[0]
+
+
+@torch.no_grad()
+def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, image_size: int,
+                       dino_size: int, count: int, timesteps: list[int], seed: int, device: torch.device,
+                       tsne_png: str | Path, batch_size: int = 32) -> dict:
+    """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
+
+    Per timestep: CKNNA and held-out CCA between image-pooled U-Net features of the analysis layer (no
+    head: comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align
+    heads were trained, also the mean token cosine and CKNNA of the heads' tokens. Every score comes
+    with its chance level (`*_chance`): its mean over seeded shuffled pairings of the images, which
+    keep each side's own structure and break only the correspondence. t-SNE at the middle
+    timestep: head tokens and DINOv2 tokens in one map, or the raw features beside DINOv2's without a head.
+    Images go through the encoders `batch_size` at a time; the noise is drawn once for the whole set,
+    so the scores do not depend on the batch size.
+    """
+    from .dinov2 import load_dinov2
+    from .export import load_align_head, load_finetuned_pipeline, read_description
+    from .models import FeatureCapture
+    from .sd15 import load_noise_scheduler
+
+    skipped: list[str] = []
+    rows = held_out_rows(val_csv, count, skipped)
+    chunks = [rows["img_path"].iloc[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
+
+    def images(paths, transform) -> torch.Tensor:
+        tensors = []
+        for path in paths:
+            tensors.append(transform(open_rgb(path)))
+        return torch.stack(tensors).to(device)
+
+    encoder = load_dinov2(dinov2_path, device)
+    to_dino = dinov2_transform(image_size, dino_size)
+    dino_tokens = torch.cat([encoder(images(paths, to_dino)).float().cpu() for paths in chunks])
+    del encoder
+    dino_pooled = dino_tokens.mean(dim=1)
+
+    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, device, dtype=torch.float32)
+    to_vae = vae_transform(image_size)
+    latents = torch.cat([pipe.vae.encode(images(paths, to_vae)).latent_dist.mean.cpu() for paths in chunks])
+    latents = latents * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).float()
+    layer = analysis_layer(read_description(weights_dir)["align_layers"])
+    head = load_align_head(weights_dir, layer, device)
+    capture = FeatureCapture(pipe.unet, [layer])
+    scheduler = load_noise_scheduler(sd15_dir)
+    middle = timesteps[len(timesteps) // 2]
+    pairings = shuffled_pairings(len(rows), seed)
+    results, at_middle = [], None
+    for t in timesteps:
+        pooled, head_pooled, head_cosine, head_cosine_chance = [], [], [], []
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            timestep = torch.full((len(latents[part]),), t, dtype=torch.long)
+            noisy = scheduler.add_noise(latents[part], noise[part], timestep)
+            pipe.unet(noisy.to(device), timestep.to(device), encoder_hidden_states=cond[part].to(device))
+            features = capture.pop()[layer].float()
+            pooled.append(features.mean(dim=(2, 3)).cpu())
+            if head is not None:
+                tokens = head(features).cpu()
+                head_pooled.append(tokens.mean(dim=1))
+                head_cosine.append((tokens * dino_tokens[part]).sum(-1).mean(dim=1))
+                head_cosine_chance.append(torch.stack([(tokens * dino_tokens[perm[part]]).sum(-1).mean(dim=1)
+                                                       for perm in pairings]))
+        pooled = torch.cat(pooled)
+        entry = {"timestep": t, **alignment_scores(pooled, dino_pooled, pairings, seed)}
+        if head is not None:
+            head_pooled = torch.cat(head_pooled)
+            entry["head_token_cosine"] = float(torch.cat(head_cosine).mean())
+            entry["head_token_cosine_chance"] = float(torch.cat(head_cosine_chance, dim=1).mean())
+            entry["head_cknna"] = cknna(head_pooled, dino_pooled)
+            entry["head_cknna_chance"] = chance_level(cknna, head_pooled, dino_pooled, pairings)
+        results.append(entry)
+        if t == middle:
+            at_middle = head_pooled if head is not None else pooled
+    capture.remove()
+    tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
+                       title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
+    return {"layer": layer, "images": len(rows), "skipped_images": skipped, "has_head": head is not None,
+            "timesteps": results, "provenance": provenance(device, batch_size=batch_size)}

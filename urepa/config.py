@@ -191,9 +191,6 @@ REAL_TIER_PATHS = {
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
 
-SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
 def _layout_problems(config: dict) -> list[str]:
     """What is missing inside the real-tier paths that are set and exist: caught before any job, not
     hours into one. (Unset or absent paths are reported by `check_real_paths` itself.)"""
@@ -202,6 +199,8 @@ def _layout_problems(config: dict) -> list[str]:
     if "imagenet_dir" in paths and not (paths["imagenet_dir"] / "Data" / "CLS-LOC" / "train").is_dir():
         found["imagenet_dir"] = "has no Data/CLS-LOC/train folder"
     if "sd15_dir" in paths:
+        from .sd15 import SD15_SUBFOLDERS  # torch: only when a real tier names an SD-1.5 folder
+
         missing = [name + "/" for name in SD15_SUBFOLDERS if not (paths["sd15_dir"] / name).is_dir()]
         if missing:
             found["sd15_dir"] = f"lacks {', '.join(missing)}"

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from torchvision import transforms
 from transformers import (
     Dinov2Config,
     Dinov2Model,
@@ -23,8 +21,6 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Every released DINOv2 has 64-dimensional heads; the checkpoint itself does not record the head count.
 HEAD_DIM = 64
 
@@ -76,33 +72,6 @@ class DinoV2Encoder(nn.Module):
         hidden = self.model(pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype)).last_hidden_state
         patch_tokens = hidden[:, 1 + self.num_register_tokens:]
         return F.normalize(patch_tokens.float(), dim=-1)
-
-
-def dinov2_transform(image_size: int, input_size: int = 224) -> transforms.Compose:
-    """DINOv2's view of exactly the square the VAE encodes: shorter side to `image_size`, centre crop
-    (as `caches.vae_transform`), then that square resized to the encoder's `input_size`, no further crop
-    (as REPA feeds its encoder). DINOv2's own eval transform (resize 256, crop 224) would see only the
-    central 87.5 %, so border tokens would sit up to one token away from their U-Net counterparts.
-    Bicubic with antialiasing, ImageNet mean/std."""
-    bicubic = transforms.InterpolationMode.BICUBIC
-    return transforms.Compose([
-        transforms.Lambda(to_rgb),
-        transforms.Resize(image_size, interpolation=bicubic, antialias=True),
-        transforms.CenterCrop(image_size),
-        transforms.Resize((input_size, input_size), interpolation=bicubic, antialias=True),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def dinov2_view(image_size: int, input_size: int) -> str:
-    """The view a token cache records and training checks: which square, seen at which size."""
-    return f"vae-square {image_size}px resized to {input_size}px, no crop"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    # ImageNet holds a few grayscale and CMYK JPEGs; the encoder takes three channels.
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_dinov2(path: str | Path, device: str | torch.device = "cpu",

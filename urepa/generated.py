@@ -193,7 +193,7 @@ def make_inception(out_dir: str | Path, seed: int = 0) -> Path:
     """A folder holding a random Inception-v3 of the TF graph's structure as clean-fid's
     `inception-2015-12-05.pt`, loadable as `inception_dir`."""
     from .inception import save_random_inception
-    from .metrics import INCEPTION_FILENAME
+    from .feature_networks import INCEPTION_FILENAME
 
     save_random_inception(Path(out_dir) / INCEPTION_FILENAME, seed)
     return Path(out_dir)

@@ -1,6 +1,6 @@
 """The TF 2015 Inception-v3 graph's structure as clean-fid's / StyleGAN2-ADA's TorchScript
 (`inception-2015-12-05.pt`) names it, with random weights: the rehearsal tier's stand-in for that file,
-so that `urepa.metrics.InceptionFeatures` loads and walks it exactly as it does the real one.
+so that `urepa.feature_networks.InceptionFeatures` loads and walks it exactly as it does the real one.
 
 Blocks and names follow the graph: a stem (`conv` .. `pool1`), `mixed` .. `mixed_2` (35 x 35),
 `mixed_3` (to 17 x 17), `mixed_4` .. `mixed_7` (17 x 17; `mixed_6.conv` is ADM's sFID tap), `mixed_8`

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .runtime import set_threads, setup_logging
-from .distributed import process_share
+from .batches import process_share
 from .train import train_run
 
 

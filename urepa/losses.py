@@ -1,12 +1,15 @@
-"""U-REPA objective: L = L_diff + lambda * (L_token + w * L_manifold).
+"""The U-REPA objective, L = L_diff + lambda * (L_token + w * L_manifold): its terms, and `Objective`, the one
+place they are summed into the loss a step back-propagates.
 
 Tokens are [B, N, D]; the U-Net side comes from `AlignHead`, the target side from the DINOv2 cache.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ def manifold_loss(pred: torch.Tensor, target: torch.Tensor, mode: str = "sample"
         (relations between patches; the form SimpleTuner uses).
     gather (mode="sample"): maps this part's pooled rows (pred, target), [b, D] each, to the whole batch's
         [B, D] when the batch is split across processes or micro-batches, so that the Gram is the global
-        batch's (urepa.train.GlobalBatch); the pred rows keep their gradient.
+        batch's (urepa.batches.GlobalBatch); the pred rows keep their gradient.
     """
     pred, target = pred.float(), target.float()
     if mode == "sample":
@@ -68,7 +71,7 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, scheduler=None, timesteps=None,
-                   prediction: str = "v", snr_gamma: float | None = None) -> torch.Tensor:
+                   prediction: str = "epsilon", snr_gamma: float | None = None) -> torch.Tensor:
     """MSE to the target; with `snr_gamma`, min-SNR-gamma weighting per image (Hang et al. 2023)."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float())
@@ -121,3 +124,50 @@ def alignment_loss(pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Te
     loss_token = torch.stack(token_terms).mean()
     loss_manifold = torch.stack(manifold_terms).mean()
     return loss_token + manifold_coeff * loss_manifold, loss_token, loss_manifold
+
+
+@dataclass
+class Objective:
+    """L = L_diff + lambda * (L_token + w * L_manifold) of one (micro-)batch, from the training settings' terms.
+
+    Returns the logged terms (L, L_diff, L_token, L_manifold; NaN alignment terms without aligned tokens) and the
+    loss to back-propagate, scaled so that `accumulate` micro-batches add up to the global batch's gradient.
+    With a `gather` that knows the other micro-batches' pooled rows (urepa.batches.GlobalBatch), the manifold
+    term is already the global batch's: it is not divided, and this backward carries only this micro-batch's
+    rows of its gradient."""
+
+    noise_scheduler: object
+    prediction: str
+    snr_gamma: float | None
+    manifold_coeff: float
+    manifold_mode: str = "sample"
+    upper_only: bool = False
+    mask_diag: bool = False
+    # a phase timer (urepa.train.PhaseTimer): the alignment terms are charged to "alignment"
+    timer: Callable[[str], contextlib.AbstractContextManager] | None = None
+
+    @classmethod
+    def from_settings(cls, noise_scheduler, settings: dict, timer=None) -> "Objective":
+        return cls(noise_scheduler, settings["prediction"], settings["snr_gamma"], settings["manifold_coeff"],
+                   settings["manifold_mode"], settings["manifold_upper_only"], settings["manifold_mask_diag"], timer)
+
+    def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                 pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Tensor, align_coeff: float,
+                 accumulate: int = 1, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_diff = diffusion_loss(model_pred, target, self.noise_scheduler, timesteps, self.prediction,
+                                   self.snr_gamma)
+        if not pred_tokens:
+            nan = torch.full((), float("nan"), device=loss_diff.device)
+            return torch.stack([loss_diff, loss_diff, nan, nan]).detach(), loss_diff / accumulate
+        with self.timer("alignment") if self.timer else contextlib.nullcontext():
+            loss_align, loss_token, loss_manifold = alignment_loss(
+                pred_tokens, target_tokens, self.manifold_coeff, self.manifold_mode, self.upper_only, self.mask_diag,
+                gather)
+        loss = loss_diff + align_coeff * loss_align
+        terms = torch.stack([loss, loss_diff, loss_token, loss_manifold]).detach()
+        if gather is not None and gather.known is not None:
+            # Micro-batch means add up to the global mean divided by `accumulate`; the Gram term is already the
+            # global batch's.
+            return terms, (loss_diff + align_coeff * loss_token) / accumulate + \
+                align_coeff * self.manifold_coeff * loss_manifold
+        return terms, loss / accumulate

@@ -1,12 +1,15 @@
-"""Process set-up shared by every stage: logging to the rule's log file, device and thread choice."""
+"""Process set-up shared by every stage: logging to the rule's log file, device and thread choice, progress bars,
+provenance records, setting damaged outputs aside, and timing the phases of a step."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import socket
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -139,3 +142,24 @@ def lock_results_folder(folder: str | Path) -> None:
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     _held_locks.append(handle)
+
+
+class PhaseTimer:
+    """Wall time per phase of a step; synchronises CUDA so a phase is charged for its own kernels."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device = enabled, device
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[phase] += time.perf_counter() - start

@@ -29,41 +29,6 @@ SAMPLERS = {
 }
 
 
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """float16 on CUDA, as SD-1.5 is usually run (a 50k-image FID set at 250 steps is hours of GPU
-    time, roughly twice that in float32); float32 on the CPU."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, finetune: str, device: torch.device,
-                            dtype: torch.dtype | None = None):
-    """SD-1.5 from its local folder with the fine-tuned weights in: LoRA through
-    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; and the
-    scheduler config the weights were trained for (their scheduler/ folder: the prediction type).
-    `dtype`: default `inference_dtype(device)`."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from .sd15 import check_sd15_dir
-
-    dtype = dtype or inference_dtype(device)
-
-    pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   dtype=dtype, local_files_only=True)
-    weights_dir = Path(weights_dir)
-    if not (weights_dir / "scheduler").is_dir():
-        raise FileNotFoundError(f"{weights_dir} has no scheduler/ folder: the weights do not say which "
-                                f"parameterisation they were trained for; re-export them with this version")
-    pipe.scheduler = DDPMScheduler.from_pretrained(weights_dir, subfolder="scheduler", local_files_only=True)
-    if finetune == "lora":
-        pipe.load_lora_weights(weights_dir)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
-    return pipe.to(device)
-
-
 def make_sampler(name: str, trained_config):
     """A diffusers scheduler of the chosen kind on the schedule and parameterisation the weights were
     trained for (`trained_config`: their exported scheduler config)."""
@@ -142,7 +107,7 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
     one shard of that set (`shard_indices`; `gather_samples` joins the shards).
 
     A partial set is continued only if it was started by the same weights (`weights_digest`, e.g.
-    `caches.directory_digest` of the weights folder), sampler settings, seed, batch size and index range; one of
+    `digests.directory_digest` of the weights folder), sampler settings, seed, batch size and index range; one of
     any other identity is set aside, so a set never mixes images of two models."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .config import SD15_SUBFOLDERS
+# The folders of an SD-1.5 diffusers pipeline that the workflow loads.
+SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # The configs of stable-diffusion-v1-5's folders: they build the real architectures (random or on the
 # meta device) for the rehearsal tier, tests and benchmarks, where the weights are not on disk.

@@ -7,12 +7,14 @@ so a killed run started again ends with the weights an uninterrupted run would h
 On several processes (urepa.launch) or with gradient accumulation, every step trains on the same global
 batch, noise, timesteps, condition dropout and sample-mode Gram as on one process: the result does not depend
 on the process count or on `grad_accum` beyond floating-point reordering, and a run resumes on another count.
+
+This module is the loop and the run: the objective is `urepa.losses.Objective`, the batches and draws are
+`urepa.batches`', the state folder is `urepa.runstate`'s and the exported folder `urepa.export`'s.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -24,87 +26,32 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from .caches import CachedRows, check_cache, content_digest, file_digest, valid_rows, weights_fingerprint
+from . import export
+from .batches import GlobalBatch, StepBatches, TrainState, process_share
 from .config import without_launch
-from .distributed import GlobalBatch, process_share
-from .losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target, pooled_samples
+from .digests import content_digest, file_digest, weights_fingerprint
+from .images import dinov2_view
+from .losses import AlignSchedule, Objective, diffusion_target, pooled_samples
 from .models import AlignedUNet, make_trainable
-from .report import plot_losses
-from .runtime import progress, provenance, set_aside
+from .plots import plot_losses
+from .rowstore import CachedRows, check_cache, valid_rows
+from .runstate import claim_run_state, complete_checkpoints, run_state_dir, training_code_digest
+from .runtime import PhaseTimer, progress, provenance
 
 log = logging.getLogger(__name__)
 
-# `train.prediction` -> diffusers' `prediction_type`.
-PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
 LOG_COLUMNS = ["step", "loss", "loss_diff", "loss_token", "loss_manifold", "align_coeff", "lr", "grad_norm",
                "step_time"]
 LOSS_TERMS = ["loss", "loss_diff", "loss_token", "loss_manifold"]
-
-
-class StepBatches(Sampler):
-    """Row indices of every step from `start_step` on: epoch e is a permutation seeded by (seed, e),
-    cut into full global batches; each process takes its own share of each (`process_share`)."""
-
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1, grad_accum: int = 1):
-        if len(rows) < batch_size:
-            raise ValueError(f"only {len(rows)} valid cached rows for a batch of {batch_size}")
-        self.rows, self.batch_size, self.seed, self.start_step = rows, batch_size, seed, start_step
-        self.share = process_share(batch_size, rank, world_size, grad_accum)
-        self.batches_per_epoch = len(rows) // batch_size
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            epoch, position = divmod(step, self.batches_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
-            batch = order[position * self.batch_size:(position + 1) * self.batch_size]
-            yield batch[self.share]
-            step += 1
-
-
-class TrainState:
-    """The step and the generator of every random draw, saved with each checkpoint."""
-
-    def __init__(self, generator: torch.Generator):
-        self.step, self.generator = 0, generator
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
-
-
-class PhaseTimer:
-    """Wall time per phase of a step; synchronises CUDA so a phase is charged for its own kernels."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.device = enabled, device
-        self.totals: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        if not self.enabled:
-            yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.totals[phase] += time.perf_counter() - start
 
 
 class Trainer:
     """One training run. Built from loaded parts so benchmarks can hand it random full-size models."""
 
     def __init__(self, unet, noise_scheduler, dataset: CachedRows, rows: np.ndarray, clip_embeddings: np.ndarray,
-                 null_index: int, token_dim: int, token_grid: int, latent_scaling: float, settings: dict,
+                 null_index: int, token_dim: int, token_grid: int, latent_scaling: float, vae: dict, settings: dict,
                  run_dir: str | Path, seed: int, device: str | torch.device, num_workers: int, time_phases: bool,
                  report_to: str):
         from accelerate import Accelerator
@@ -127,6 +74,7 @@ class Trainer:
         self.grad_accum = settings["grad_accum"]
         self.device = self.accelerator.device
         self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
+        self.vae = vae  # name, path and fingerprint of the VAE the cached latents came from: recorded with the weights
         self.prediction = settings["prediction"]
         if self.prediction == "v" and settings["finetune"] == "lora":
             log.warning(
@@ -172,6 +120,7 @@ class Trainer:
         self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
         self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
         self.timer = PhaseTimer(time_phases, self.device)
+        self.objective = Objective.from_settings(noise_scheduler, settings, self.timer)
         self.accelerator.unwrap_model(self.model).timer = self.timer
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -280,28 +229,11 @@ class Trainer:
 
     def micro_step(self, inputs: dict[str, torch.Tensor], align_coeff: float,
                    gather: GlobalBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass of one micro-batch: its LOSS_TERMS, and the loss to back-propagate, scaled so that
-        the accumulated gradient is the global batch's."""
-        settings, accumulate = self.settings, self.grad_accum
+        """The forward pass of one micro-batch: its LOSS_TERMS, and the loss to back-propagate (`Objective`)."""
         with self.accelerator.autocast():
             prediction, pred_tokens = self.model(inputs["noisy"], inputs["timesteps"], inputs["encoder_hidden_states"])
-        loss_diff = diffusion_loss(prediction, inputs["target"], self.noise_scheduler, inputs["timesteps"],
-                                   self.prediction, settings["snr_gamma"])
-        if not pred_tokens:
-            nan = torch.full((), float("nan"), device=loss_diff.device)
-            return torch.stack([loss_diff, loss_diff, nan, nan]).detach(), loss_diff / accumulate
-        with self.timer("alignment"):
-            loss_align, loss_token, loss_manifold = alignment_loss(
-                pred_tokens, inputs["tokens"], settings["manifold_coeff"], settings["manifold_mode"],
-                settings["manifold_upper_only"], settings["manifold_mask_diag"], gather)
-        loss = loss_diff + align_coeff * loss_align
-        terms = torch.stack([loss, loss_diff, loss_token, loss_manifold]).detach()
-        if gather is not None and gather.known is not None:
-            # Micro-batch means add up to the global mean divided by grad_accum; the Gram term is already the
-            # global batch's, and this backward carries only this micro-batch's rows of its gradient.
-            return terms, (loss_diff + align_coeff * loss_token) / accumulate + \
-                align_coeff * settings["manifold_coeff"] * loss_manifold
-        return terms, loss / accumulate
+        return self.objective(prediction, inputs["target"], inputs["timesteps"], pred_tokens, inputs["tokens"],
+                              align_coeff, self.grad_accum, gather)
 
     @torch.no_grad()
     def pooled_global_batch(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, tuple]:
@@ -372,40 +304,9 @@ class Trainer:
             self.ema.restore(self.trainable)
 
     def save_weights(self, out_dir: str | Path) -> None:
-        """The current trainable weights in diffusers form (LoRA: pytorch_lora_weights.safetensors,
-        loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/ folder), the scheduler
-        config they were trained for (scheduler/, with its prediction_type), plus heads."""
-        from diffusers import StableDiffusionPipeline
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.settings["finetune"] == "lora":
-            # Keys stay in peft's lora_A / lora_B form. convert_state_dict_to_diffusers renames only the
-            # attention keys (lora.down / lora.up), and load_lora_weights judges the format by the first
-            # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
-            lora = get_peft_model_state_dict(model.unet)
-            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
-        else:
-            model.unet.save_pretrained(out_dir / "unet")
-        trained_scheduler(self.noise_scheduler, self.prediction).save_pretrained(out_dir / "scheduler")
-        if model.heads:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
-                      out_dir / "align_heads.safetensors")
-            first = next(iter(model.heads.values()))
-            (out_dir / "align_heads.json").write_text(json.dumps({
-                "layers": list(model.heads), "grid": first.grid, "projector": self.settings["projector"],
-                "projector_hidden": self.settings["projector_hidden"],
-                "dim": self.token_dim,
-            }, indent=2))
-
-
-def trained_scheduler(noise_scheduler, prediction: str):
-    """SD-1.5's training schedule with the parameterisation this run trained: what a sampler must use.
-    A stock pipeline with SD-1.5's own scheduler would read a `v` model's output as epsilon."""
-    return type(noise_scheduler).from_config(noise_scheduler.config, prediction_type=PREDICTION_TYPES[prediction])
+        """The current trainable weights as an exported model folder (urepa.export.save_weights)."""
+        export.save_weights(out_dir, self.accelerator.unwrap_model(self.model), self.noise_scheduler, self.settings,
+                            self.token_dim, self.vae)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -424,7 +325,6 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     (urepa.launch); the main process claims the state folder and exports."""
     from accelerate import PartialState
 
-    from .dinov2 import dinov2_view
     from .sd15 import load_noise_scheduler, load_unet
 
     state = PartialState(cpu=device.type == "cpu")  # the process group, set up by accelerate launch
@@ -435,8 +335,10 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # a clear error before any work
 
     csv_sha = file_digest(caches["csv"])
+    vae_record = {"name": "sd15", "path": str(Path(sd15_dir) / "vae"),
+                  "fingerprint": weights_fingerprint(Path(sd15_dir) / "vae")}
     vae = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size,
-                                      "encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "vae")})
+                                      "encoder_fingerprint": vae_record["fingerprint"]})
     dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
                                         "view": dinov2_view(image_size, dino_size)})
     clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
@@ -461,7 +363,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-        vae.attrs["scaling_factor"], settings, run_dir, seed, device, num_workers, time_phases=False,
+        vae.attrs["scaling_factor"], vae_record, settings, run_dir, seed, device, num_workers, time_phases=False,
         report_to=report_to)
 
     def snapshot(trainer: Trainer, step: int) -> None:
@@ -478,7 +380,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     trainer.save_weights(model_dir)
     with trainer.ema_weights():
         trainer.save_weights(model_dir / "ema")
-    _link_tree(run_dir / "snapshots", model_dir / "snapshots")
+    export.link_tree(run_dir / "snapshots", model_dir / "snapshots")
     shutil.copy(run_dir / "train_log.csv", model_dir / "train_log.csv")
     plot_losses(model_dir / "train_log.csv", model_dir / "loss_curve.png", title)
     (model_dir / "config.json").write_text(json.dumps({
@@ -491,70 +393,3 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     return run_dir
 
 
-TRAINING_CODE = ("losses.py", "models.py", "train.py", "distributed.py")
-
-
-def training_code_digest() -> str:
-    """SHA-256 of the modules that define the objective, the model and the loop. Part of a run's identity:
-    Snakemake does not see edits inside the package, and resuming old state after such an edit would mix
-    two objectives in one set of weights."""
-    digest = hashlib.sha256()
-    for name in TRAINING_CODE:
-        digest.update((Path(__file__).parent / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def run_state_dir(states_dir: Path, identity: dict) -> Path:
-    return states_dir / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """A run state's complete checkpoints, oldest first (a half-written one is named *.tmp)."""
-    return sorted((run_dir / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def claim_run_state(states_dir: Path, identity: dict, launch: dict) -> Path:
-    """The state folder of the run with this identity (settings, seed, data with the caches' contents,
-    training code): `states_dir/<digest of the identity>/`, with the identity in its run.json.
-
-    Every identity keeps its own folder, so state is resumed only by the very same run, never mixed with
-    another's, and going back to a setting finds its run where it was left: a finished one is re-exported
-    at once instead of being trained again (on tierB that is days).
-
-    How the run is executed (`launch`: process count, gradient accumulation) is not identity: it changes the
-    weights only by floating-point reordering, as GPU kernels themselves do, and a preempted job requeued on
-    fewer GPUs must resume, not start over. run.json records it under "launches", with the step each start
-    of the run trained from."""
-    run_dir = run_state_dir(states_dir, identity)
-    marker = run_dir / "run.json"
-    others = sorted(p.parent.name for p in states_dir.glob("*/run.json") if p.parent != run_dir)
-    launches = []
-    if marker.exists():
-        recorded = json.loads(marker.read_text())
-        launches = recorded.pop("launches", [])
-        if json.dumps(recorded, sort_keys=True) != json.dumps(identity, sort_keys=True):
-            set_aside(run_dir, "records another identity than its name says")
-            launches = []
-        else:
-            log.info("run state %s: this identity's state, resumed where it was left", run_dir)
-    else:
-        log.info("run state %s: new identity, training from step 0%s", run_dir,
-                 f" (states of other identities kept beside it: {', '.join(others)})" if others else "")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = complete_checkpoints(run_dir)
-    from_step = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
-    marker.write_text(json.dumps({**identity, "launches": [*launches, {**launch, "from_step": from_step}]},
-                                 indent=2, sort_keys=True))
-    return run_dir
-
-
-def _link_tree(source: Path, destination: Path) -> None:
-    """Hard-link a folder tree (copy where links are impossible): snapshots exist once on disk."""
-    for file in source.rglob("*"):
-        if file.is_file():
-            target = destination / file.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(file, target)
-            except OSError:
-                shutil.copy2(file, target)

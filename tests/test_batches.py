@@ -1,10 +1,12 @@
-"""The split of a step's global batch over processes and micro-batches (urepa.distributed): the sample-mode
-manifold term of a batch split over two gloo ranks (torch.multiprocessing) or two accumulated micro-batches
-equals the one-process value on the whole batch, gradient included; parts are micro-batch-major.
+"""The batches of a training step (urepa.batches): the step sampler, a pure function of seed and step, and the
+split of a step's global batch over processes and micro-batches: the sample-mode manifold term of a batch split
+over two gloo ranks (torch.multiprocessing) or two accumulated micro-batches equals the one-process value on the
+whole batch, gradient included; parts are micro-batch-major.
 
-Light imports (torch and two urepa modules): the spawned ranks import this module."""
+Light imports (torch and two urepa modules, no conftest): the spawned ranks import this module."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from urepa.distributed import GlobalBatch, process_share
+from urepa.batches import GlobalBatch, StepBatches, process_share
 from urepa.losses import alignment_loss, manifold_loss, pooled_samples
 
+
 BATCH, TOKENS, IN_DIM, DIM, MANIFOLD_COEFF = 8, 4, 6, 5, 3.0
+
+
 GRAM_OPTIONS = [{}, {"upper_only": True, "mask_diag": True}]
+
+
+STEP_BATCH = 4  # rows per step of the step sampler's tests
 
 
 def _tokens():
@@ -107,3 +115,46 @@ def test_parts_are_micro_batch_major_and_must_split_evenly():
     with pytest.raises(ValueError, match=r"train.batch_size 6 does not divide by train.processes x "
                                          r"train.grad_accum = 2 x 2 = 4: every process takes an equal share"):
         process_share(6, 0, 2, 2)
+
+
+# -- the step sampler ----------------------------------------------------------------------------------
+
+
+def take_batches(sampler: StepBatches, n: int) -> list[np.ndarray]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_step_batches_are_a_pure_function_of_seed_and_step():
+    rows = np.setdiff1d(np.arange(30), [3, 17])  # 28 rows: 7 batches of 4 per epoch
+    run = take_batches(StepBatches(rows, STEP_BATCH, seed=5), 30)
+    again = take_batches(StepBatches(rows, STEP_BATCH, seed=5), 30)
+    assert all(np.array_equal(a, b) for a, b in zip(run, again))
+    other_seed = take_batches(StepBatches(rows, STEP_BATCH, seed=6), 30)
+    assert not all(np.array_equal(a, b) for a, b in zip(run, other_seed))
+    for start in (1, 6, 7, 13, 20):  # inside and across epoch boundaries
+        resumed = take_batches(StepBatches(rows, STEP_BATCH, seed=5, start_step=start), 30 - start)
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, run[start:]))
+    for batch in run:
+        assert len(batch) == STEP_BATCH and len(set(batch.tolist())) == STEP_BATCH and np.isin(batch, rows).all()
+    # an epoch visits every valid row at most once, and successive epochs are shuffled differently
+    epoch0, epoch1 = np.concatenate(run[:7]), np.concatenate(run[7:14])
+    assert sorted(epoch0.tolist()) == sorted(rows.tolist()) == sorted(epoch1.tolist())
+    assert not np.array_equal(epoch0, epoch1)
+    # two processes split each global batch between them
+    halves = [take_batches(StepBatches(rows, STEP_BATCH, seed=5, rank=r, world_size=2), 10) for r in (0, 1)]
+    for step in range(10):
+        assert np.array_equal(np.concatenate([halves[0][step], halves[1][step]]), run[step])
+    with pytest.raises(ValueError, match="only 3 valid cached rows for a batch of 4"):
+        StepBatches(rows[:3], STEP_BATCH, seed=5)
+    exactly_one_batch = take_batches(StepBatches(rows[:STEP_BATCH], STEP_BATCH, seed=5), 2)  # an epoch of one batch
+    assert all(sorted(batch.tolist()) == rows[:STEP_BATCH].tolist() for batch in exactly_one_batch)
+
+
+def test_each_process_reads_its_micro_batches_of_the_global_batch():
+    """StepBatches hands process r the parts m * processes + r of the one-process batch, in micro-batch order."""
+    rows = np.arange(40)
+    whole = next(iter(StepBatches(rows, 8, seed=3)))
+    parts = whole.reshape(4, 2)  # 2 processes x 2 micro-batches of 2 rows
+    for rank in (0, 1):
+        share = next(iter(StepBatches(rows, 8, seed=3, rank=rank, world_size=2, grad_accum=2)))
+        assert share.tolist() == [*parts[rank], *parts[2 + rank]]

@@ -1,5 +1,7 @@
-"""How one step's global batch is split over processes and accumulated micro-batches, and the gather that
-puts a micro-batch's pooled tokens back among the whole batch's for the sample-mode manifold Gram.
+"""Deterministic global batches: which rows each step trains on (a pure function of seed and step), the
+checkpointed generator every other draw comes from, how a step's global batch is split over processes and
+accumulated micro-batches, and the gather that puts a micro-batch's pooled tokens back among the whole batch's
+for the sample-mode manifold Gram.
 
 Light on purpose (torch only): the gloo tests spawn processes that import it."""
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.distributed.nn.functional import all_gather
+from torch.utils.data import Sampler
 
 
 def process_share(batch_size: int, rank: int, world_size: int, grad_accum: int) -> np.ndarray:
@@ -47,3 +50,39 @@ class GlobalBatch:
         known_pred, known_target = self.known[layer]
         start, stop = self.micro * len(pred), (self.micro + 1) * len(pred)
         return torch.cat([known_pred[:start], pred, known_pred[stop:]]), known_target
+
+
+class StepBatches(Sampler):
+    """Row indices of every step from `start_step` on: epoch e is a permutation seeded by (seed, e),
+    cut into full global batches; each process takes its own share of each (`process_share`)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1, grad_accum: int = 1):
+        if len(rows) < batch_size:
+            raise ValueError(f"only {len(rows)} valid cached rows for a batch of {batch_size}")
+        self.rows, self.batch_size, self.seed, self.start_step = rows, batch_size, seed, start_step
+        self.share = process_share(batch_size, rank, world_size, grad_accum)
+        self.batches_per_epoch = len(rows) // batch_size
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+            batch = order[position * self.batch_size:(position + 1) * self.batch_size]
+            yield batch[self.share]
+            step += 1
+
+
+class TrainState:
+    """The step and the generator of every random draw, saved with each checkpoint."""
+
+    def __init__(self, generator: torch.Generator):
+        self.step, self.generator = 0, generator
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])

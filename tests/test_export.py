@@ -1,0 +1,160 @@
+"""The exported model folder (urepa.export): what training writes (the trained weights in diffusers form, the
+scheduler with the trained parameterisation, the align heads, weights.json) and what sampling and the analyses
+read back from it."""
+import json
+
+import pytest
+import torch
+
+from conftest import batch_of, make_trainer, settings_for, unet_prediction, write_description
+from urepa.export import (DESCRIPTION, inference_dtype, load_finetuned_pipeline, read_description,
+                          trained_scheduler)
+from urepa.sd15 import load_noise_scheduler, load_unet
+from urepa.train import Trainer
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+
+
+def unet_inputs(data, trainer: Trainer) -> tuple:
+    latents = batch_of(trainer, data)["latent_mean"][:2].float() * data["scaling"]
+    return latents, torch.tensor([50, 700]), torch.from_numpy(data["clip"][[0, data["null_index"]]]).float()
+
+
+@pytest.mark.parametrize("finetune, prediction", [("lora", "epsilon"), ("partial", "v")])
+def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path, finetune, prediction):
+    """LoRA: pytorch_lora_weights.safetensors, which a stock pipeline loads into the trained U-Net; partial:
+    a unet/ folder. Both: the scheduler with the trained parameterisation, and the align heads with what
+    rebuilds them."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    settings = settings_for(steps=8, finetune=finetune, prediction=prediction, learning_rate=1e-2)
+    trainer = make_trainer(data, settings, tmp_path / "run")
+    trainer.step(batch_of(trainer, data))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    inputs = unet_inputs(data, trainer)
+    expected = unet_prediction(model.unet, inputs)
+    trainer.save_weights(tmp_path / "out")
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(data["sd15"]), local_files_only=True)
+    base = unet_prediction(pipeline.unet, inputs)
+    if finetune == "lora":
+        assert not (tmp_path / "out" / "unet").exists()
+        pipeline.load_lora_weights(str(tmp_path / "out"))
+        loaded = unet_prediction(pipeline.unet, inputs)
+    else:
+        assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+        loaded = unet_prediction(UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet")), inputs)
+    assert (expected - base).abs().max() > 1e-4, "the step changed nothing: the comparison would prove nothing"
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == {"epsilon": "epsilon", "v": "v_prediction"}[prediction]
+    assert scheduler["num_train_timesteps"] == trainer.noise_scheduler.config.num_train_timesteps
+    heads = load_file(tmp_path / "out" / "align_heads.safetensors")
+    assert heads.keys() == model.heads.state_dict().keys()
+    for key, value in model.heads.state_dict().items():
+        assert torch.equal(heads[key], value)
+    meta = json.loads((tmp_path / "out" / "align_heads.json").read_text())
+    assert meta == {"layers": settings["align_layers"], "grid": data["dino"].attrs["grid"],
+                    "projector": settings["projector"], "projector_hidden": settings["projector_hidden"],
+                    "dim": data["dino"].attrs["dim"]}
+
+
+def test_the_baseline_exports_no_align_heads(data, tmp_path):
+    trainer = make_trainer(data, settings_for(steps=8, align_coeff=0.0), tmp_path / "run")
+    trainer.save_weights(tmp_path / "out")
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert not list((tmp_path / "out").glob("align_heads.*"))
+
+
+@pytest.mark.parametrize("finetune, align_coeff", [("lora", 0.8), ("partial", 0.0)])
+def test_an_exported_folder_describes_how_its_weights_were_trained(data, tmp_path, finetune, align_coeff):
+    """weights.json: the fine-tune mode, parameterisation and aligned layers the readers (sampling, the
+    analyses) take from the folder itself, and the VAE the training latents came from."""
+    settings = settings_for(steps=8, finetune=finetune, align_coeff=align_coeff, prediction="v")
+    make_trainer(data, settings, tmp_path / "run").save_weights(tmp_path / "out")
+    description = read_description(tmp_path / "out")
+    assert description == json.loads((tmp_path / "out" / DESCRIPTION).read_text())
+    assert description == {"finetune": finetune, "prediction": "v", "align_layers": settings["align_layers"],
+                           "align_coeff": align_coeff, "vae": data["vae_weights"]}
+    assert data["vae_weights"]["fingerprint"] and data["vae_weights"]["path"].endswith("vae")
+
+
+def test_a_folder_without_its_description_is_refused_with_what_to_do(smoke_inputs, tmp_path):
+    load_unet(smoke_inputs["sd15"]).save_pretrained(tmp_path / "unet")
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
+    for read in (lambda: read_description(tmp_path),
+                 lambda: load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"))):
+        with pytest.raises(FileNotFoundError, match=f"has no {DESCRIPTION}: .* re-export them"):
+            read()
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+
+def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
+    base = dict(load_unet(smoke_inputs["sd15"]).named_parameters())
+    for name, loaded in pipeline.unet.named_parameters():
+        expected = base[name] + 0.01 if name.startswith("mid_block.") else base[name]
+        torch.testing.assert_close(loaded, expected)
+
+
+def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs, tmp_path):
+    """A LoRA export (peft keys, as the trainer writes them) sampled from: the pipeline's U-Net computes what
+    the adapted U-Net computed, with the adapter layers gone and nothing else of SD-1.5 changed."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from urepa.models import make_trainable
+
+    adapted = load_unet(smoke_inputs["sd15"])
+    make_trainable(adapted, "lora", lora_rank=4, lora_targets="attn+conv")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.2)  # a trained adapter: B != 0
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted),
+                                              safe_serialization=True)
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
+    write_description(tmp_path, "lora")
+
+    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"))
+    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 600]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = adapted(x, t, encoder_hidden_states=context).sample
+        base = load_unet(smoke_inputs["sd15"])(x, t, encoder_hidden_states=context).sample
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample, expected,
+                                   rtol=1e-4, atol=1e-5)
+    assert (expected - base).abs().max() > 1e-3  # the adapter does change the output
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
+    load_unet(smoke_inputs["sd15"]).save_pretrained(tmp_path / "unet")
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
+    write_description(tmp_path, "full")
+    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"), dtype=torch.bfloat16)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    on_meta = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("meta"))
+    assert on_meta.unet.device.type == on_meta.vae.device.type == "meta"  # moved to the device asked for
+    assert load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu")).unet.dtype == \
+        torch.float32
+
+
+def test_weights_without_a_scheduler_folder_are_refused(smoke_inputs, tmp_path):
+    (tmp_path / "unet").mkdir()
+    write_description(tmp_path, "partial")
+    with pytest.raises(FileNotFoundError, match="no scheduler/ folder"):
+        load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"))
+
+
+
+def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
+    assert inference_dtype(torch.device("cuda")) == torch.float16
+    assert inference_dtype("cuda:1") == torch.float16
+    assert inference_dtype(torch.device("cpu")) == torch.float32

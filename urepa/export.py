@@ -1,0 +1,130 @@
+"""The exported model folder: what training writes (the trainable weights in diffusers form, the scheduler config
+they were trained for, the align heads, and `weights.json`, which describes the folder: fine-tune mode, aligned
+layers, prediction type, the VAE the latents came from) and what sampling and the analyses read back from it.
+Every reader takes what it needs from the folder itself, never from the training settings."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# `train.prediction` -> diffusers' `prediction_type`.
+PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
+DESCRIPTION = "weights.json"
+
+
+def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, token_dim: int, vae: dict) -> None:
+    """`model`'s (an unwrapped urepa.models.AlignedUNet) current trainable weights in diffusers form (LoRA:
+    pytorch_lora_weights.safetensors, loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/
+    folder), the scheduler config they were trained for (scheduler/, with its prediction_type), the heads, and
+    the folder's description (`vae`: name, path and fingerprint of the VAE the training latents came from)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings["finetune"] == "lora":
+        # Keys stay in peft's lora_A / lora_B form. convert_state_dict_to_diffusers renames only the
+        # attention keys (lora.down / lora.up), and load_lora_weights judges the format by the first
+        # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
+        lora = get_peft_model_state_dict(model.unet)
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
+    else:
+        model.unet.save_pretrained(out_dir / "unet")
+    trained_scheduler(noise_scheduler, settings["prediction"]).save_pretrained(out_dir / "scheduler")
+    if model.heads:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
+                  out_dir / "align_heads.safetensors")
+        first = next(iter(model.heads.values()))
+        (out_dir / "align_heads.json").write_text(json.dumps({
+            "layers": list(model.heads), "grid": first.grid, "projector": settings["projector"],
+            "projector_hidden": settings["projector_hidden"],
+            "dim": token_dim,
+        }, indent=2))
+    (out_dir / DESCRIPTION).write_text(json.dumps({
+        "finetune": settings["finetune"], "prediction": settings["prediction"],
+        "align_layers": settings["align_layers"], "align_coeff": settings["align_coeff"], "vae": vae}, indent=2))
+
+
+def read_description(weights_dir: str | Path) -> dict:
+    """A weights folder's `weights.json`; a folder exported before it existed is refused with what to do."""
+    path = Path(weights_dir) / DESCRIPTION
+    if not path.is_file():
+        raise FileNotFoundError(f"{weights_dir} has no {DESCRIPTION}: the weights do not say how they were trained "
+                                f"(fine-tune mode, aligned layers, VAE); re-export them with this version")
+    return json.loads(path.read_text())
+
+
+def trained_scheduler(noise_scheduler, prediction: str):
+    """SD-1.5's training schedule with the parameterisation this run trained: what a sampler must use.
+    A stock pipeline with SD-1.5's own scheduler would read a `v` model's output as epsilon."""
+    return type(noise_scheduler).from_config(noise_scheduler.config, prediction_type=PREDICTION_TYPES[prediction])
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA, as SD-1.5 is usually run (a 50k-image FID set at 250 steps is hours of GPU
+    time, roughly twice that in float32); float32 on the CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, device: torch.device,
+                            dtype: torch.dtype | None = None):
+    """SD-1.5 from its local folder with the fine-tuned weights in, as the folder describes them: LoRA through
+    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; and the
+    scheduler config the weights were trained for (their scheduler/ folder: the prediction type).
+    `dtype`: default `inference_dtype(device)`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from .sd15 import check_sd15_dir
+
+    dtype = dtype or inference_dtype(device)
+
+    pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False,
+                                                   dtype=dtype, local_files_only=True)
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / "scheduler").is_dir():
+        raise FileNotFoundError(f"{weights_dir} has no scheduler/ folder: the weights do not say which "
+                                f"parameterisation they were trained for; re-export them with this version")
+    pipe.scheduler = DDPMScheduler.from_pretrained(weights_dir, subfolder="scheduler", local_files_only=True)
+    if read_description(weights_dir)["finetune"] == "lora":
+        pipe.load_lora_weights(weights_dir)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):
+    """The trained align head of `layer` from a weights folder, or None where no head was trained."""
+    from safetensors.torch import load_file
+
+    from .models import AlignHead
+
+    heads_file = Path(weights_dir) / "align_heads.safetensors"
+    if not heads_file.exists():
+        return None
+    head_config = json.loads((Path(weights_dir) / "align_heads.json").read_text())
+    prefix = f"{layer}."
+    state = {k[len(prefix):]: v for k, v in load_file(heads_file).items() if k.startswith(prefix)}
+    head = AlignHead(state["proj.0.weight"].shape[1], head_config["dim"], head_config["grid"],
+                     head_config["projector"], head_config["projector_hidden"])
+    head.load_state_dict(state)
+    return head.to(device).eval()
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """Hard-link a folder tree (copy where links are impossible): snapshots exist once on disk."""
+    for file in source.rglob("*"):
+        if file.is_file():
+            target = destination / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:
+                shutil.copy2(file, target)
