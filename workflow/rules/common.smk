@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
 from urepa import config as urepa_config
 from urepa import runtime as urepa_runtime
-from urepa.caches import check_shard_rows
+from urepa.rowstore import check_shard_rows
 from urepa.sample import shard_count
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -201,12 +201,16 @@ def job_threads(rule_name):
 
 
 def job_resources(rule_name):
-    """The rule's `resources`, in the names Snakemake's Slurm executor reads (runtime in minutes; memory for each of
-    its GPUs, at least one)."""
+    """The rule's `resources`: what it asks of the machine, in the names Snakemake's Slurm executor reads (runtime in
+    minutes; memory for each of its GPUs, at least one), and how its script runs there (`device`, `data_workers`).
+
+    Settings that change no result are resources, not params: Snakemake reruns a job whose params changed, and a
+    new `num_workers` must not resample a tier. What a rule computes from is in its params."""
     return {"gpu": lambda w: job_gpus(rule_name, w),
             "mem_mb": lambda w: rule_resources(rule_name, w)["mem_mb"] * max(1, job_gpus(rule_name, w)),
             "runtime": lambda w: rule_resources(rule_name, w)["runtime"],
-            "cpus_per_task": lambda w, threads: threads}
+            "cpus_per_task": lambda w, threads: threads,
+            "device": config["device"], "data_workers": config["num_workers"]}
 
 
 def cache_settings(tier):

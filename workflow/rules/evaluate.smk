@@ -11,6 +11,7 @@ rule reference_stats:
     params:
         image_size=lambda w: tier_of(w)["image_size"],
         network=lambda w: tier_of(w)["feature_network"],
+        batch_size=config["evaluate"]["batch_size"],
     threads: job_threads("reference_stats")
     resources:
         **job_resources("reference_stats"),
@@ -35,6 +36,7 @@ rule metrics:
     params:
         network=lambda w: tier_of(w)["feature_network"],
         checkpoint_step=None,  # the final step, read from the model folder
+        batch_size=config["evaluate"]["batch_size"],
     threads: job_threads("metrics")
     resources:
         **job_resources("metrics"),
@@ -59,6 +61,7 @@ rule point_metrics:
     params:
         network=lambda w: tier_of(w)["feature_network"],
         checkpoint_step=lambda w: sample_set(w.point)[1] if sample_set(w.point)[0] == "step" else None,
+        batch_size=config["evaluate"]["batch_size"],
     threads: job_threads("point_metrics")
     resources:
         **job_resources("point_metrics"),
@@ -113,9 +116,9 @@ rule alignment:
         images=lambda w: tier_of(w)["analysis_images"],
         data_seed=config["data_seed"],
         timesteps=config["evaluate"]["analysis_timesteps"],
-        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
         dino_size=lambda w: tier_of(w)["dino_size"],
         image_size=lambda w: tier_of(w)["image_size"],
+        batch_size=config["evaluate"]["batch_size"],
     threads: job_threads("alignment")
     resources:
         **job_resources("alignment"),

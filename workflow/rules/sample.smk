@@ -21,7 +21,7 @@ rule sample_shard:
         weights=set_weights,
         images_per_class=lambda w: set_images_per_class(w, w.set),
         sampling=set_sampling,
-        settings=lambda w: urepa_config.train_settings(config, w.tier, w.ablation),
+        batch_size=config["sample"]["batch_size"],  # batched denoising: the images' last bits depend on it
     threads: job_threads(set_resources)
     resources:
         **job_resources(set_resources),

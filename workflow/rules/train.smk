@@ -23,6 +23,10 @@ rule train_unet:
     threads: job_threads("train_unet")
     resources:
         **job_resources("train_unet"),
+        # how the run is executed and tracked: neither changes its weights (nor its identity), so no rerun
+        processes=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["processes"],
+        grad_accum=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["grad_accum"],
+        report_to=config["report_to"],
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/train_unet.log",
     benchmark:

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import zarr
 
-from urepa.evaluate import alignment_analysis
+from urepa.analysis import alignment_analysis
 from urepa.runtime import resolve_device, set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-config, params = snakemake.config, snakemake.params
+params, resources = snakemake.params, snakemake.resources
 result = alignment_analysis(
     snakemake.input.csv, snakemake.input.sd15, snakemake.input.dinov2, Path(snakemake.input.model) / "ema",
-    zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.settings, params.image_size,
-    params.dino_size, params.images, params.timesteps, params.data_seed,
-    resolve_device(config["device"], snakemake.resources.gpu), snakemake.output.tsne, config["evaluate"]["batch_size"])
+    zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.image_size, params.dino_size,
+    params.images, params.timesteps, params.data_seed, resolve_device(resources.device, resources.gpu),
+    snakemake.output.tsne, params.batch_size)
 Path(snakemake.output.scores).write_text(json.dumps(result, indent=2))

@@ -4,4 +4,4 @@ from urepa.runtime import resolve_device, setup_logging
 
 setup_logging(snakemake.log[0])
 build_clip_cache(snakemake.input.classes, snakemake.output[0], snakemake.input.sd15,
-                 resolve_device(snakemake.config["device"], snakemake.resources.gpu))
+                 resolve_device(snakemake.resources.device, snakemake.resources.gpu))

@@ -7,9 +7,9 @@ from urepa.runtime import resolve_device, set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-params, config = snakemake.params, snakemake.config
+params, resources = snakemake.params, snakemake.resources
 part = (int(snakemake.wildcards.part), int(snakemake.wildcards.parts))
 folder = build_dino_cache(snakemake.input.csv, params.cache, snakemake.input.dinov2, params.image_size,
-                          params.dino_size, params.batch_size, config["num_workers"], resolve_device(config["device"], snakemake.resources.gpu),
-                          params.shard_rows, part)
+                          params.dino_size, params.batch_size, resources.data_workers,
+                          resolve_device(resources.device, resources.gpu), params.shard_rows, part)
 Path(snakemake.output[0]).write_text(json.dumps({"build_folder": str(folder), "part": part[0], "parts": part[1]}))

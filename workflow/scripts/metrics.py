@@ -3,19 +3,19 @@ import json
 from pathlib import Path
 
 from urepa.evaluate import score_samples
-from urepa.metrics import build_feature_network
+from urepa.feature_networks import build_feature_network
 from urepa.runtime import resolve_device, set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-config = snakemake.config
+params, resources = snakemake.params, snakemake.resources
 sampling = json.loads((Path(snakemake.input.samples) / "sampling.json").read_text())
-step = snakemake.params.checkpoint_step
+step = params.checkpoint_step
 if step is None:  # the final EMA weights
     step = json.loads((Path(snakemake.input.model) / "config.json").read_text())["final_step"]
 inception = snakemake.input.inception  # [folder] for clean-fid's Inception, [] for the stand-in
-network = build_feature_network(snakemake.params.network, inception[0] if inception else None,
-                                resolve_device(config["device"], snakemake.resources.gpu))
-result = score_samples(snakemake.input.samples, snakemake.input.reference, network, config["evaluate"]["batch_size"],
+network = build_feature_network(params.network, inception[0] if inception else None,
+                                resolve_device(resources.device, resources.gpu))
+result = score_samples(snakemake.input.samples, snakemake.input.reference, network, params.batch_size,
                        {"sampling": sampling, "checkpoint_step": step, "weights": "EMA"})
 Path(snakemake.output[0]).write_text(json.dumps(result, indent=2))

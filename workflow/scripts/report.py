@@ -3,7 +3,8 @@ import json
 from pathlib import Path
 
 from urepa.evaluate import add_targets
-from urepa.report import by_label, plot_cfg_sweeps, plot_fid_curves, render_report
+from urepa.plots import plot_cfg_sweeps, plot_fid_curves
+from urepa.report import by_label, render_report
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])

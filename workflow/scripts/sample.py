@@ -2,17 +2,17 @@
 import pandas as pd
 import zarr
 
-from urepa.caches import directory_digest
+from urepa.digests import directory_digest
+from urepa.export import load_finetuned_pipeline
 from urepa.runtime import resolve_device, set_threads, setup_logging
-from urepa.sample import generate_samples, load_finetuned_pipeline
+from urepa.sample import generate_samples
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
-config, params, w = snakemake.config, snakemake.params, snakemake.wildcards
+params, resources, w = snakemake.params, snakemake.resources, snakemake.wildcards
 clip = zarr.open_group(snakemake.input.clip, mode="r")
 num_classes = len(pd.read_csv(snakemake.input.classes))
-pipe = load_finetuned_pipeline(snakemake.input.sd15, params.weights, params.settings["finetune"],
-                               resolve_device(config["device"], snakemake.resources.gpu))
+pipe = load_finetuned_pipeline(snakemake.input.sd15, params.weights, resolve_device(resources.device, resources.gpu))
 generate_samples(pipe, clip["embeddings"][:], clip.attrs["null_index"], num_classes, params.images_per_class,
-                 snakemake.output[0], params.sampling, int(w.seed), config["sample"]["batch_size"],
+                 snakemake.output[0], params.sampling, int(w.seed), params.batch_size,
                  weights_digest=directory_digest(params.weights), shards=int(w.shards), shard=int(w.shard))
