@@ -1,13 +1,15 @@
 """The U-REPA loss terms (urepa.losses) against hand-computed values; and each parameter shown to act (the cases
 mutation testing found unpinned: per-image min-SNR weights, the default parameterisation, the lambda schedule's
 edges, the manifold options in token mode and through alignment_loss, the error messages)."""
+import contextlib
 import math
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from urepa.losses import AlignSchedule, alignment_loss, diffusion_loss, diffusion_target, manifold_loss, token_loss
+from urepa.losses import (AlignSchedule, Objective, alignment_loss, diffusion_loss, diffusion_target, manifold_loss,
+                          token_loss)
 
 
 def unit(*v):
@@ -185,3 +187,86 @@ def test_manifold_options_act_in_token_mode_and_through_alignment_loss():
             assert through.item() == pytest.approx(expected, rel=1e-5)
             values.add(round(expected, 6))
     assert len(values) == 3  # symmetric Grams: mask_diag averages the same pairs with or without upper_only
+
+
+# -- the whole objective ----------------------------------------------------------------------------------------
+def objective_inputs(seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"model_pred": torch.randn(4, 2, 3, 3, generator=generator),
+            "target": torch.randn(4, 2, 3, 3, generator=generator),
+            "timesteps": torch.tensor([5, 200, 600, 990]),
+            "pred_tokens": {"mid": torch.randn(4, 6, 8, generator=generator),
+                            "dec_first": torch.randn(4, 6, 8, generator=generator)},
+            "target_tokens": torch.randn(4, 6, 8, generator=generator)}
+
+
+def by_hand(inputs: dict, scheduler, snr_gamma, manifold_coeff: float, mode: str, upper_only: bool, mask_diag: bool):
+    """L_diff and the per-layer-averaged L_token and L_manifold, from the single-term functions."""
+    loss_diff = diffusion_loss(inputs["model_pred"], inputs["target"], scheduler, inputs["timesteps"], "epsilon",
+                               snr_gamma)
+    layers = inputs["pred_tokens"].values()
+    loss_token = sum(token_loss(p, inputs["target_tokens"]) for p in layers) / len(layers)
+    loss_manifold = sum(manifold_loss(p, inputs["target_tokens"], mode, upper_only, mask_diag)
+                        for p in layers) / len(layers)
+    return loss_diff, loss_token, loss_manifold
+
+
+@pytest.mark.parametrize("mode, upper_only, mask_diag, snr_gamma", [("sample", False, True, None),
+                                                                     ("token", True, False, 5.0)])
+def test_objective_sums_the_terms_once_and_divides_for_accumulation(scheduler, mode, upper_only, mask_diag, snr_gamma):
+    """terms = (L_diff + lambda (L_token + w L_manifold), L_diff, L_token, L_manifold), detached; the loss to
+    back-propagate is L / accumulate, in the graph; every setting reaches its term."""
+    inputs = objective_inputs()
+    inputs["model_pred"].requires_grad_(True)
+    objective = Objective.from_settings(scheduler, {"prediction": "epsilon", "snr_gamma": snr_gamma,
+                                                    "manifold_coeff": 2.5, "manifold_mode": mode,
+                                                    "manifold_upper_only": upper_only, "manifold_mask_diag": mask_diag})
+    loss_diff, loss_token, loss_manifold = by_hand(inputs, scheduler, snr_gamma, 2.5, mode, upper_only, mask_diag)
+    expected = loss_diff + 0.7 * (loss_token + 2.5 * loss_manifold)
+    terms, loss = objective(**inputs, align_coeff=0.7, accumulate=4)
+    torch.testing.assert_close(terms, torch.stack([expected, loss_diff, loss_token, loss_manifold]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, expected / 4, rtol=1e-6, atol=0)
+    assert not terms.requires_grad and loss.requires_grad
+    _, plain = objective(**inputs, align_coeff=0.7)
+    torch.testing.assert_close(plain, expected, rtol=1e-6, atol=0)
+
+
+def test_objective_without_aligned_tokens_is_the_diffusion_loss_with_nan_alignment_terms(scheduler):
+    inputs = {**objective_inputs(), "pred_tokens": {}}
+    objective = Objective(scheduler, "epsilon", None, manifold_coeff=3.0)
+    terms, loss = objective(**inputs, align_coeff=0.8, accumulate=2)
+    loss_diff = diffusion_loss(inputs["model_pred"], inputs["target"])
+    assert terms[0] == terms[1] == loss_diff and torch.isnan(terms[2:]).all()
+    torch.testing.assert_close(loss, loss_diff / 2, rtol=0, atol=0)
+
+
+def test_objective_with_the_global_gram_divides_only_the_per_batch_terms(scheduler):
+    """With a gather that knows the other micro-batches' rows, the manifold term is already the global batch's:
+    loss = (L_diff + lambda L_token) / accumulate + lambda w L_manifold."""
+    inputs = objective_inputs()
+    layers = list(inputs["pred_tokens"])
+    others = {layer: (torch.randn(4, 8), torch.randn(4, 8)) for layer in layers}
+
+    class KnownRows:  # urepa.batches.GlobalBatch's interface: this micro-batch is rows 0-3 of 8
+        known = True
+
+        def __call__(self, layer, pred, target):
+            return torch.cat([pred, others[layer][0]]), torch.cat([target, others[layer][1]])
+
+    objective = Objective(scheduler, "epsilon", None, manifold_coeff=3.0)
+    terms, loss = objective(**inputs, align_coeff=0.5, accumulate=2, gather=KnownRows())
+    loss_diff, loss_token, _ = by_hand(inputs, scheduler, None, 3.0, "sample", False, False)
+    loss_manifold = alignment_loss(inputs["pred_tokens"], inputs["target_tokens"], 3.0, "sample",
+                                   gather=KnownRows())[2]
+    torch.testing.assert_close(terms[3], loss_manifold, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, (loss_diff + 0.5 * loss_token) / 2 + 0.5 * 3.0 * loss_manifold, rtol=1e-6,
+                               atol=0)
+
+
+def test_objective_charges_the_alignment_terms_to_the_alignment_phase(scheduler):
+    phases = []
+    timer = lambda phase: phases.append(phase) or contextlib.nullcontext()  # noqa: E731
+    objective = Objective(scheduler, "epsilon", None, manifold_coeff=3.0, timer=timer)
+    objective(**objective_inputs(), align_coeff=0.5)
+    objective(**{**objective_inputs(), "pred_tokens": {}}, align_coeff=0.5)
+    assert phases == ["alignment"]
