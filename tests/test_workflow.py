@@ -142,3 +142,56 @@ def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
         assert folder == f"{model}/ema"
         folder, model = weights("curve/step-40")
         assert folder == f"{model}/snapshots/step-0000040"
+
+
+# -- params and resources ---------------------------------------------------------------------------------------
+
+
+def rule_settings(tmp_path: Path, monkeypatch, config_overrides: dict) -> dict:
+    """{rule: (params, resources)} of every rule that runs a model, as Snakemake evaluates them for one job of the
+    smoke tier, under config.yaml with `config_overrides` applied."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ResourceSettings
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for key, value in config_overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "config").mkdir(parents=True)
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    wildcards = types.SimpleNamespace(tier="smoke", ablation="urepa", seed="0", set="final", shard="0", shards="1",
+                                      part="0", parts="1", point="curve/step-0000040")
+    found = {}
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
+                                workdir=tmp_path)._workflow
+        for name in ("cache_vae_part", "cache_dino_part", "cache_clip", "train_unet", "sample_shard", "reference_stats",
+                     "metrics", "point_metrics", "alignment"):
+            rule = workflow.get_rule(name)
+            params = {key: value(wildcards) if callable(value) else value for key, value in rule.params.items()}
+            resources = {key: value.evaluate(wildcards).value for key, value in rule.resources.items()
+                         if key in ("device", "data_workers", "processes", "grad_accum", "report_to")}
+            found[name] = (params, resources)
+    return found
+
+
+def test_how_a_job_runs_is_in_its_resources_and_changes_no_params(tmp_path, monkeypatch):
+    """Device, data workers, training processes, gradient accumulation and the tracker change no result: they
+    reach the scripts as resources, so changing them changes no rule's params (Snakemake reruns a job whose
+    params changed). What a job computes from does change them. No script reads snakemake.config."""
+    default = rule_settings(tmp_path / "default", monkeypatch, {})
+    moved = rule_settings(tmp_path / "moved", monkeypatch, {"device": "cpu", "num_workers": 0, "report_to": "none",
+                                                            "train": {"processes": 2, "grad_accum": 2}})
+    for name, (params, resources) in default.items():
+        assert moved[name][0] == params, name
+        assert resources["device"] == "auto" and moved[name][1]["device"] == "cpu", name
+        assert resources["data_workers"] == 2 and moved[name][1]["data_workers"] == 0, name
+    assert default["train_unet"][1] == {"device": "auto", "data_workers": 2, "processes": 1, "grad_accum": 1,
+                                        "report_to": "tensorboard"}
+    assert moved["train_unet"][1] == {"device": "cpu", "data_workers": 0, "processes": 2, "grad_accum": 2,
+                                      "report_to": "none"}
+    batch = rule_settings(tmp_path / "batch", monkeypatch, {"sample": {"batch_size": 3}, "evaluate": {"batch_size": 5}})
+    assert batch["sample_shard"][0]["batch_size"] == 3
+    assert {batch[name][0]["batch_size"] for name in ("reference_stats", "metrics", "point_metrics", "alignment")} == {5}
+    for script in (REPO / "workflow" / "scripts").glob("*.py"):
+        assert "snakemake.config" not in script.read_text(), script.name
