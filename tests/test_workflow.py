@@ -192,6 +192,7 @@ def test_how_a_job_runs_is_in_its_resources_and_changes_no_params(tmp_path, monk
                                       "report_to": "none"}
     batch = rule_settings(tmp_path / "batch", monkeypatch, {"sample": {"batch_size": 3}, "evaluate": {"batch_size": 5}})
     assert batch["sample_shard"][0]["batch_size"] == 3
-    assert {batch[name][0]["batch_size"] for name in ("reference_stats", "metrics", "point_metrics", "alignment")} == {5}
+    evaluating = ("reference_stats", "metrics", "point_metrics", "alignment")
+    assert {batch[name][0]["batch_size"] for name in evaluating} == {5}
     for script in (REPO / "workflow" / "scripts").glob("*.py"):
         assert "snakemake.config" not in script.read_text(), script.name
