@@ -2,6 +2,7 @@
 mutation testing found unpinned: per-image min-SNR weights, the default parameterisation, the lambda schedule's
 edges, the manifold options in token mode and through alignment_loss, the error messages)."""
 import contextlib
+import functools
 import math
 
 import pytest
@@ -200,9 +201,9 @@ def objective_inputs(seed: int = 0) -> dict:
             "target_tokens": torch.randn(4, 6, 8, generator=generator)}
 
 
-def by_hand(inputs: dict, scheduler, snr_gamma, manifold_coeff: float, mode: str, upper_only: bool, mask_diag: bool):
+def by_hand(inputs: dict, scheduler, prediction: str, snr_gamma, mode: str, upper_only: bool, mask_diag: bool):
     """L_diff and the per-layer-averaged L_token and L_manifold, from the single-term functions."""
-    loss_diff = diffusion_loss(inputs["model_pred"], inputs["target"], scheduler, inputs["timesteps"], "epsilon",
+    loss_diff = diffusion_loss(inputs["model_pred"], inputs["target"], scheduler, inputs["timesteps"], prediction,
                                snr_gamma)
     layers = inputs["pred_tokens"].values()
     loss_token = sum(token_loss(p, inputs["target_tokens"]) for p in layers) / len(layers)
@@ -211,17 +212,19 @@ def by_hand(inputs: dict, scheduler, snr_gamma, manifold_coeff: float, mode: str
     return loss_diff, loss_token, loss_manifold
 
 
-@pytest.mark.parametrize("mode, upper_only, mask_diag, snr_gamma", [("sample", False, True, None),
-                                                                     ("token", True, False, 5.0)])
-def test_objective_sums_the_terms_once_and_divides_for_accumulation(scheduler, mode, upper_only, mask_diag, snr_gamma):
+@pytest.mark.parametrize("mode, upper_only, mask_diag, prediction, snr_gamma", [
+    ("sample", False, True, "epsilon", None), ("token", True, False, "v", 5.0)])
+def test_objective_sums_the_terms_once_and_divides_for_accumulation(scheduler, mode, upper_only, mask_diag,
+                                                                    prediction, snr_gamma):
     """terms = (L_diff + lambda (L_token + w L_manifold), L_diff, L_token, L_manifold), detached; the loss to
     back-propagate is L / accumulate, in the graph; every setting reaches its term."""
     inputs = objective_inputs()
     inputs["model_pred"].requires_grad_(True)
-    objective = Objective.from_settings(scheduler, {"prediction": "epsilon", "snr_gamma": snr_gamma,
+    objective = Objective.from_settings(scheduler, {"prediction": prediction, "snr_gamma": snr_gamma,
                                                     "manifold_coeff": 2.5, "manifold_mode": mode,
                                                     "manifold_upper_only": upper_only, "manifold_mask_diag": mask_diag})
-    loss_diff, loss_token, loss_manifold = by_hand(inputs, scheduler, snr_gamma, 2.5, mode, upper_only, mask_diag)
+    loss_diff, loss_token, loss_manifold = by_hand(inputs, scheduler, prediction, snr_gamma, mode, upper_only,
+                                                   mask_diag)
     expected = loss_diff + 0.7 * (loss_token + 2.5 * loss_manifold)
     terms, loss = objective(**inputs, align_coeff=0.7, accumulate=4)
     torch.testing.assert_close(terms, torch.stack([expected, loss_diff, loss_token, loss_manifold]), rtol=1e-6, atol=0)
@@ -255,9 +258,11 @@ def test_objective_with_the_global_gram_divides_only_the_per_batch_terms(schedul
 
     objective = Objective(scheduler, "epsilon", None, manifold_coeff=3.0)
     terms, loss = objective(**inputs, align_coeff=0.5, accumulate=2, gather=KnownRows())
-    loss_diff, loss_token, _ = by_hand(inputs, scheduler, None, 3.0, "sample", False, False)
-    loss_manifold = alignment_loss(inputs["pred_tokens"], inputs["target_tokens"], 3.0, "sample",
-                                   gather=KnownRows())[2]
+    loss_diff, loss_token, _ = by_hand(inputs, scheduler, "epsilon", None, "sample", False, False)
+    # each layer's Gram over all 8 rows: this micro-batch's 4 and the other 4, known
+    loss_manifold = sum(manifold_loss(inputs["pred_tokens"][layer], inputs["target_tokens"], "sample",
+                                      gather=functools.partial(KnownRows(), layer)) for layer in layers) / len(layers)
+    assert loss_manifold != pytest.approx(by_hand(inputs, scheduler, "epsilon", None, "sample", False, False)[2])
     torch.testing.assert_close(terms[3], loss_manifold, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss, (loss_diff + 0.5 * loss_token) / 2 + 0.5 * 3.0 * loss_manifold, rtol=1e-6,
                                atol=0)
@@ -266,7 +271,9 @@ def test_objective_with_the_global_gram_divides_only_the_per_batch_terms(schedul
 def test_objective_charges_the_alignment_terms_to_the_alignment_phase(scheduler):
     phases = []
     timer = lambda phase: phases.append(phase) or contextlib.nullcontext()  # noqa: E731
-    objective = Objective(scheduler, "epsilon", None, manifold_coeff=3.0, timer=timer)
+    objective = Objective.from_settings(scheduler, {"prediction": "epsilon", "snr_gamma": None, "manifold_coeff": 3.0,
+                                                    "manifold_mode": "sample", "manifold_upper_only": False,
+                                                    "manifold_mask_diag": False}, timer)
     objective(**objective_inputs(), align_coeff=0.5)
     objective(**{**objective_inputs(), "pred_tokens": {}}, align_coeff=0.5)
     assert phases == ["alignment"]
