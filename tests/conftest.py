@@ -13,11 +13,11 @@ from PIL import Image
 from urepa import generated
 from urepa.caches import build_clip_cache, build_dino_cache, build_vae_cache
 from urepa.config import load_yaml, train_settings
-from urepa.digests import weights_fingerprint
 from urepa.evaluate import cfg_sweep, fid_curve
 from urepa.rowstore import CachedRows, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset, list_classes
+from urepa.vae import LatentNormalisation, vae_record
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -61,11 +61,12 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> l
     return paths
 
 
-def write_description(weights_dir: Path, finetune: str) -> None:
-    """The weights.json (urepa.export.DESCRIPTION) of a weights folder written by hand, as training exports it."""
+def write_description(weights_dir: Path, finetune: str, sd15_dir: Path) -> None:
+    """The weights.json (urepa.export.DESCRIPTION) of a weights folder written by hand, as training exports it
+    (trained on the latents of `sd15_dir`'s VAE)."""
     (weights_dir / "weights.json").write_text(json.dumps({
         "finetune": finetune, "prediction": "epsilon", "align_layers": ["mid"], "align_coeff": 0.8,
-        "vae": {"name": "sd15", "path": "", "fingerprint": ""}}))
+        "vae": vae_record("sd15", Path(sd15_dir) / "vae")}))
 
 
 # -- the smoke tier's inputs and caches ---------------------------------------------------------------------
@@ -77,6 +78,8 @@ def smoke_inputs(tmp_path_factory) -> dict[str, Path]:
                                                  val_images=4, seed=0),
         "sd15": generated.make_sd15(root / "sd15", SMOKE_IMAGE_SIZE, seed=0),
         "dinov2": generated.make_dinov2(root / "dinov2", seed=0),
+        # a second VAE, as the smoke tier generates for a `vaes:` entry: other weights, its own scaling factor
+        "e2e_vae": generated.make_vae("e2e", root / "e2e_vae", SMOKE_IMAGE_SIZE, full_size=False, seed=0),
     }
 
 
@@ -92,8 +95,8 @@ def smoke_caches(smoke_inputs, tmp_path_factory) -> dict:
     classes.to_csv(classes_csv, index=False)
     return {
         "root": root, "csv": csv, "table": table, "classes_csv": classes_csv, "classes": classes,
-        "vae": build_vae_cache(csv, root / "vae_latents.zarr", smoke_inputs["sd15"], SMOKE_IMAGE_SIZE, CACHE_BATCH,
-                               0, CPU),
+        "vae": build_vae_cache(csv, root / "vae_latents.zarr", smoke_inputs["sd15"] / "vae", SMOKE_IMAGE_SIZE,
+                               CACHE_BATCH, 0, CPU),
         "dino": build_dino_cache(csv, root / "dino_tokens.zarr", smoke_inputs["dinov2"], SMOKE_IMAGE_SIZE, DINO_SIZE,
                                  CACHE_BATCH, 0, CPU),
         "clip": build_clip_cache(classes_csv, root / "clip_embeddings.zarr", smoke_inputs["sd15"], CPU, batch_size=2),
@@ -123,8 +126,8 @@ def data(smoke_inputs, smoke_caches) -> dict:
     return {"caches": {name: smoke_caches[name] for name in ("csv", "vae", "dino", "clip")},
             "table": smoke_caches["table"], "sd15": smoke_inputs["sd15"], "dinov2": smoke_inputs["dinov2"],
             "vae": vae, "dino": dino, "clip": clip["embeddings"][:], "null_index": clip.attrs["null_index"],
-            "rows": valid_rows(vae, dino), "scaling": vae.attrs["scaling_factor"],
-            "vae_weights": {"name": "sd15", "path": str(sd15_vae), "fingerprint": weights_fingerprint(sd15_vae)}}
+            "rows": valid_rows(vae, dino), "vae_dir": sd15_vae, "vae_weights": vae_record("sd15", sd15_vae),
+            "normalisation": LatentNormalisation.from_config(json.loads((sd15_vae / "config.json").read_text()))}
 
 
 def settings_for(ablation: str = "urepa", steps: int | None = None, **overrides) -> dict:
@@ -139,8 +142,9 @@ def settings_for(ablation: str = "urepa", steps: int | None = None, **overrides)
 
 
 def make_trainer(data, settings: dict, run_dir: Path, vae_path=None, noise_scheduler=None, num_workers: int = 0,
-                 time_phases: bool = False, report_to: str = "none", seed: int = SEED):
-    """A Trainer built the way train_run builds it, on the shared caches (or another VAE cache at `vae_path`)."""
+                 time_phases: bool = False, report_to: str = "none", seed: int = SEED, normalisation=None):
+    """A Trainer built the way train_run builds it, on the shared caches (or another VAE cache at `vae_path`), with
+    SD-1.5's latent normalisation (or `normalisation`)."""
     from urepa.train import Trainer
 
     caches = data["caches"]
@@ -152,7 +156,7 @@ def make_trainer(data, settings: dict, run_dir: Path, vae_path=None, noise_sched
     return Trainer(load_unet(data["sd15"]), noise_scheduler or load_noise_scheduler(data["sd15"]),
                    CachedRows(vae_path, caches["dino"], data["table"]["class_id"].to_numpy()), rows,
                    data["clip"], data["null_index"], data["dino"].attrs["dim"], data["dino"].attrs["grid"],
-                   vae.attrs["scaling_factor"], data["vae_weights"], settings, run_dir, seed, CPU, num_workers,
+                   normalisation or data["normalisation"], data["vae_weights"], settings, run_dir, seed, CPU, num_workers,
                    time_phases=time_phases, report_to=report_to)
 
 
@@ -167,7 +171,7 @@ def run_training(data, settings, out: Path, caches: dict | None = None, seed: in
 
     model_dir = out / "model"
     run_dir = train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]),
-                        str(data["dinov2"]), settings, out / "train_state", model_dir, seed, CPU, 0, "test", **VIEW)
+                        str(data["dinov2"]), str(data["vae_dir"]), settings, out / "train_state", model_dir, seed, CPU, 0, "test", **VIEW)
     return run_dir, model_dir
 
 
@@ -194,7 +198,7 @@ def pipeline(smoke_inputs, tmp_path_factory):
     unet.save_pretrained(weights / "unet")
     # What a `v` run exports beside its weights: the training schedule with its parameterisation.
     trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "v").save_pretrained(weights / "scheduler")
-    write_description(weights, "partial")
+    write_description(weights, "partial", smoke_inputs["sd15"])
     return load_finetuned_pipeline(smoke_inputs["sd15"], weights, torch.device("cpu"))
 
 

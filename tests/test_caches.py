@@ -128,8 +128,12 @@ def test_dino_rows_align_with_csv(built, dino_model):
 def test_metadata_attributes(built, smoke_inputs, dino_model):
     digest = file_digest(built["csv"])
     vae = dict(open_cache(built["vae"]).attrs)
-    assert vae["encoder"].startswith("sd15-vae:")
+    assert vae["encoder"] == "vae:sd15"
     assert vae["encoder_fingerprint"] == weights_fingerprint(smoke_inputs["sd15"] / "vae")
+    assert vae["vae"] == {"name": "sd15", "path": str(smoke_inputs["sd15"] / "vae"),
+                          "fingerprint": vae["encoder_fingerprint"]}
+    assert vae["normalisation"] == {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
+                                    "latents_std": None}
     assert (vae["dim"], vae["grid"], vae["patch_size"], vae["image_size"]) == (4, 16, 8, SMOKE_IMAGE_SIZE)
     assert vae["csv_sha256"] == digest and vae["num_rows"] == len(built["table"])
     dino = dict(open_cache(built["dino"]).attrs)

@@ -1,5 +1,7 @@
 """Config validation names the offending key; real tiers fail early on missing paths."""
 import copy
+import re
+import shutil
 import subprocess
 import sys
 
@@ -196,3 +198,76 @@ def test_snakemake_dry_run_rejects_a_config_typo():
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert "'tire' is not a known key (did you mean 'tier'?)" in result.stdout + result.stderr
+
+
+# -- the VAE as a setting -------------------------------------------------------------------------------------
+
+
+def test_an_unknown_vae_name_is_refused_naming_the_key(config):
+    config["ablations"]["urepa"] = {"vae": "e2e-typo"}
+    config["sample"]["decode_vae"] = "other"
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.validate(config, SCHEMA)
+    text = str(error.value)
+    assert "config key 'ablations.urepa.vae': unknown VAE 'e2e-typo'; known VAEs: sd15, e2e" in text
+    assert "config key 'sample.decode_vae': unknown VAE 'other'" in text
+
+
+def test_a_tiers_vaes_are_those_of_the_runs_it_compares(config):
+    assert urepa_config.tier_vaes(config, "smoke") == ["sd15"]
+    config["ablation"] = "e2e_vae"
+    assert urepa_config.tier_vaes(config, "smoke") == ["sd15", "e2e"]
+    assert urepa_config.train_settings(config, "smoke", "e2e_vae_baseline")["vae"] == "e2e"
+    assert urepa_config.train_settings(config, "smoke", "e2e_vae_baseline")["align_coeff"] == 0.0
+
+
+def real_inputs(config, tmp_path):
+    """A real tier's inputs that pass every check but the VAEs'."""
+    ilsvrc = tmp_path / "ilsvrc" / "Data" / "CLS-LOC" / "train"
+    ilsvrc.mkdir(parents=True)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "sd15" / name).mkdir(parents=True)
+    (tmp_path / "dinov2").mkdir()
+    (tmp_path / "dinov2" / "config.json").write_text('{"model_type": "dinov2"}')
+    (tmp_path / "inception-2015-12-05.pt").write_bytes(b"")
+    (tmp_path / "vgg16-397923af.pth").write_bytes(b"")
+    config.update(imagenet_dir=str(tmp_path / "ilsvrc"), sd15_dir=str(tmp_path / "sd15"),
+                  dinov2=str(tmp_path / "dinov2"), inception_dir=str(tmp_path),
+                  vgg16=str(tmp_path / "vgg16-397923af.pth"))
+
+
+def test_a_real_tier_names_an_unset_or_wrong_vae_before_any_job(config, tmp_path):
+    real_inputs(config, tmp_path)
+    urepa_config.check_real_paths(config, "tierA")  # sd15 only: nothing else to check
+    config["ablation"] = "e2e_vae"
+    with pytest.raises(urepa_config.ConfigError, match="config key 'vaes.e2e' is not set; tier 'tierA' trains on"):
+        urepa_config.check_real_paths(config, "tierA")
+    config["vaes"]["e2e"] = str(tmp_path / "sd15")  # a pipeline folder, not an AutoencoderKL
+    with pytest.raises(urepa_config.ConfigError, match=r"config key 'vaes.e2e': .*sd15 is not a diffusers "
+                                                       r"AutoencoderKL folder"):
+        urepa_config.check_real_paths(config, "tierA")
+
+
+def test_a_real_tier_needs_the_vgg16_weights_of_lpips(config, tmp_path):
+    real_inputs(config, tmp_path)
+    config["vgg16"] = None
+    with pytest.raises(urepa_config.ConfigError, match="config key 'vgg16': LPIPS in recon_eval needs .* it is not set"):
+        urepa_config.check_real_paths(config, "tierA")
+
+
+def test_one_more_vae_plans_one_more_latent_cache_and_shares_the_others(tmp_path):
+    """`--config ablation=e2e_vae`: the e2e VAE is generated, gets its own latent cache and reconstruction report;
+    the DINOv2 and CLIP caches stay one each, shared by the runs of both VAEs."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
+                             "-s", str(REPO / "Snakefile"), "--config", "ablation=e2e_vae"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    assert {k: counts[k] for k in ("generated_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval",
+                                   "train_unet")} == {"generated_vae": "1", "cache_vae": "2", "cache_dino": "1",
+                                                      "cache_clip": "1", "recon_eval": "2", "train_unet": "3"}
+    for path in ("results/smoke/cache/sd15/vae_latents.zarr", "results/smoke/cache/e2e/vae_latents.zarr",
+                 "results/smoke/vae/e2e/recon.json", "results/smoke/inputs/vaes/e2e"):
+        assert path in result.stdout

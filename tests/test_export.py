@@ -2,22 +2,26 @@
 scheduler with the trained parameterisation, the align heads, weights.json) and what sampling and the analyses
 read back from it."""
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import batch_of, make_trainer, settings_for, unet_prediction, write_description
+from conftest import CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction, write_description
 from urepa.export import (DESCRIPTION, inference_dtype, load_finetuned_pipeline, read_description,
                           trained_scheduler)
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.train import Trainer
+from urepa.vae import VaeMismatchError, load_autoencoder, vae_record
 
 
 # -- writing ------------------------------------------------------------------------------------------------
 
 
 def unet_inputs(data, trainer: Trainer) -> tuple:
-    latents = batch_of(trainer, data)["latent_mean"][:2].float() * data["scaling"]
+    latents = batch_of(trainer, data)["latent_mean"][:2].float() * data["normalisation"].scaling_factor
     return latents, torch.tensor([50, 700]), torch.from_numpy(data["clip"][[0, data["null_index"]]]).float()
 
 
@@ -120,7 +124,7 @@ def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs,
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(adapted),
                                               safe_serialization=True)
     trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
-    write_description(tmp_path, "lora")
+    write_description(tmp_path, "lora", smoke_inputs["sd15"])
 
     pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"))
     assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
@@ -137,7 +141,7 @@ def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs,
 def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
     load_unet(smoke_inputs["sd15"]).save_pretrained(tmp_path / "unet")
     trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(tmp_path / "scheduler")
-    write_description(tmp_path, "full")
+    write_description(tmp_path, "full", smoke_inputs["sd15"])
     pipe = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"), dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
     on_meta = load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("meta"))
@@ -148,7 +152,7 @@ def test_weights_are_loaded_in_the_requested_dtype(smoke_inputs, tmp_path):
 
 def test_weights_without_a_scheduler_folder_are_refused(smoke_inputs, tmp_path):
     (tmp_path / "unet").mkdir()
-    write_description(tmp_path, "partial")
+    write_description(tmp_path, "partial", smoke_inputs["sd15"])
     with pytest.raises(FileNotFoundError, match="no scheduler/ folder"):
         load_finetuned_pipeline(smoke_inputs["sd15"], tmp_path, torch.device("cpu"))
 
@@ -158,3 +162,75 @@ def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
     assert inference_dtype(torch.device("cuda")) == torch.float16
     assert inference_dtype("cuda:1") == torch.float16
     assert inference_dtype(torch.device("cpu")) == torch.float32
+
+
+# -- the VAE of the weights -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e_weights(smoke_inputs, tmp_path_factory):
+    """A partial export (perturbed mid block) trained on the latents of the second VAE, `e2e`: weights.json
+    records that VAE."""
+    weights = tmp_path_factory.mktemp("e2e_weights")
+    unet = load_unet(smoke_inputs["sd15"])
+    with torch.no_grad():
+        for p in unet.mid_block.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(weights / "unet")
+    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(weights / "scheduler")
+    write_description(weights, "partial", smoke_inputs["sd15"])
+    description = json.loads((weights / DESCRIPTION).read_text())
+    description["vae"] = vae_record("e2e", smoke_inputs["e2e_vae"])
+    (weights / DESCRIPTION).write_text(json.dumps(description))
+    return weights
+
+
+def test_the_pipeline_decodes_with_the_vae_the_weights_were_trained_on(smoke_inputs, e2e_weights):
+    pipe = load_finetuned_pipeline(smoke_inputs["sd15"], e2e_weights, CPU)  # default: the folder recorded
+    assert pipe.vae.config.scaling_factor == 0.25 and pipe.vae_record["name"] == "e2e"
+    expected = load_autoencoder(smoke_inputs["e2e_vae"]).state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in pipe.vae.state_dict().items())
+
+
+def test_another_vae_is_refused_unless_allowed(smoke_inputs, e2e_weights, caplog):
+    sd15_vae = smoke_inputs["sd15"] / "vae"
+    with pytest.raises(VaeMismatchError, match=r"made with VAE 'e2e' .* but given VAE 'sd15'"):
+        load_finetuned_pipeline(smoke_inputs["sd15"], e2e_weights, CPU, vae_dir=sd15_vae, vae_name="sd15")
+    with caplog.at_level(logging.WARNING, logger="urepa.export"):
+        pipe = load_finetuned_pipeline(smoke_inputs["sd15"], e2e_weights, CPU, vae_dir=sd15_vae, vae_name="sd15",
+                                       allow_other_vae=True)
+    assert "trained on the latents of VAE 'e2e', with VAE 'sd15'" in caplog.text
+    assert pipe.vae.config.scaling_factor == 0.18215 and pipe.vae_record["name"] == "sd15"
+
+
+def test_a_stock_pipeline_with_the_swapped_vae_makes_our_samplers_images(smoke_inputs, e2e_weights, tmp_path):
+    """The README's recipe with its VAE line: a stock StableDiffusionPipeline given the run's VAE (and weights and
+    scheduler), unguided, makes the images our sampler makes, which decodes with the VAE from weights.json."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from urepa.sample import generate_samples, initial_noise
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(smoke_inputs["sd15"]), safety_checker=None,
+                                                   local_files_only=True,
+                                                   vae=AutoencoderKL.from_pretrained(str(smoke_inputs["e2e_vae"])),
+                                                   unet=UNet2DConditionModel.from_pretrained(str(e2e_weights / "unet")))
+    pipe.scheduler = DDIMScheduler.from_pretrained(str(e2e_weights), subfolder="scheduler")
+    embeddings = np.random.default_rng(0).standard_normal((2, 77, 32)).astype(np.float32)
+    settings = {"sampler": "ddim", "steps": 3, "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0}
+    ours_pipe = load_finetuned_pipeline(smoke_inputs["sd15"], e2e_weights, CPU)
+    ours = generate_samples(ours_pipe, embeddings, 1, num_classes=1, images_per_class=2, out_dir=tmp_path / "ours",
+                            settings=settings, seed=3, batch_size=2, weights_digest="w", vae=ours_pipe.vae_record)
+    size = SMOKE_IMAGE_SIZE // 8
+    noise = torch.stack([initial_noise(i, 3, (4, size, size)) for i in range(2)])
+    stock = pipe(prompt_embeds=torch.from_numpy(embeddings[[0, 0]]), num_inference_steps=3, guidance_scale=1.0,
+                 latents=noise, output_type="np").images
+    sd15_decoded = StableDiffusionPipeline.from_pretrained(
+        str(smoke_inputs["sd15"]), safety_checker=None, local_files_only=True, scheduler=pipe.scheduler,
+        unet=pipe.unet)(prompt_embeds=torch.from_numpy(embeddings[[0, 0]]), num_inference_steps=3, guidance_scale=1.0,
+                        latents=noise, output_type="np").images
+    for i in range(2):
+        ours_image = np.asarray(Image.open(ours / f"{i:06d}.png"), dtype=np.int16)
+        assert np.abs(ours_image - np.round(stock[i] * 255).astype(np.int16)).max() <= 1
+        # and the VAE matters: SD-1.5's own decoder makes other images of the same latents
+        assert np.abs(ours_image - np.round(sd15_decoded[i] * 255).astype(np.int16)).mean() > 5
+    assert json.loads((ours / "sampling.json").read_text())["vae"]["name"] == "e2e"

@@ -33,7 +33,7 @@ def rows(tier) -> int:
 
 
 def test_vae_latents_are_4_x_64_x_64(rows):
-    cache = zarr.open_group(str(RESULTS / "cache" / "vae_latents.zarr"), mode="r")
+    cache = zarr.open_group(str(RESULTS / "cache" / "sd15" / "vae_latents.zarr"), mode="r")
     for name in ("mean", "std"):
         assert cache[name].shape == (rows, 4, 64, 64), name
         assert np.isfinite(cache[name][:]).all(), name

@@ -37,12 +37,19 @@ def test_fid_summary_gives_mean_and_std_over_seeds_and_the_paired_difference(tmp
     assert fid_summary(metrics, sweeps)["urepa"]["fid_vs_baseline"]["seeds"] == [0, 1]
 
 
-def _render(runs, curves, sweeps, folder) -> str:
-    """The report page as the report rule makes it: targets, both plots, then the page."""
+RECONSTRUCTION = {"images": 32, "skipped": [], "psnr": 11.23456, "ssim": 0.0712, "lpips": 0.6, "rfid": 301.5,
+                  "feature_network": "stand-in (random conv net, seed 0; NOT Inception)",
+                  "lpips_network": "lpips-vgg (stand-in: random VGG16 backbone, seed 0)", "image_size": 128}
+
+
+def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None) -> str:
+    """The report page as the report rule makes it: targets, both plots, then the page (every run on SD-1.5's VAE
+    unless `run_vaes` says otherwise)."""
     add_targets(curves, None)
     plot_fid_curves(by_label(curves), folder / "curves.png")
     plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
-    render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html")
+    render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html",
+                  run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION})
     return (folder / "report.html").read_text()
 
 
@@ -92,3 +99,26 @@ def test_report_renders_every_section_self_contained(run_files, tmp_path):
     assert cells[12] == ["urepa", "mid", "500", "0.3", "0.01", "0.5", "-0.02", "0.6", "0.4", "0.7", "0.03"]
     assert cells[13] == ["baseline", "mid", "500", "0.2", "0.01", "0.5", "-0.02"] + ["–"] * 4
     assert "(4 + 4 images, PCA to 2 dimensions, mean of 2 canonical correlations)" in page
+
+
+def test_report_puts_each_vaes_reconstruction_beside_the_runs_on_it(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    page = _render(runs, curves, sweeps, tmp_path)
+    assert "<h2>VAE reconstruction</h2>" in page and "another latent space" not in page
+    assert "random VGG16 backbone" in page  # a stand-in LPIPS is said to be one
+    tables = re.findall(r"<table.*?</table>", page, re.S)
+    header = re.findall(r"<th>([^<]*)</th>", tables[0])
+    ablations = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", tables[0], re.S)]
+    ablations = [row for row in ablations if row]
+    assert [row[header.index("VAE")] for row in ablations] == ["sd15", "sd15"]
+
+    e2e = {**RECONSTRUCTION, "psnr": 9.5, "rfid": 350.0}
+    page = _render(runs, curves, sweeps, tmp_path, {"urepa": "e2e", "baseline": "sd15"},
+                   {"sd15": RECONSTRUCTION, "e2e": e2e})
+    assert "another latent space" in page  # what a row on another VAE measures
+    table = next(t for t in re.findall(r"<table.*?</table>", page, re.S) if "rFID" in t)
+    header = re.findall(r"<th>([^<]*)</th>", table)
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    rows = [row for row in rows if row]
+    assert [[row[header.index(k)] for k in ("VAE", "runs", "images", "PSNR (dB)", "rFID")] for row in rows] == [
+        ["sd15", "baseline", "32", "11.23", "301.5"], ["e2e", "urepa", "32", "9.5", "350"]]

@@ -26,7 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import CACHE_BATCH, CPU, DINO_SIZE, REPO, SMOKE_IMAGE_SIZE, as_float
-from urepa import generated, rowstore, sd15
+from urepa import generated, rowstore
+from urepa import vae as vae_module
 from urepa.batches import StepBatches
 from urepa.caches import build_dino_cache, build_vae_cache
 from urepa.digests import file_digest, weights_fingerprint
@@ -44,14 +45,14 @@ from urepa.rowstore import (
 )
 
 BATCH = CACHE_BATCH
-LOAD_VAE = sd15.load_vae  # the real loader, for wrappers to call whatever is patched in
+LOAD_VAE = vae_module.load_autoencoder  # the real loader, for wrappers to call whatever is patched in
 
 
 SHARD = 2 * BATCH  # rows per shard of the sharded test builds: the 30-row subset makes shards 0-3, the last of 6 rows
 
 
 def build_vae(csv, out, sd15_dir, batch_size=BATCH, **sharding):
-    return build_vae_cache(csv, out, sd15_dir, SMOKE_IMAGE_SIZE, batch_size, 0, CPU, **sharding)
+    return build_vae_cache(csv, out, Path(sd15_dir) / "vae", SMOKE_IMAGE_SIZE, batch_size, 0, CPU, **sharding)
 
 
 def build_dino(csv, out, dinov2_dir, batch_size=BATCH, **sharding):
@@ -273,7 +274,7 @@ def counting_vae_loader(monkeypatch, fail_after: int | None = None) -> list[int]
         vae.encode = counted
         return vae
 
-    monkeypatch.setattr(sd15, "load_vae", load)
+    monkeypatch.setattr(vae_module, "load_autoencoder", load)
     return encoded
 
 
@@ -296,7 +297,7 @@ def test_resume_after_kill_encodes_only_the_unfinished_shards(built, smoke_input
     num_shards = len(table) // shard_rows
     threads = torch.get_num_threads()  # the same arithmetic in both processes: bit-identical results
     script = (f"import torch; torch.set_num_threads({threads}); from urepa.caches import build_vae_cache; "
-              f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'])!r}, {SMOKE_IMAGE_SIZE}, 2, 0, "
+              f"build_vae_cache({str(csv)!r}, {str(out)!r}, {str(smoke_inputs['sd15'] / 'vae')!r}, {SMOKE_IMAGE_SIZE}, 2, 0, "
               f"torch.device('cpu'), shard_rows={shard_rows})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(tmp_path / "build.log", "wb") as log_file:

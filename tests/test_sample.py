@@ -29,7 +29,8 @@ WEIGHTS = "digest-of-the-weights"
 def _sample(pipeline, clip, out, weights_digest=WEIGHTS, **overrides):
     settings = {**SETTINGS, **overrides}
     return generate_samples(pipeline, clip, null_index=3, num_classes=3, images_per_class=2, out_dir=out,
-                            settings=settings, seed=5, batch_size=4, weights_digest=weights_digest)
+                            settings=settings, seed=5, batch_size=4, weights_digest=weights_digest,
+                            vae=pipeline.vae_record)
 
 
 def test_a_rerun_replaces_the_finished_set(pipeline, clip, tmp_path):
@@ -273,7 +274,8 @@ def test_manifest_gives_the_guidance_interval_in_sigma(pipeline, clip, tmp_path)
     # the record a metrics job and a reader see: every setting the images depend on, under its own name
     sigmas = {key: manifest.pop(key) for key in ("guidance_sigma_low", "guidance_sigma_high")}
     assert manifest == {"weights_sha256": WEIGHTS, "batch_size": 4, **SETTINGS, "prediction_type": "v_prediction",
-                        "seed": 5, "num_classes": 3, "images_per_class": 2, "indices": [0, 6]}
+                        "seed": 5, "num_classes": 3, "images_per_class": 2, "indices": [0, 6],
+                        "vae": {"name": "sd15", "fingerprint": pipeline.vae_record["fingerprint"]}}
     assert set(sigmas) == {"guidance_sigma_low", "guidance_sigma_high"}
 
 

@@ -50,6 +50,7 @@ from urepa.rowstore import CacheMismatchError, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
 from urepa.train import LOG_COLUMNS, Trainer, train_run
+from urepa.vae import LatentNormalisation, VaeMismatchError
 
 BATCH = TRAIN_BATCH
 
@@ -110,8 +111,8 @@ from urepa.runtime import setup_logging
 from urepa.train import train_run
 setup_logging()
 a = json.load(open(sys.argv[1]))
-train_run(a["caches"], a["sd15"], a["dinov2"], a["settings"], a["run_dir"], a["model_dir"], a["seed"],
-          torch.device("cpu"), 0, "resume test", image_size=a["image_size"], dino_size=a["dino_size"])
+train_run(a["caches"], a["sd15"], a["dinov2"], a["vae_dir"], a["settings"], a["run_dir"], a["model_dir"],
+          a["seed"], torch.device("cpu"), 0, "resume test", image_size=a["image_size"], dino_size=a["dino_size"])
 """
 
 
@@ -133,7 +134,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
 
     def args(name):
         return {"caches": {k: str(v) for k, v in data["caches"].items()}, "sd15": str(data["sd15"]),
-                "dinov2": str(data["dinov2"]), "settings": settings, "seed": SEED, **VIEW,
+                "dinov2": str(data["dinov2"]), "vae_dir": str(data["vae_dir"]), "settings": settings, "seed": SEED,
+                **VIEW,
                 "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
 
     # The reference run and the run to be killed, side by side (one thread each on the two cores).
@@ -467,8 +469,22 @@ def test_dino_cache_from_another_encoder_is_refused_before_training(data, tmp_pa
     settings = settings_for(max_steps=2)
     run_dir = tmp_path / "run" / "train_state"
     with pytest.raises(CacheMismatchError, match="encoder_fingerprint"):
-        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(other), settings,
+        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(other), str(data["vae_dir"]),
+                  settings,
                   run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test", **VIEW)
+    assert not run_dir.exists()
+
+
+def test_a_latent_cache_of_another_vae_is_refused_before_training_naming_both(data, smoke_inputs, tmp_path):
+    """The shared latent cache was encoded by SD-1.5's VAE; a run on VAE `e2e` (its `train.vae`) must not train on
+    it: the message names the cache's VAE and the run's."""
+    settings = settings_for(max_steps=2, vae="e2e")
+    run_dir = tmp_path / "run" / "train_state"
+    with pytest.raises(VaeMismatchError, match=r"latent cache .*vae_latents.zarr: made with VAE 'sd15' \(.*\) but "
+                                               r"given VAE 'e2e' \(.*e2e_vae"):
+        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]),
+                  str(smoke_inputs["e2e_vae"]), settings, run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test",
+                  **VIEW)
     assert not run_dir.exists()
 
 
@@ -477,8 +493,8 @@ def test_dino_cache_of_another_view_is_refused_before_training(data, tmp_path):
     settings = settings_for(max_steps=2)
     run_dir = tmp_path / "run" / "train_state"
     with pytest.raises(CacheMismatchError, match="view"):
-        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]), settings,
-                  run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test",
+        train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]),
+                  str(data["vae_dir"]), settings, run_dir, tmp_path / "run" / "model", SEED, CPU, 0, "test",
                   image_size=SMOKE_IMAGE_SIZE, dino_size=2 * DINO_SIZE)
     assert not run_dir.exists()
 
@@ -539,7 +555,7 @@ def test_a_rebuilt_cache_retrains_instead_of_re_exporting_the_finished_state(dat
 def test_experiment_tracking_is_selectable(data, tmp_path, report_to):
     settings = settings_for(max_steps=2, checkpoint_every=2, eval_interval=2)
     run_dir = train_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]),
-                        settings, tmp_path / "train_state", tmp_path / "model", SEED, CPU, 0, "test", **VIEW,
+                        str(data["vae_dir"]), settings, tmp_path / "train_state", tmp_path / "model", SEED, CPU, 0, "test", **VIEW,
                         report_to=report_to)
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert bool(events) == (report_to == "tensorboard")
@@ -635,7 +651,7 @@ def test_loss_diff_is_the_mse_to_the_configured_target_from_the_steps_own_draws(
     (call,) = spy.calls
     t = call["timesteps"].numpy()
     abar = alphas_cumprod(trainer.noise_scheduler)[t].reshape(-1, 1, 1, 1)
-    x0 = batch["latent_mean"].double().numpy() * data["scaling"]
+    x0 = batch["latent_mean"].double().numpy() * data["normalisation"].scaling_factor
     noisy = call["sample"].double().numpy()
     noise = (noisy - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
     # What was recovered is the step's standard-normal noise (a wrong x0 would not look like it).
@@ -653,14 +669,22 @@ def test_loss_diff_is_the_mse_to_the_configured_target_from_the_steps_own_draws(
     assert t.shape == (BATCH,) and ((0 <= t) & (t < 1000)).all()
 
 
-def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_step(data, tmp_path):
+@pytest.mark.parametrize("vae_config", [None, {"scaling_factor": 0.5, "latents_mean": [0.1, -0.2, 0.3, 0.05],
+                                                "latents_std": [0.9, 1.3, 0.7, 1.1]}], ids=["sd15", "per-channel"])
+def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_step(data, tmp_path, vae_config):
     """A schedule without noise (all betas 0) hands the U-Net x0 itself: (mean + std * z) * scaling factor,
-    with z standard normal and drawn anew at every step."""
+    with z standard normal and drawn anew at every step; for a VAE whose config has per-channel latents_mean /
+    latents_std, ((mean + std * z) - latents_mean) / latents_std * scaling factor."""
     from diffusers import DDPMScheduler
 
     sd = load_noise_scheduler(data["sd15"])
     noiseless = DDPMScheduler.from_config(sd.config, trained_betas=[0.0] * sd.config.num_train_timesteps)
-    trainer = make_trainer(data, settings_for(steps=8), tmp_path, noise_scheduler=noiseless)
+    norm = LatentNormalisation.from_config(vae_config) if vae_config else data["normalisation"]
+    trainer = make_trainer(data, settings_for(steps=8), tmp_path, noise_scheduler=noiseless, normalisation=norm)
+    channel_mean, channel_std = 0.0, 1.0
+    if vae_config:
+        channel_mean = np.asarray(vae_config["latents_mean"]).reshape(1, 4, 1, 1)
+        channel_std = np.asarray(vae_config["latents_std"]).reshape(1, 4, 1, 1)
     spy = ForwardSpy(trainer)
     batch = batch_of(trainer, data)
     # Means far from 0 and a std unlike 1 and unlike the scaling factor: a missing factor, the mean alone
@@ -671,7 +695,8 @@ def test_latents_are_a_fresh_posterior_sample_times_the_scaling_factor_at_every_
     trainer.step(batch)
     draws = []
     for call in spy.calls:
-        z = (call["sample"].double().numpy() / data["scaling"] - mean.double().numpy()) / 0.4
+        latents = call["sample"].double().numpy() / norm.scaling_factor * channel_std + channel_mean
+        z = (latents - mean.double().numpy()) / 0.4
         assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
         # one draw per image and channel: not one shared by the batch (a draw of the wrong shape broadcasts)
         assert all(abs(np.corrcoef(z[0].ravel(), z[b].ravel())[0, 1]) < 0.5 for b in range(1, len(z)))

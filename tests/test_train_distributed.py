@@ -44,7 +44,8 @@ def smoke_settings(**overrides) -> dict:
 def run_args(smoke_inputs, smoke_caches, settings, out: Path) -> dict:
     """train_run's arguments, as the train_unet rule hands them to urepa.launch.train."""
     return {"caches": {name: str(smoke_caches[name]) for name in ("csv", "vae", "dino", "clip")},
-            "sd15_dir": str(smoke_inputs["sd15"]), "dinov2_path": str(smoke_inputs["dinov2"]), "settings": settings,
+            "sd15_dir": str(smoke_inputs["sd15"]), "dinov2_path": str(smoke_inputs["dinov2"]),
+            "vae_dir": str(smoke_inputs["sd15"] / "vae"), "settings": settings,
             "states_dir": str(out / "train_state"), "model_dir": str(out / "model"), "seed": SEED, "device": "cpu",
             "num_workers": 0, "title": "test", "image_size": SMOKE_IMAGE_SIZE, "dino_size": DINO_SIZE,
             "report_to": "none"}

@@ -93,14 +93,14 @@ def dry_run(tmp_path: Path, smoke_cache: dict) -> subprocess.CompletedProcess:
     (tmp_path / "config").mkdir(exist_ok=True)
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-                           "--cores", "1", "-n", "results/smoke/cache/vae_latents.zarr",
+                           "--cores", "1", "-n", "results/smoke/cache/sd15/vae_latents.zarr",
                            "results/smoke/cache/dino_tokens.zarr"], capture_output=True, text=True, timeout=600)
 
 
 def test_cache_shards_splits_each_image_cache_into_part_jobs_and_a_sealing_job(tmp_path):
     planned = dry_run(tmp_path, {"shards": 3, "shard_rows": 32})
     assert planned.returncode == 0, planned.stderr[-2000:]
-    for name in ("vae_latents", "dino_tokens"):
+    for name in ("sd15/vae_latents", "dino_tokens"):
         for part in range(3):
             assert f"results/smoke/cache/{name}.parts/{part}-of-3.json" in planned.stdout
         assert f"results/smoke/cache/{name}.parts/3-of-3.json" not in planned.stdout
@@ -160,13 +160,13 @@ def rule_settings(tmp_path: Path, monkeypatch, config_overrides: dict) -> dict:
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     wildcards = types.SimpleNamespace(tier="smoke", ablation="urepa", seed="0", set="final", shard="0", shards="1",
-                                      part="0", parts="1", point="curve/step-0000040")
+                                      part="0", parts="1", point="curve/step-0000040", vae="sd15")
     found = {}
     with SnakemakeApi() as api:
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
                                 workdir=tmp_path)._workflow
         for name in ("cache_vae_part", "cache_dino_part", "cache_clip", "train_unet", "sample_shard", "reference_stats",
-                     "metrics", "point_metrics", "alignment"):
+                     "metrics", "point_metrics", "alignment", "recon_eval"):
             rule = workflow.get_rule(name)
             params = {key: value(wildcards) if callable(value) else value for key, value in rule.params.items()}
             resources = {key: value.evaluate(wildcards).value for key, value in rule.resources.items()

@@ -16,6 +16,7 @@ import torch
 
 from .images import dinov2_transform, open_rgb, vae_transform
 from .runtime import provenance
+from .vae import LatentNormalisation
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +199,10 @@ def analysis_layer(align_layers: list[str]) -> str:
 @torch.no_grad()
 def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, image_size: int,
                        dino_size: int, count: int, timesteps: list[int], seed: int, device: torch.device,
-                       tsne_png: str | Path, batch_size: int = 32) -> dict:
+                       tsne_png: str | Path, batch_size: int = 32, vae_dir: str | Path | None = None) -> dict:
     """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
+    The images are encoded with the VAE the weights were trained on (`vae_dir`, checked against their
+    weights.json; default: the folder it records) and normalised as in training.
 
     Per timestep: CKNNA and held-out CCA between image-pooled U-Net features of the analysis layer (no
     head: comparable across ablations, the baseline included) and pooled DINOv2 tokens; where align
@@ -231,10 +234,10 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     del encoder
     dino_pooled = dino_tokens.mean(dim=1)
 
-    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, device, dtype=torch.float32)
+    pipe = load_finetuned_pipeline(sd15_dir, weights_dir, device, dtype=torch.float32, vae_dir=vae_dir)
     to_vae = vae_transform(image_size)
     latents = torch.cat([pipe.vae.encode(images(paths, to_vae)).latent_dist.mean.cpu() for paths in chunks])
-    latents = latents * pipe.vae.config.scaling_factor
+    latents = LatentNormalisation.from_config(pipe.vae.config).normalise(latents)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).float()
     layer = analysis_layer(read_description(weights_dir)["align_layers"])

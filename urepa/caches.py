@@ -1,4 +1,4 @@
-"""Stage 2: the encoders that fill the caches: SD-VAE posterior moments and DINOv2 patch tokens of every subset
+"""Stage 2: the encoders that fill the caches: a VAE's posterior moments and DINOv2 patch tokens of every subset
 image (row stores, `urepa.rowstore`), and CLIP text embeddings of every class prompt and the null prompt.
 
 Row i of the latent and token caches is row i of the subset CSV; each cache records its encoder's fingerprint,
@@ -7,6 +7,7 @@ shapes and preprocessing, which training checks against its own inputs.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +20,21 @@ from .images import dinov2_transform, dinov2_view, vae_transform
 from .rowstore import SHARD_ROWS, build_image_cache
 from .runtime import progress
 from .subset import prompt_for
+from .vae import SD15_VAE, LatentNormalisation, vae_record
 
 
-def build_vae_cache(csv_path, out_path, sd15_dir, image_size: int, batch_size: int, num_workers: int,
-                    device: torch.device, shard_rows: int = SHARD_ROWS, part: tuple[int, int] | None = None) -> Path:
-    """Posterior mean and std of SD-1.5's VAE per image, unscaled, as float16.
+def build_vae_cache(csv_path, out_path, vae_dir, image_size: int, batch_size: int, num_workers: int,
+                    device: torch.device, shard_rows: int = SHARD_ROWS, part: tuple[int, int] | None = None,
+                    vae_name: str = SD15_VAE) -> Path:
+    """Posterior mean and std per image of the AutoencoderKL in `vae_dir` (VAE `vae_name`: SD-1.5's own or a
+    `vaes:` entry), raw (before the VAE's latent normalisation, which training applies), as float16.
 
     Both moments are kept so training can draw z = mean + std * eps afresh every step, as SD training
     on images does; keeping only the mean would silently remove that augmentation.
     """
-    from .sd15 import load_vae
+    from .vae import load_autoencoder
 
-    vae = load_vae(sd15_dir, device)
+    vae = load_autoencoder(vae_dir, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (vae.config.latent_channels, image_size // factor, image_size // factor)
 
@@ -39,11 +43,11 @@ def build_vae_cache(csv_path, out_path, sd15_dir, image_size: int, batch_size: i
         posterior = vae.encode(images.to(device)).latent_dist
         return {"mean": posterior.mean.half().cpu().numpy(), "std": posterior.std.half().cpu().numpy()}
 
-    attrs = {"cache": "vae_latents", "encoder": f"sd15-vae:{Path(sd15_dir).name}",
-             "encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "vae"),
-             "image_size": image_size, "latent_shape": list(latent_shape),
+    record = vae_record(vae_name, vae_dir)
+    attrs = {"cache": "vae_latents", "encoder": f"vae:{vae_name}", "vae": record,
+             "encoder_fingerprint": record["fingerprint"], "image_size": image_size, "latent_shape": list(latent_shape),
              "dim": latent_shape[0], "grid": latent_shape[1], "patch_size": factor,
-             "scaling_factor": vae.config.scaling_factor, "posterior": "mean+std (unscaled)"}
+             "normalisation": asdict(LatentNormalisation.from_config(vae.config)), "posterior": "mean+std (raw)"}
     return build_image_cache(csv_path, out_path, {"mean": (latent_shape, "float16"), "std": (latent_shape, "float16")},
                              attrs, vae_transform(image_size), (3, image_size, image_size), encode,
                              batch_size, num_workers, "VAE latents", shard_rows, part, device)

@@ -150,6 +150,14 @@ def _check_names(config: dict) -> None:
                                 f"defined presets: {', '.join(config['sample']['presets'])}")
         if settings.get("data_from", tier) not in config["tiers"]:
             problems.append(f"config key 'tiers.{tier}.data_from': unknown tier '{settings['data_from']}'")
+    known_vaes = [SD15_VAE, *config["vaes"]]
+    named_vaes = [("train.vae", config["train"]["vae"]), ("sample.decode_vae", config["sample"]["decode_vae"]),
+                  *((f"tiers.{tier}.train.vae", s.get("train", {}).get("vae")) for tier, s in config["tiers"].items()),
+                  *((f"ablations.{name}.vae", preset.get("vae")) for name, preset in config["ablations"].items())]
+    for key, name in named_vaes:
+        if name is not None and name not in known_vaes:
+            problems.append(f"config key '{key}': unknown VAE '{name}'; known VAEs: {', '.join(known_vaes)} "
+                            f"(add a local AutoencoderKL folder under `vaes:`)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -160,6 +168,23 @@ def tier_settings(config: dict, tier: str | None = None) -> dict[str, Any]:
     if tier not in config["tiers"]:
         raise ConfigError(f"config key 'tier': unknown tier '{tier}'; defined tiers: {', '.join(config['tiers'])}")
     return config["tiers"][tier]
+
+
+def compared(config: dict, tier: str) -> list[str]:
+    """The ablations a tier's report compares: its `compare` list (else the global one), with the chosen `ablation`
+    added when absent."""
+    names = tier_settings(config, tier).get("compare", config["compare"])
+    return list(dict.fromkeys([*names, config["ablation"]]))
+
+
+# The VAE name of SD-1.5's own `vae/` folder (urepa.vae.SD15_VAE; repeated here so config stays free of torch).
+SD15_VAE = "sd15"
+
+
+def tier_vaes(config: dict, tier: str) -> list[str]:
+    """The VAEs in use on a tier: those of the runs it compares (`sd15` first when used)."""
+    names = {train_settings(config, tier, ablation)["vae"] for ablation in compared(config, tier)}
+    return sorted(names, key=lambda name: (name != SD15_VAE, name))
 
 
 def known_class_count(config: dict, tier: str) -> int | None:
@@ -213,6 +238,27 @@ def _layout_problems(config: dict) -> list[str]:
             for key, problem in found.items()]
 
 
+def _vae_problems(config: dict, tier: str) -> list[str]:
+    """Every VAE other than SD-1.5's that the tier's runs train on or decode with: set, and an AutoencoderKL folder of 4-channel, f8
+    latents (sd15's own vae/ is checked with sd15_dir)."""
+    from .vae import check_vae_dir  # torch: only on a real tier
+
+    problems = []
+    for name in dict.fromkeys([*tier_vaes(config, tier), config["sample"]["decode_vae"] or SD15_VAE]):
+        if name == SD15_VAE:
+            continue
+        key = f"vaes.{name}"
+        if not config["vaes"].get(name):
+            problems.append(f"config key '{key}' is not set; tier '{tier}' trains on VAE '{name}' (a local diffusers "
+                            f"AutoencoderKL folder)")
+            continue
+        try:
+            check_vae_dir(config["vaes"][name], f"config key '{key}'")
+        except (OSError, ValueError) as error:
+            problems.append(str(error))
+    return problems
+
+
 def _dinov2_content_problem(path: Path) -> str | None:
     """Open what the `dinov2` key names, cheaply (a memory-mapped checkpoint, a JSON config), so that a file
     merely named like a checkpoint fails here, in one line, not hours later in a pile of tracebacks."""
@@ -248,6 +294,12 @@ def check_real_paths(config: dict, tier: str) -> None:
         elif not Path(value).exists():
             problems.append(f"config key '{key}': path '{value}' does not exist; expected {expected}")
     problems += _layout_problems(config)
+    problems += _vae_problems(config, tier)
+    vgg16 = config.get("vgg16")
+    if not vgg16 or not Path(vgg16).is_file():
+        problems.append(f"config key 'vgg16': LPIPS in recon_eval needs torchvision's VGG16 ImageNet weights file "
+                        f"(vgg16-397923af.pth); {'it is not set' if not vgg16 else f'{vgg16} is not a file'} "
+                        f"(nothing is downloaded)")
     if tier_settings(config, tier)["feature_network"] == "inception":
         weights = Path(config.get("inception_dir") or "<inception_dir>") / INCEPTION_FILE
         if not weights.is_file():

@@ -5,11 +5,16 @@ Every reader takes what it needs from the folder itself, never from the training
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from .vae import check_same_vae, load_autoencoder, vae_record
+
+log = logging.getLogger(__name__)
 
 # `train.prediction` -> diffusers' `prediction_type`.
 PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
@@ -72,31 +77,43 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, device: torch.device,
-                            dtype: torch.dtype | None = None):
+                            dtype: torch.dtype | None = None, vae_dir: str | Path | None = None,
+                            vae_name: str | None = None, allow_other_vae: bool = False):
     """SD-1.5 from its local folder with the fine-tuned weights in, as the folder describes them: LoRA through
-    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; and the
-    scheduler config the weights were trained for (their scheduler/ folder: the prediction type).
+    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; the scheduler
+    config the weights were trained for (their scheduler/ folder: the prediction type); and, as `pipe.vae`, the VAE
+    whose latents they were trained on: `vae_dir` (default: the folder weights.json records), refused with
+    `VaeMismatchError` when it is another VAE unless `allow_other_vae` (then only warned).
     `dtype`: default `inference_dtype(device)`."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from .sd15 import check_sd15_dir
 
     dtype = dtype or inference_dtype(device)
-
+    weights_dir = Path(weights_dir)
+    description = read_description(weights_dir)
+    trained_vae = description["vae"]
+    decode_vae = vae_record(vae_name or trained_vae["name"], vae_dir or trained_vae["path"])
+    if not allow_other_vae:
+        check_same_vae(trained_vae, decode_vae, f"weights {weights_dir}")
+    elif decode_vae["fingerprint"] != trained_vae["fingerprint"]:
+        log.warning("decoding weights %s, trained on the latents of VAE %r, with VAE %r (%s), as configured",
+                    weights_dir, trained_vae["name"], decode_vae["name"], decode_vae["path"])
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
+                                                   vae=load_autoencoder(decode_vae["path"], dtype=dtype),
                                                    dtype=dtype, local_files_only=True)
-    weights_dir = Path(weights_dir)
     if not (weights_dir / "scheduler").is_dir():
         raise FileNotFoundError(f"{weights_dir} has no scheduler/ folder: the weights do not say which "
                                 f"parameterisation they were trained for; re-export them with this version")
     pipe.scheduler = DDPMScheduler.from_pretrained(weights_dir, subfolder="scheduler", local_files_only=True)
-    if read_description(weights_dir)["finetune"] == "lora":
+    if description["finetune"] == "lora":
         pipe.load_lora_weights(weights_dir)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
+    pipe.vae_record = decode_vae  # what sampling records of the VAE it decodes with
     return pipe.to(device)
 
 

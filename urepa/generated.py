@@ -11,6 +11,7 @@ DINOv2 folder, clean-fid's Inception TorchScript file).
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def make_sd15(out_dir: str | Path, image_size: int, full_size: bool = False, see
     weight file is written in float16 (1.7 GB instead of 3.4 GB); loaders ask for float32 and get it.
     Otherwise SD-1.5's block structure at small widths for `image_size` px: three cross-attention down
     blocks and a plain one, a cross-attention mid block, mirrored up blocks."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .sd15 import SD15_SCHEDULER_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
@@ -145,7 +146,6 @@ def make_sd15(out_dir: str | Path, image_size: int, full_size: bool = False, see
                              f"({latent_size} x {latent_size} latents), not {image_size} px")
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG, **special_ids))
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).half()
-        vae = AutoencoderKL(**SD15_VAE_CONFIG)
     else:
         text_dim = 32
         text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -159,11 +159,7 @@ def make_sd15(out_dir: str | Path, image_size: int, full_size: bool = False, see
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64), sample_size=image_size, scaling_factor=0.18215,
-        )
+    vae = random_vae(image_size, full_size)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
@@ -171,6 +167,35 @@ def make_sd15(out_dir: str | Path, image_size: int, full_size: bool = False, see
     )
     pipeline.save_pretrained(out_dir)
     return out_dir
+
+
+def random_vae(image_size: int, full_size: bool, scaling_factor: float = 0.18215):
+    """A randomly initialised AutoencoderKL with SD-1.5's latents (4 channels, f8): SD-1.5's own config when
+    `full_size`, else its block structure at small widths, one layer per block."""
+    from diffusers import AutoencoderKL
+
+    from .sd15 import SD15_VAE_CONFIG
+
+    if full_size:
+        return AutoencoderKL(**{**SD15_VAE_CONFIG, "scaling_factor": scaling_factor})
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), sample_size=image_size, scaling_factor=scaling_factor,
+    )
+
+
+# The generated stand-ins of the `vaes:` entries: SD-1.5's VAE architecture with other weights and a scaling factor
+# of their own, so code that assumes SD's 0.18215 instead of reading the VAE's config is caught.
+GENERATED_VAE_SCALING = 0.25
+
+
+def make_vae(name: str, out_dir: str | Path, image_size: int, full_size: bool, seed: int = 0) -> Path:
+    """The generated stand-in of VAE `name` (a `vaes:` entry) as a diffusers AutoencoderKL folder: weights drawn
+    from a seed of its own (`seed` and the name), not SD-1.5's."""
+    torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:vae:{name}".encode()).digest()[:4], "little"))
+    random_vae(image_size, full_size, GENERATED_VAE_SCALING).save_pretrained(out_dir)
+    return Path(out_dir)
 
 
 def make_dinov2(out_dir: str | Path, full_size: bool = False, seed: int = 0) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import SD15_VAE
+
 METRIC_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("inception_score_mean", "IS"),
                   ("precision", "precision"), ("recall", "recall")]
 # Each alignment score beside its chance level (the same score on shuffled image pairings).
@@ -82,10 +84,11 @@ def _mean_std(summary: dict) -> str:
 
 def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
-                  out_html: str | Path) -> None:
+                  out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict]) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
-    `sweeps[ablation][seed]` its CFG sweep. Headline scores are mean ± std over the seeds present."""
+    `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
+    `reconstructions[vae]` that VAE's recon.json. Headline scores are mean ± std over the seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -103,7 +106,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         row["at CFG"] = ", ".join(sorted({f"{sweeps[ablation][seed]['best']['cfg_scale']:g}" for seed in by_seed}))
         first = next(iter(by_seed.values()))
         row.update(samples=first["num_generated"], step=first.get("checkpoint_step"),
-                   sampler=_sampling_text(first["sampling"]))
+                   sampler=_sampling_text(first["sampling"]), VAE=run_vaes[ablation])
         rows.append(row)
     run_rows = [{"run": label, **{name: metrics[a][seed].get(key) for key, name in METRIC_COLUMNS},
                  "best-CFG FID": sweeps[a][seed]["best"]["fid"]} for label, (a, seed) in labels.items()]
@@ -148,6 +151,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "(mean over seeded shufflings): what unrelated features of the same structure would score.</p>",
         _table(pd.DataFrame(align_rows)),
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in flat_runs.items()),
+        *_reconstruction_section(run_vaes, reconstructions),
         "<h2>Samples</h2>",
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in flat_runs.items()),
     ]
@@ -156,6 +160,31 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
              "border-bottom:1px solid #ddd;text-align:right}.warn{background:#fff3cd;padding:.6em 1em}")
     Path(out_html).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>urepa {html.escape(tier)}"
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
+
+
+RECONSTRUCTION_COLUMNS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid", "rFID"))
+
+
+def _reconstruction_section(run_vaes: dict[str, str], reconstructions: dict[str, dict]) -> list[str]:
+    """The "VAE reconstruction" table: every VAE the compared runs train on, encode -> decode of the validation
+    subset; and, where runs use a VAE other than SD-1.5's, how to read their FID."""
+    rows = [{"VAE": name, "runs": ", ".join(a for a, vae in run_vaes.items() if vae == name),
+             "images": result["images"], **{label: result[key] for key, label in RECONSTRUCTION_COLUMNS},
+             "feature network": result["feature_network"], "LPIPS network": result["lpips_network"]}
+            for name, result in reconstructions.items()]
+    text = ("<p>Each VAE encodes and decodes the tier's validation subset (the caches' square crop, posterior mean). "
+            "PSNR and SSIM are per-image means; LPIPS (VGG) per-image mean, lower is better; rFID is the FID of the "
+            "reconstructions against the originals with the tier's feature network: the floor a generator decoded "
+            "by this VAE cannot go below.</p>")
+    if set(run_vaes.values()) - {SD15_VAE}:
+        text += ("<p>A run on a VAE other than SD-1.5's fine-tunes a U-Net pretrained on SD-VAE latents onto "
+                 "another latent space: its FID mixes that VAE's reconstruction (rFID above) with how far the U-Net "
+                 "adapted to the new latents. Read alignment's effect within one VAE (a run against the baseline on "
+                 "the same VAE), and the VAE's effect beside its rFID.</p>")
+    if any("stand-in" in result["lpips_network"] for result in reconstructions.values()):
+        text += ('<p class="warn">LPIPS here uses a random VGG16 backbone (no real weights on this tier): the '
+                 'values test the pipeline and mean nothing.</p>')
+    return ["<h2>VAE reconstruction</h2>", _table(pd.DataFrame(rows)), text]
 
 
 def _sampling_text(sampling: dict) -> str:

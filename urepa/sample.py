@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .runtime import progress, provenance, set_aside
+from .vae import LatentNormalisation
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def sample_latents(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, no
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    """uint8 images [B, H, W, 3] of the U-Net's latents, undoing the VAE's own latent normalisation (its config)."""
+    images = vae.decode(LatentNormalisation.from_config(vae.config).denormalise(latents.to(vae.dtype))).sample
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -102,9 +104,10 @@ def shard_indices(total: int, batch_size: int, shards: int, shard: int) -> range
 
 def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_classes: int, images_per_class: int,
                      out_dir: str | Path, settings: dict, seed: int, batch_size: int, weights_digest: str,
-                     shards: int = 1, shard: int = 0) -> Path:
+                     shards: int = 1, shard: int = 0, vae: dict | None = None) -> Path:
     """Write images_per_class PNGs of every class to out_dir (via out_dir.partial, resumable), or the images of
-    one shard of that set (`shard_indices`; `gather_samples` joins the shards).
+    one shard of that set (`shard_indices`; `gather_samples` joins the shards). `vae`: the record (`urepa.vae.
+    vae_record`) of the VAE `pipe` decodes with, kept in sampling.json.
 
     A partial set is continued only if it was started by the same weights (`weights_digest`, e.g.
     `digests.directory_digest` of the weights folder), sampler settings, seed, batch size and index range; one of
@@ -119,7 +122,9 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
                 "guidance_sigma_low": noise_level(pipe.scheduler, settings["guidance_low"]),
                 "guidance_sigma_high": noise_level(pipe.scheduler, settings["guidance_high"]),
                 "prediction_type": pipe.scheduler.config.prediction_type, "seed": seed, "num_classes": num_classes,
-                "images_per_class": images_per_class, "indices": [indices.start, indices.stop]}
+                "images_per_class": images_per_class,
+                "vae": vae and {"name": vae["name"], "fingerprint": vae["fingerprint"]},  # not its path: may move
+                "indices": [indices.start, indices.stop]}
     manifest_path = partial / "sampling.json"
     if partial.exists() and (not manifest_path.exists() or json.loads(manifest_path.read_text()) != manifest):
         set_aside(partial, "was sampled from other weights or settings")

@@ -58,11 +58,10 @@ def check_sd15_dir(sd15_dir: str | Path, subfolders: tuple[str, ...] = SD15_SUBF
 
 
 def load_vae(sd15_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    from diffusers import AutoencoderKL
+    """SD-1.5's own VAE (`vae: sd15`), frozen."""
+    from .vae import load_autoencoder
 
-    root = check_sd15_dir(sd15_dir, ("vae",))
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", dtype=dtype, local_files_only=True)
-    return vae.to(device).eval().requires_grad_(False)
+    return load_autoencoder(check_sd15_dir(sd15_dir, ("vae",)) / "vae", device, dtype)
 
 
 def load_text_encoder(sd15_dir: str | Path, device: torch.device | str = "cpu"):

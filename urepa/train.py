@@ -39,6 +39,7 @@ from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import claim_run_state, complete_checkpoints, run_state_dir, training_code_digest
 from .runtime import PhaseTimer, progress, provenance
+from .vae import LatentNormalisation, check_same_vae, vae_record
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ class Trainer:
     """One training run. Built from loaded parts so benchmarks can hand it random full-size models."""
 
     def __init__(self, unet, noise_scheduler, dataset: CachedRows, rows: np.ndarray, clip_embeddings: np.ndarray,
-                 null_index: int, token_dim: int, token_grid: int, latent_scaling: float, vae: dict, settings: dict,
-                 run_dir: str | Path, seed: int, device: str | torch.device, num_workers: int, time_phases: bool,
-                 report_to: str):
+                 null_index: int, token_dim: int, token_grid: int, latent_normalisation: LatentNormalisation,
+                 vae: dict, settings: dict, run_dir: str | Path, seed: int, device: str | torch.device,
+                 num_workers: int, time_phases: bool, report_to: str):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
@@ -73,7 +74,8 @@ class Trainer:
         )
         self.grad_accum = settings["grad_accum"]
         self.device = self.accelerator.device
-        self.noise_scheduler, self.null_index, self.latent_scaling = noise_scheduler, null_index, latent_scaling
+        self.noise_scheduler, self.null_index = noise_scheduler, null_index
+        self.latent_normalisation = latent_normalisation  # the VAE's, from its config: z -> the U-Net's latents
         self.vae = vae  # name, path and fingerprint of the VAE the cached latents came from: recorded with the weights
         self.prediction = settings["prediction"]
         if self.prediction == "v" and settings["finetune"] == "lora":
@@ -172,7 +174,7 @@ class Trainer:
         std = batch["latent_std"].to(device, torch.float32, non_blocking=True)
         target_tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
         draws = self.draw(mean.shape[1:])
-        latents = (mean + std * draws["posterior"][share]) * self.latent_scaling
+        latents = self.latent_normalisation.normalise(mean + std * draws["posterior"][share])
         noise, timesteps = draws["noise"][share], draws["timesteps"][share]
         classes = torch.where(draws["dropped"][share], self.null_index, batch["class_id"].to(device))
         inputs = {"noisy": self.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
@@ -316,11 +318,11 @@ def _truncate_log(path: Path, step: int) -> None:
         table[table["step"] <= step].to_csv(path, index=False)
 
 
-def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings: dict, states_dir: str | Path,
-              model_dir: str | Path, seed: int, device: torch.device, num_workers: int, title: str,
-              image_size: int, dino_size: int, report_to: str = "tensorboard") -> Path:
-    """Check the caches against this run's inputs (`image_size`: the VAE's square; `dino_size`: DINOv2's
-    input size for that square), train (resuming if possible), export artifacts. Returns the run's state
+def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: str, settings: dict,
+              states_dir: str | Path, model_dir: str | Path, seed: int, device: torch.device, num_workers: int,
+              title: str, image_size: int, dino_size: int, report_to: str = "tensorboard") -> Path:
+    """Check the caches against this run's inputs (`vae_dir`: the AutoencoderKL folder of the run's VAE,
+    `settings["vae"]`; `image_size`: the VAE's square; `dino_size`: DINOv2's input size for that square), train (resuming if possible), export artifacts. Returns the run's state
     folder: `states_dir/<identity>/` (see `claim_run_state`). Called by every process of a run
     (urepa.launch); the main process claims the state folder and exports."""
     from accelerate import PartialState
@@ -335,10 +337,11 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # a clear error before any work
 
     csv_sha = file_digest(caches["csv"])
-    vae_record = {"name": "sd15", "path": str(Path(sd15_dir) / "vae"),
-                  "fingerprint": weights_fingerprint(Path(sd15_dir) / "vae")}
-    vae = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size,
-                                      "encoder_fingerprint": vae_record["fingerprint"]})
+    run_vae = vae_record(settings["vae"], vae_dir)
+    vae = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size})
+    check_same_vae(vae.attrs.get("vae", {"name": vae.attrs["encoder"], "path": caches["vae"],
+                                         "fingerprint": vae.attrs["encoder_fingerprint"]}),
+                   run_vae, f"latent cache {caches['vae']}")
     dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
                                         "view": dinov2_view(image_size, dino_size)})
     clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
@@ -363,7 +366,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, settings:
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-        vae.attrs["scaling_factor"], vae_record, settings, run_dir, seed, device, num_workers, time_phases=False,
+        LatentNormalisation.from_config(json.loads((Path(vae_dir) / "config.json").read_text())), run_vae, settings, run_dir, seed, device, num_workers, time_phases=False,
         report_to=report_to)
 
     def snapshot(trainer: Trainer, step: int) -> None:

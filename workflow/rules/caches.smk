@@ -1,20 +1,21 @@
-# Stage 2: zarr caches. The VAE and DINOv2 caches are built by `cache.shards` part jobs over whole zarr
-# shards of one build folder, results/<tier>/cache/<name>.zarr.partial (not an output, so Snakemake keeps
-# it and a killed part resumes from its unfinished shards); the sealing rule checks every row and renames
-# the finished store into place. Each part's output is a temporary marker that only orders the jobs.
+# Stage 2: zarr caches: one latent cache per VAE in use (cache/<vae>/), the DINOv2 and CLIP caches shared by all.
+# The latent and DINOv2 caches are built by `cache.shards` part jobs over whole zarr shards of one build folder,
+# results/<tier>/cache/<name>.zarr.partial (not an output, so Snakemake keeps it and a killed part resumes from
+# its unfinished shards); the sealing rule checks every row and renames the finished store into place. Each part's output is a temporary marker that only orders the jobs.
 
 
 rule cache_vae_part:
     input:
         csv="results/{tier}/subset.csv",
-        sd15=sd15_dir,
+        vae_model=lambda w: vae_model(w, w.vae),
     output:
-        temp("results/{tier}/cache/vae_latents.parts/{part}-of-{parts}.json"),
+        temp("results/{tier}/cache/{vae}/vae_latents.parts/{part}-of-{parts}.json"),
     params:
+        vae_subfolder=lambda w: vae_subfolder(w.vae),
         image_size=lambda w: tier_of(w)["image_size"],
         batch_size=lambda w: cache_settings(w.tier)["batch_size"],
         shard_rows=lambda w: cache_settings(w.tier)["shard_rows"],
-        cache="results/{tier}/cache/vae_latents.zarr",
+        cache="results/{tier}/cache/{vae}/vae_latents.zarr",
     wildcard_constraints:
         part=r"\d+",
         parts=r"\d+",
@@ -22,9 +23,9 @@ rule cache_vae_part:
     resources:
         **job_resources("cache_vae"),
     log:
-        "results/{tier}/logs/cache_vae_part{part}-of-{parts}.log",
+        "results/{tier}/logs/cache_vae_{vae}_part{part}-of-{parts}.log",
     benchmark:
-        "results/{tier}/benchmarks/cache_vae_part{part}-of-{parts}.tsv"
+        "results/{tier}/benchmarks/cache_vae_{vae}_part{part}-of-{parts}.tsv"
     conda:
         "../../environment.yml"
     script:
@@ -33,16 +34,16 @@ rule cache_vae_part:
 
 rule cache_vae:
     input:
-        cache_parts("vae_latents"),
+        cache_parts("{vae}/vae_latents"),
     output:
-        directory("results/{tier}/cache/vae_latents.zarr"),
+        directory("results/{tier}/cache/{vae}/vae_latents.zarr"),
     threads: job_threads("cache_seal")
     resources:
         **job_resources("cache_seal"),
     log:
-        "results/{tier}/logs/cache_vae.log",
+        "results/{tier}/logs/cache_vae_{vae}.log",
     benchmark:
-        "results/{tier}/benchmarks/cache_vae.tsv"
+        "results/{tier}/benchmarks/cache_vae_{vae}.tsv"
     conda:
         "../../environment.yml"
     script:

@@ -51,14 +51,42 @@ inception_path = real_or_generated("inception_dir", "inception")
 
 
 def cache_paths(tier):
+    """The caches every VAE shares (`latent_cache` holds each VAE's own)."""
     root = data_dir(tier)
     return {
         "csv": f"{root}/subset.csv",
         "classes": f"{root}/classes.csv",
-        "vae": f"{root}/cache/vae_latents.zarr",
         "dino": f"{root}/cache/dino_tokens.zarr",
         "clip": f"{root}/cache/clip_embeddings.zarr",
     }
+
+
+def latent_cache(tier, vae):
+    return f"{data_dir(tier)}/cache/{vae}/vae_latents.zarr"
+
+
+def run_vae(wildcards):
+    """The VAE a run trains on (its `train.vae`)."""
+    return urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["vae"]
+
+
+def decode_vae(wildcards):
+    """The VAE a run's samples are decoded with: its own, unless config's `sample.decode_vae` names another."""
+    return config["sample"]["decode_vae"] or run_vae(wildcards)
+
+
+def vae_model(wildcards, name):
+    """The folder an input function gives for VAE `name`: the SD-1.5 folder for `sd15` (jobs read its vae/,
+    `vae_subfolder`), else config's `vaes` path or, on a generated tier, the stand-in it generates."""
+    if name == urepa_config.SD15_VAE:
+        return sd15_dir(wildcards)
+    if tier_of(wildcards)["source"] in urepa_config.GENERATED_SOURCES:
+        return f"results/{wildcards.tier}/inputs/vaes/{name}"
+    return config["vaes"][name]
+
+
+def vae_subfolder(name):
+    return "vae" if name == urepa_config.SD15_VAE else ""
 
 
 wildcard_constraints:
@@ -69,6 +97,7 @@ wildcard_constraints:
     shard="[0-9]+",
     shards="[0-9]+",
     ablation="|".join(map(re.escape, config["ablations"])),
+    vae="|".join(map(re.escape, [urepa_config.SD15_VAE, *config["vaes"]])),
 
 
 # Input functions of the stage rules.
@@ -145,9 +174,7 @@ def shard_dirs(wildcards, name):
 
 
 def compared(tier):
-    """The tier's `compare` list (else the global one), with the chosen `ablation` added when absent."""
-    names = urepa_config.tier_settings(config, tier).get("compare", config["compare"])
-    return list(dict.fromkeys([*names, config["ablation"]]))
+    return urepa_config.compared(config, tier)
 
 
 def seeds():
@@ -223,11 +250,13 @@ check_shard_rows(_cache["shard_rows"], _cache["batch_size"])  # a shard size tha
 
 
 def cache_parts(name):
-    """Input function of a sealing rule: the markers of every part job of cache `name`."""
+    """Input function of a sealing rule: the markers of every part job of cache `name` (a pattern of the rule's
+    wildcards, e.g. "{vae}/vae_latents")."""
 
     def inputs(wildcards):
         parts = cache_settings(wildcards.tier)["shards"]
-        return [f"results/{wildcards.tier}/cache/{name}.parts/{part}-of-{parts}.json" for part in range(parts)]
+        cache = name.format(**dict(wildcards.items()))
+        return [f"results/{wildcards.tier}/cache/{cache}.parts/{part}-of-{parts}.json" for part in range(parts)]
 
     return inputs
 

@@ -1,5 +1,5 @@
 # Stage 5: reference statistics (once per tier), metrics of each sample set, FID-vs-step points,
-# and the alignment analyses of each run.
+# the alignment analyses of each run, and the reconstruction metrics of each VAE in use.
 
 
 rule reference_stats:
@@ -108,6 +108,7 @@ rule alignment:
         clip=lambda w: cache_paths(w.tier)["clip"],
         sd15=sd15_dir,
         dinov2=dinov2_path,
+        vae_model=lambda w: vae_model(w, run_vae(w)),
     output:
         scores="results/{tier}/{ablation}/seed-{seed}/alignment.json",
         tsne=report("results/{tier}/{ablation}/seed-{seed}/tsne.png", caption="../report/tsne.rst", category="Alignment",
@@ -119,6 +120,7 @@ rule alignment:
         dino_size=lambda w: tier_of(w)["dino_size"],
         image_size=lambda w: tier_of(w)["image_size"],
         batch_size=config["evaluate"]["batch_size"],
+        vae_subfolder=lambda w: vae_subfolder(run_vae(w)),
     threads: job_threads("alignment")
     resources:
         **job_resources("alignment"),
@@ -128,3 +130,31 @@ rule alignment:
         "../../environment.yml"
     script:
         "../scripts/alignment.py"
+
+
+rule recon_eval:
+    # A VAE's reconstruction of the tier's validation subset (the caches' square crop): PSNR, SSIM, LPIPS, rFID.
+    input:
+        csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
+        vae_model=lambda w: vae_model(w, w.vae),
+        inception=inception_dir,
+        vgg16=lambda w: [] if tier_of(w)["source"] in urepa_config.GENERATED_SOURCES else [config["vgg16"]],
+    output:
+        "results/{tier}/vae/{vae}/recon.json",
+    params:
+        vae_subfolder=lambda w: vae_subfolder(w.vae),
+        image_size=lambda w: tier_of(w)["image_size"],
+        network=lambda w: tier_of(w)["feature_network"],
+        batch_size=config["evaluate"]["batch_size"],
+        lpips_seed=config["data_seed"],
+    threads: job_threads("recon_eval")
+    resources:
+        **job_resources("recon_eval"),
+    log:
+        "results/{tier}/logs/recon_eval_{vae}.log",
+    benchmark:
+        "results/{tier}/benchmarks/recon_eval_{vae}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/recon_eval.py"

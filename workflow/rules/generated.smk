@@ -36,3 +36,20 @@ rule generated_model:
         "../../environment.yml"
     script:
         "../scripts/generated_model.py"
+
+
+rule generated_vae:
+    output:
+        directory("results/{tier}/inputs/vaes/{vae}"),
+    params:
+        data_seed=config["data_seed"],
+        image_size=lambda w: tier_of(w)["image_size"],
+        full_size=lambda w: tier_of(w)["source"] == "rehearsal",
+    log:
+        "results/{tier}/logs/generated_vae_{vae}.log",
+    benchmark:
+        "results/{tier}/benchmarks/generated_vae_{vae}.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/generated_vae.py"

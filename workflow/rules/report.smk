@@ -20,12 +20,14 @@ rule report:
     input:
         fid="results/{tier}/fid.json",
         runs=lambda w: run_files(w.tier),
+        recon=lambda w: [f"results/{w.tier}/vae/{vae}/recon.json" for vae in urepa_config.tier_vaes(config, w.tier)],
     output:
         html=report("results/{tier}/report.html", caption="../report/report_page.rst", category="Summary"),
         curves=report("results/{tier}/fid_curve.png", caption="../report/fid_curve.rst", category="FID vs step"),
         sweep=report("results/{tier}/cfg_sweep.png", caption="../report/cfg_sweep.rst", category="CFG sweep"),
     params:
         runs=lambda w: run_outputs(w.tier),
+        vaes=lambda w: {a: urepa_config.train_settings(config, w.tier, a)["vae"] for a in compared(w.tier)},
         target_fid=config["evaluate"]["target_fid"],
     log:
         "results/{tier}/logs/report.log",

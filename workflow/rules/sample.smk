@@ -15,10 +15,14 @@ rule sample_shard:
         clip=lambda w: cache_paths(w.tier)["clip"],
         classes=lambda w: cache_paths(w.tier)["classes"],
         sd15=sd15_dir,
+        vae_model=lambda w: vae_model(w, decode_vae(w)),
     output:
         temp(directory("results/{tier}/{ablation}/seed-{seed}/shards/{set}/{shard}-of-{shards}")),
     params:
         weights=set_weights,
+        vae=decode_vae,
+        vae_subfolder=lambda w: vae_subfolder(decode_vae(w)),
+        allow_other_vae=config["sample"]["decode_vae"] is not None,
         images_per_class=lambda w: set_images_per_class(w, w.set),
         sampling=set_sampling,
         batch_size=config["sample"]["batch_size"],  # batched denoising: the images' last bits depend on it

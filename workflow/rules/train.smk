@@ -6,7 +6,8 @@
 rule train_unet:
     input:
         csv=lambda w: cache_paths(w.tier)["csv"],
-        vae=lambda w: cache_paths(w.tier)["vae"],
+        vae=lambda w: latent_cache(w.tier, run_vae(w)),
+        vae_model=lambda w: vae_model(w, run_vae(w)),
         dino=lambda w: cache_paths(w.tier)["dino"],
         clip=lambda w: cache_paths(w.tier)["clip"],
         sd15=sd15_dir,
@@ -18,6 +19,7 @@ rule train_unet:
         # without processes / grad_accum: they change no result, so changing them reruns nothing
         settings=lambda w: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, w.ablation)),
         states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
+        vae_subfolder=lambda w: vae_subfolder(run_vae(w)),
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
     threads: job_threads("train_unet")

@@ -14,5 +14,5 @@ result = alignment_analysis(
     snakemake.input.csv, snakemake.input.sd15, snakemake.input.dinov2, Path(snakemake.input.model) / "ema",
     zarr.open_group(snakemake.input.clip, mode="r")["embeddings"][:], params.image_size, params.dino_size,
     params.images, params.timesteps, params.data_seed, resolve_device(resources.device, resources.gpu),
-    snakemake.output.tsne, params.batch_size)
+    snakemake.output.tsne, params.batch_size, vae_dir=Path(snakemake.input.vae_model) / params.vae_subfolder)
 Path(snakemake.output.scores).write_text(json.dumps(result, indent=2))

@@ -16,5 +16,6 @@ sweeps = {a: {seed: json.loads(Path(p["cfg_sweep"]).read_text()) for seed, p in 
 add_targets(curves, snakemake.params.target_fid)
 plot_fid_curves(by_label(curves), snakemake.output.curves)
 plot_cfg_sweeps(by_label(sweeps), snakemake.output.sweep)
+reconstructions = {Path(path).parent.name: json.loads(Path(path).read_text()) for path in snakemake.input.recon}
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
-              snakemake.output.html)
+              snakemake.output.html, snakemake.params.vaes, reconstructions)
