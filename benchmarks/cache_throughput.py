@@ -112,8 +112,8 @@ def main(argv=None) -> None:
         shutil.rmtree(cache_dir, ignore_errors=True)
         if "vae" in args.only:
             load = timed(load_vae, sd15_dir, device)
-            wall = timed(build_vae_cache, csv, cache_dir / "vae_latents.zarr", sd15_dir, tier["image_size"],
-                         batch_size, workers, device)
+            wall = timed(build_vae_cache, csv, cache_dir / "vae_latents.zarr", Path(sd15_dir) / "vae",
+                         tier["image_size"], batch_size, workers, device)
             results.append(("VAE latents", f"{tier['image_size']} px", len(table), "images", wall, load))
         if "dino" in args.only:
             load = timed(load_dinov2, dinov2, device)

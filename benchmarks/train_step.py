@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from urepa import generated
 from urepa.config import load_yaml, train_settings
-from urepa.sd15 import SD15_UNET_CONFIG
+from urepa.sd15 import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from urepa.vae import LatentNormalisation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,7 @@ def build_parts(scale: str, workdir: Path):
 
 # The exported description's VAE entry: the benchmark trains on random latents, from no VAE on disk.
 RANDOM_VAE = {"name": "random latents", "path": None, "fingerprint": None}
+SD15_NORMALISATION = LatentNormalisation.from_config(SD15_VAE_CONFIG)
 
 
 def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, finetune: str, batch: int,
@@ -81,7 +83,7 @@ def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, 
     device = torch.device(args.device)
     torch.manual_seed(0)
     trainer = Trainer(unet_factory(), scheduler, MemoryRows(rows, latent, tokens, classes), np.arange(rows), clip,
-                      classes, tokens[1], int(tokens[0] ** 0.5), 0.18215, RANDOM_VAE, settings,
+                      classes, tokens[1], int(tokens[0] ** 0.5), SD15_NORMALISATION, RANDOM_VAE, settings,
                       workdir / f"run-{ablation}-{finetune}-{batch}", seed=0, device=device, num_workers=0,
                       time_phases=True, report_to="none")
     batches = iter(trainer.batches(0))

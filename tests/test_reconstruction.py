@@ -292,22 +292,36 @@ def stand_in():
     return StandInFeatures(CPU, seed=SEED, pool_dim=16)
 
 
-def run_stage(val_csv, stand_in, lpips_pair, vae=None) -> dict:
+def run_stage(val_csv, stand_in, lpips_pair, vae=None, **options) -> dict:
     model, name = lpips_pair
     return reconstruction_metrics(val_csv["csv"], IMAGE_SIZE, vae or tiny_vae(), stand_in, model, batch_size=4,
-                                  num_workers=0, device=CPU, lpips_name=name)
+                                  num_workers=0, device=CPU, lpips_name=name, **options)
 
 
 def test_stage_reports_every_metric_and_names_the_skipped_file(val_csv, stand_in, random_lpips, caplog):
     result = run_stage(val_csv, stand_in, random_lpips)
     assert set(result) == {"images", "skipped", "psnr", "ssim", "lpips", "rfid", "feature_network", "lpips_network",
-                           "image_size"}
+                           "image_size", "images_per_class"}
     assert result["images"] == 6 and result["skipped"] == [val_csv["corrupt"]]
     assert val_csv["corrupt"] in caplog.text
     assert result["feature_network"] == stand_in.name and result["image_size"] == IMAGE_SIZE
     assert result["lpips_network"] == "lpips-vgg (stand-in: random VGG16 backbone, seed 0)"
     # A random VAE reconstructs badly: finite, clearly imperfect scores.
     assert 0 < result["psnr"] < 40 and -1 < result["ssim"] < 0.9 and result["lpips"] > 0 and result["rfid"] > 0
+
+
+def test_stage_takes_the_first_images_of_each_class_when_capped(val_csv, stand_in, random_lpips, tmp_path):
+    """images_per_class = 2 of a CSV whose class 0 holds rows 0-3 (the corrupt file is row 3) and class 1 rows 4-6:
+    rows 0, 1, 4 and 5, scored as a CSV of those rows alone is."""
+    table = pd.read_csv(val_csv["csv"]).assign(class_id=[0, 0, 0, 0, 1, 1, 1])
+    capped_csv, chosen_csv = tmp_path / "capped.csv", tmp_path / "chosen.csv"
+    table.to_csv(capped_csv, index=False)
+    table.iloc[[0, 1, 4, 5]].to_csv(chosen_csv, index=False)
+    capped = run_stage({"csv": capped_csv}, stand_in, random_lpips, images_per_class=2)
+    chosen = run_stage({"csv": chosen_csv}, stand_in, random_lpips)
+    assert capped["images"] == 4 and capped["skipped"] == [] and capped["images_per_class"] == 2
+    assert {key: capped[key] for key in ("psnr", "ssim", "lpips", "rfid")} == \
+        {key: chosen[key] for key in ("psnr", "ssim", "lpips", "rfid")}
 
 
 def test_stage_scores_the_vae_square_against_its_decoded_png(val_csv, stand_in, random_lpips):

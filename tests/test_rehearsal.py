@@ -1,6 +1,7 @@
 """What the rehearsal tier's run left in results/rehearsal/: caches and sample sets at the real shapes.
 
-Run after `snakemake --cores 2 results/rehearsal/fid.json --config tier=rehearsal` (CI does); skipped while
+Run after `snakemake --cores 2 results/rehearsal/fid.json results/rehearsal/vae/sd15/recon.json --config
+tier=rehearsal` (CI does); skipped while
 results/rehearsal/ does not exist, and failing on any missing output or wrong shape once it does.
 """
 import json
@@ -61,3 +62,15 @@ def test_samples_are_512_px_and_scored_by_the_inception_path(tier):
             assert image.size == (512, 512)
         assert metrics["feature_network"] == INCEPTION_NAME
         assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["sfid"]), ablation
+
+
+def test_recon_eval_ran_at_512_px_with_the_real_vae_architecture(tier):
+    from urepa.sd15 import SD15_VAE_CONFIG
+
+    vae_config = json.loads((RESULTS / "inputs" / "sd15" / "vae" / "config.json").read_text())
+    assert {key: vae_config[key] for key in SD15_VAE_CONFIG} == SD15_VAE_CONFIG
+    result = json.loads((RESULTS / "vae" / "sd15" / "recon.json").read_text())
+    assert result["vae"] == "sd15" and result["image_size"] == 512 and result["skipped"] == []
+    assert result["images"] == tier["classes"] * tier["recon_images_per_class"]
+    assert result["feature_network"] == INCEPTION_NAME and "stand-in" in result["lpips_network"]
+    assert all(np.isfinite(result[key]) for key in ("psnr", "ssim", "lpips", "rfid"))

@@ -147,6 +147,7 @@ rule recon_eval:
         network=lambda w: tier_of(w)["feature_network"],
         batch_size=config["evaluate"]["batch_size"],
         lpips_seed=config["data_seed"],
+        images_per_class=lambda w: tier_of(w).get("recon_images_per_class"),
     threads: job_threads("recon_eval")
     resources:
         **job_resources("recon_eval"),

@@ -16,5 +16,6 @@ network = build_feature_network(params.network, inception[0] if inception else N
 lpips_model, lpips_name = load_lpips(vgg16[0] if vgg16 else None, device, seed=params.lpips_seed)
 vae = load_autoencoder(Path(snakemake.input.vae_model) / params.vae_subfolder, device)
 result = reconstruction_metrics(snakemake.input.csv, params.image_size, vae, network, lpips_model, params.batch_size,
-                                resources.data_workers, device, lpips_name=lpips_name)
+                                resources.data_workers, device, lpips_name=lpips_name,
+                                images_per_class=params.images_per_class)
 Path(snakemake.output[0]).write_text(json.dumps({"vae": snakemake.wildcards.vae, **result}, indent=2))
