@@ -156,8 +156,8 @@ def make_trainer(data, settings: dict, run_dir: Path, vae_path=None, noise_sched
     return Trainer(load_unet(data["sd15"]), noise_scheduler or load_noise_scheduler(data["sd15"]),
                    CachedRows(vae_path, caches["dino"], data["table"]["class_id"].to_numpy()), rows,
                    data["clip"], data["null_index"], data["dino"].attrs["dim"], data["dino"].attrs["grid"],
-                   normalisation or data["normalisation"], data["vae_weights"], settings, run_dir, seed, CPU, num_workers,
-                   time_phases=time_phases, report_to=report_to)
+                   normalisation or data["normalisation"], data["vae_weights"], settings, run_dir, seed, CPU,
+                   num_workers, time_phases=time_phases, report_to=report_to)
 
 
 def batch_of(trainer, data, first: int = 0) -> dict:
@@ -171,7 +171,8 @@ def run_training(data, settings, out: Path, caches: dict | None = None, seed: in
 
     model_dir = out / "model"
     run_dir = train_run({k: str(v) for k, v in (caches or data["caches"]).items()}, str(data["sd15"]),
-                        str(data["dinov2"]), str(data["vae_dir"]), settings, out / "train_state", model_dir, seed, CPU, 0, "test", **VIEW)
+                        str(data["dinov2"]), str(data["vae_dir"]), settings, out / "train_state", model_dir, seed, CPU,
+                        0, "test", **VIEW)
     return run_dir, model_dir
 
 

@@ -239,8 +239,8 @@ def _layout_problems(config: dict) -> list[str]:
 
 
 def _vae_problems(config: dict, tier: str) -> list[str]:
-    """Every VAE other than SD-1.5's that the tier's runs train on or decode with: set, and an AutoencoderKL folder of 4-channel, f8
-    latents (sd15's own vae/ is checked with sd15_dir)."""
+    """Every VAE other than SD-1.5's that the tier's runs train on or decode with: set, and an AutoencoderKL folder
+    of 4-channel, f8 latents (sd15's own vae/ is checked with sd15_dir)."""
     from .vae import check_vae_dir  # torch: only on a real tier
 
     problems = []
