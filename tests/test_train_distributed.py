@@ -63,7 +63,9 @@ def state_of(out: Path) -> Path:
 
 def assert_same_run(reference: Path, other: Path, steps=None) -> None:
     """Per-step losses within rtol 1e-4 and final EMA weights within rtol 1e-3 (with an absolute floor of
-    1e-3 of each tensor's mean magnitude, for entries near zero) of the reference run's."""
+    1e-2 of each tensor's mean magnitude) of the reference run's. The floor is for entries whose gradient is near
+    zero: Adam turns the last-bit differences of another summation order (two processes' all-reduce, another
+    thread count) into updates of up to lr per step there; a wrong batch or reduction moves the losses first."""
     log_a = pd.read_csv(state_of(reference) / "train_log.csv")
     log_b = pd.read_csv(state_of(other) / "train_log.csv")
     assert log_b["step"].tolist() == log_a["step"].tolist()
@@ -76,7 +78,7 @@ def assert_same_run(reference: Path, other: Path, steps=None) -> None:
         a, b = load_file(reference / "model" / name), load_file(other / "model" / name)
         assert a.keys() == b.keys() and a
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3 * a[key].abs().mean().item(),
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-2 * a[key].abs().mean().item(),
                                        msg=lambda m: f"{name} {key}: {m}")
 
 
