@@ -136,7 +136,8 @@ def _check_names(config: dict) -> None:
     """Names that refer to other config entries must exist."""
     problems = []
     if config["tier"] not in config["tiers"]:
-        problems.append(f"config key 'tier': unknown tier '{config['tier']}'; defined tiers: {', '.join(config['tiers'])}")
+        problems.append(f"config key 'tier': unknown tier '{config['tier']}'; "
+                        f"defined tiers: {', '.join(config['tiers'])}")
     for key, names in [("ablation", [config["ablation"]]), ("compare", config["compare"]),
                        *((f"tiers.{tier}.compare", s.get("compare", [])) for tier, s in config["tiers"].items())]:
         for name in names:
@@ -150,14 +151,18 @@ def _check_names(config: dict) -> None:
                                 f"defined presets: {', '.join(config['sample']['presets'])}")
         if settings.get("data_from", tier) not in config["tiers"]:
             problems.append(f"config key 'tiers.{tier}.data_from': unknown tier '{settings['data_from']}'")
-    known_vaes = [SD15_VAE, *config["vaes"]]
+    clashes = sorted(set(config["vaes"]) & set(tuned_vaes(config)))
+    if clashes:
+        problems.append(f"config keys 'vaes' and 'vae_tune.presets' both define {', '.join(clashes)}: a VAE name "
+                        f"is either a local folder or one the workflow tunes")
+    known_vaes = [SD15_VAE, *config["vaes"], *tuned_vaes(config)]
     named_vaes = [("train.vae", config["train"]["vae"]), ("sample.decode_vae", config["sample"]["decode_vae"]),
                   *((f"tiers.{tier}.train.vae", s.get("train", {}).get("vae")) for tier, s in config["tiers"].items()),
                   *((f"ablations.{name}.vae", preset.get("vae")) for name, preset in config["ablations"].items())]
     for key, name in named_vaes:
         if name is not None and name not in known_vaes:
             problems.append(f"config key '{key}': unknown VAE '{name}'; known VAEs: {', '.join(known_vaes)} "
-                            f"(add a local AutoencoderKL folder under `vaes:`)")
+                            f"(add a local AutoencoderKL folder under `vaes:`, or a preset under `vae_tune.presets`)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -168,6 +173,28 @@ def tier_settings(config: dict, tier: str | None = None) -> dict[str, Any]:
     if tier not in config["tiers"]:
         raise ConfigError(f"config key 'tier': unknown tier '{tier}'; defined tiers: {', '.join(config['tiers'])}")
     return config["tiers"][tier]
+
+
+def tuned_vaes(config: dict) -> list[str]:
+    """The VAEs the workflow tunes itself (rule tune_vae): the names under `vae_tune.presets`."""
+    return list(config["vae_tune"]["presets"])
+
+
+def tune_settings(config: dict, tier: str, name: str) -> dict[str, Any]:
+    """Settings of tuned VAE `name`: `vae_tune`'s defaults, then the tier's `vae_tune`, then the preset's."""
+    if name not in config["vae_tune"]["presets"]:
+        raise ConfigError(f"no tuned VAE '{name}'; vae_tune.presets: {', '.join(tuned_vaes(config))}")
+    defaults = {key: value for key, value in config["vae_tune"].items() if key != "presets"}
+    return _merge(_merge(defaults, tier_settings(config, tier).get("vae_tune", {})),
+                  config["vae_tune"]["presets"][name])
+
+
+def tune_unet_settings(config: dict, tier: str, name: str) -> dict[str, Any]:
+    """The U-Net side of tuning run `name`: the tier's `urepa` training settings on SD-1.5's VAE (the VAE tuning
+    starts from), in one process, for the tuning run's steps and batch."""
+    tune = tune_settings(config, tier, name)
+    return {**train_settings(config, tier, "urepa"), "vae": SD15_VAE, "processes": 1, "grad_accum": 1,
+            "max_steps": tune["max_steps"], "batch_size": tune["batch_size"]}
 
 
 def compared(config: dict, tier: str) -> list[str]:
@@ -245,7 +272,7 @@ def _vae_problems(config: dict, tier: str) -> list[str]:
 
     problems = []
     for name in dict.fromkeys([*tier_vaes(config, tier), config["sample"]["decode_vae"] or SD15_VAE]):
-        if name == SD15_VAE:
+        if name == SD15_VAE or name in tuned_vaes(config):  # tuned VAEs are made by the workflow
             continue
         key = f"vaes.{name}"
         if not config["vaes"].get(name):

@@ -16,12 +16,13 @@ log = logging.getLogger(__name__)
 TRAINING_CODE = ("losses.py", "models.py", "train.py", "batches.py")
 
 
-def training_code_digest() -> str:
-    """SHA-256 of the modules that define the objective, the model and the loop. Part of a run's identity:
+def training_code_digest(files: tuple[str, ...] = TRAINING_CODE) -> str:
+    """SHA-256 of the modules that define the objective, the model and the loop (`files`, in the package). Part
+    of a run's identity:
     Snakemake does not see edits inside the package, and resuming old state after such an edit would mix
     two objectives in one set of weights."""
     digest = hashlib.sha256()
-    for name in TRAINING_CODE:
+    for name in files:
         digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:16]
 

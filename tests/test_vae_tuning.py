@@ -1,0 +1,172 @@
+"""Stage 3b, REPA-E on SD-1.5: a tuning run on the smoke caches end to end — its export (a folded AutoencoderKL a
+stock pipeline loads, the U-Net trained alongside), a run with nothing to learn exporting the input VAE bit for
+bit, kill-and-resume equal to uninterrupted, and the collapse guard."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
+from urepa.config import tune_settings, tune_unet_settings
+from urepa.vae import LatentNormalisation, load_autoencoder
+from urepa.vae_tuning import LOG_COLUMNS, CollapseError, VaeTuner, rows_per_class, tune_run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+
+
+def settings(**tune_overrides) -> tuple[dict, dict]:
+    """The smoke tier's `repae` tuning settings at STEPS steps, checkpointed every 2, and its U-Net side."""
+    tune = tune_settings(CONFIG, "smoke", "repae") | {"max_steps": STEPS, "checkpoint_every": 2} | tune_overrides
+    unet = tune_unet_settings(CONFIG, "smoke", "repae") | {"max_steps": STEPS, "batch_size": tune["batch_size"]}
+    return unet, tune
+
+
+def run(data, out, unet, tune, vae_name="repae"):
+    return tune_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]), None,
+                    unet, tune, vae_name, out / "train_state", out / "tuned", SEED, CPU, 0, SMOKE_IMAGE_SIZE,
+                    DINO_SIZE)
+
+
+@pytest.fixture(scope="module")
+def tuned(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned")
+    run_dir = run(data, out, *settings())
+    return out / "tuned", run_dir
+
+
+def test_the_export_is_a_folded_autoencoder_a_stock_pipeline_loads(tuned, data):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    out, _ = tuned
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    frozen = load_autoencoder(data["vae_dir"])
+    assert vae.config.scaling_factor == frozen.config.scaling_factor  # the normaliser lives in the weights
+    pipe = StableDiffusionPipeline.from_pretrained(data["sd15"], vae=vae, safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert pipe.vae is vae
+    changed = [k for k, v in frozen.state_dict().items() if not torch.equal(v, vae.state_dict()[k])]
+    assert changed  # it was tuned
+    stats = json.loads((out / "latent_stats.json").read_text())
+    assert stats["running_mean"] != stats["reference_mean"]
+
+
+def test_the_log_has_every_term_of_every_pass_at_every_step(tuned):
+    out, _ = tuned
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log.columns) == LOG_COLUMNS and log["step"].tolist() == list(range(1, STEPS + 1))
+    for column in ("loss_vae", "l1", "lpips", "kl", "align", "loss_unet", "loss_diff", "loss_token",
+                   "grad_norm_vae", "grad_norm_unet", "latent_std_0"):
+        assert np.isfinite(log[column]).all() and (log[column] != 0).all(), column
+    assert log["loss_d"].isna().all()  # the GAN is off by default
+    assert (out / "losses.png").stat().st_size > 0
+
+
+def test_the_unet_trained_alongside_is_recorded_on_the_tuned_vae(tuned):
+    out, _ = tuned
+    for folder in (out / "unet", out / "unet" / "ema"):
+        description = json.loads((folder / "weights.json").read_text())
+        assert description["vae"]["name"] == "repae" and description["vae"]["path"] == str(out / "vae")
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()
+        assert (folder / "align_heads.safetensors").is_file()
+
+
+def test_the_folded_vae_encodes_to_what_the_unet_was_trained_on(data, tmp_path):
+    """The exported VAE's posterior mean * scaling_factor equals the pinned latents of the tuned VAE (to 1e-5)."""
+    unet, tune = settings(max_steps=2)
+    tuner = make_tuner(data, tmp_path / "state", unet, tune)
+    tuner.run()
+    record = tuner.save_vae(tmp_path / "vae")
+    folded = load_autoencoder(record["path"])
+    images = tuner.dataset[data["rows"][:2]]["image"]
+    scaling = LatentNormalisation.from_config(folded.config).scaling_factor
+    with torch.no_grad():
+        tuned_mean = tuner.e2e.vae.eval().encode(images).latent_dist.mean
+        expected = tuner.e2e.pinning(tuned_mean) * scaling
+        torch.testing.assert_close(folded.encode(images).latent_dist.mean * scaling, expected, rtol=0, atol=1e-5)
+
+
+def make_tuner(data, run_dir, unet, tune) -> VaeTuner:
+    from urepa.latent_pinning import cache_moments
+    from urepa.reconstruction import load_lpips
+    from urepa.sd15 import load_noise_scheduler, load_unet
+    from urepa.vae_tuning import TuningRows
+
+    table = data["table"]
+    rows = rows_per_class(table, data["rows"], tune["images_per_class"])
+    return VaeTuner(load_autoencoder(data["vae_dir"]), load_unet(data["sd15"]), load_noise_scheduler(data["sd15"]),
+                    TuningRows(table["img_path"].tolist(), SMOKE_IMAGE_SIZE, data["caches"]["vae"],
+                               data["caches"]["dino"], table["class_id"].to_numpy()),
+                    rows, data["clip"], data["null_index"], data["dino"].attrs["dim"], data["dino"].attrs["grid"],
+                    cache_moments(data["vae"]["mean"], data["vae"]["std"], rows), load_lpips(None, "cpu")[0],
+                    unet, tune, run_dir, SEED, CPU, 0, "repae")
+
+
+def test_a_run_with_nothing_to_learn_exports_the_input_vae_bit_for_bit(data, tmp_path):
+    """Every learning rate 0 and the normaliser's momentum 0: the exported VAE is SD-1.5's, every tensor equal."""
+    unet, tune = settings(max_steps=2, vae_learning_rate=0.0, normaliser_momentum=0.0)
+    unet["learning_rate"] = 0.0
+    run(data, tmp_path, unet, tune)
+    exported = load_file(tmp_path / "tuned" / "vae" / "diffusion_pytorch_model.safetensors")
+    original = load_file(data["vae_dir"] / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(tuned, data, tmp_path, monkeypatch):
+    uninterrupted, _ = tuned
+    original_step = VaeTuner.step
+
+    def killed_at_step_3(self, batch):
+        if self.state.step == 2:
+            raise KeyboardInterrupt("killed")
+        return original_step(self, batch)
+
+    monkeypatch.setattr(VaeTuner, "step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, tmp_path, *settings())
+    monkeypatch.setattr(VaeTuner, "step", original_step)
+    run_dir = run(data, tmp_path, *settings())
+    assert json.loads((run_dir / "run.json").read_text())["launches"][-1]["from_step"] == 2
+    resumed = tmp_path / "tuned"
+    for name in ("vae/diffusion_pytorch_model.safetensors", "unet/pytorch_lora_weights.safetensors",
+                 "unet/ema/pytorch_lora_weights.safetensors", "unet/align_heads.safetensors"):
+        a, b = load_file(uninterrupted / name), load_file(resumed / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name} {key}"
+    logged = [pd.read_csv(folder / "train_log.csv").drop(columns="step_time") for folder in (uninterrupted, resumed)]
+    pd.testing.assert_frame_equal(*logged)
+
+
+def test_a_vae_without_gradient_stops_the_run_naming_the_step_and_checkpoint(data, tmp_path):
+    unet, tune = settings(l1_weight=0.0, lpips_weight=0.0, kl_weight=0.0, vae_align_coeff=0.0)
+    with pytest.raises(CollapseError, match=r"grad_norm_vae is 0 at step 1; the last good checkpoint is none"):
+        run(data, tmp_path, unet, tune)
+
+
+def test_collapsed_latents_stop_the_run(data, tmp_path):
+    unet, tune = settings(collapse_std_ratio=100.0)  # planted: no spread can pass this
+    with pytest.raises(CollapseError, match=r"latent std per channel .* at step 1"):
+        run(data, tmp_path, unet, tune)
+
+
+def test_rows_per_class_takes_the_first_valid_rows_of_each_class():
+    table = pd.DataFrame({"class_id": [0, 0, 0, 1, 1, 1]})
+    assert rows_per_class(table, np.array([0, 2, 3, 4, 5]), 2).tolist() == [0, 2, 3, 4]
+    assert rows_per_class(table, np.array([0, 2]), None).tolist() == [0, 2]
+
+
+def test_the_gan_trains_the_discriminator_alone_during_its_warm_up(data, tmp_path):
+    unet, tune = settings(max_steps=2, gan=True, disc_warmup_steps=1, anchor_weight=1.0,
+                          vae_align_terms="token+manifold")
+    run(data, tmp_path, unet, tune)
+    log = pd.read_csv(tmp_path / "tuned" / "train_log.csv")
+    assert np.isfinite(log[["loss_d", "logits_real", "logits_fake", "grad_norm_d", "anchor"]]).all().all()
+    assert log["gan"].tolist()[0] == 0.0 and log["gan"].tolist()[1] != 0.0
+    assert (log["anchor"] > 0).all()

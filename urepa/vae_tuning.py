@@ -1,0 +1,412 @@
+"""Stage 3b (REPA-E, part 2): tune SD-1.5's VAE end to end through the alignment loss, with the U-Net's LoRA and
+heads trained alongside (`urepa.end_to_end` holds the three passes' losses).
+
+Data: the subset's images at the caches' square (`vae_transform`), the DINOv2 token cache for the targets, the
+CLIP cache for the conditions, and the frozen VAE's latent cache for the normaliser's reference moments and the
+optional anchor. A step: the VAE pass (AdamW on the VAE), the discriminator pass when the GAN term is on
+(AdamW on D), the U-Net pass (AdamW on LoRA + heads, cosine schedule, EMA), each clipped at `max_grad_norm`.
+Resumable as `train_unet` is (accelerate checkpoints of every model, optimiser, scheduler, the normaliser's
+buffers, the EMA and the generator, in a state folder named by the run's identity), with a collapse guard.
+
+Export: `vae/`, the tuned VAE with the normaliser folded into its 1x1 convolutions (a diffusers AutoencoderKL with
+SD-1.5's scaling_factor, loadable as a stock pipeline's `vae`); `unet/`, the U-Net weights trained alongside (an
+exported weights folder as `train_unet` writes, recorded as trained on the tuned VAE, with `ema/`);
+`train_log.csv`, `losses.png`, `latent_stats.json`, `config.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from . import export
+from .batches import StepBatches, TrainState
+from .config import without_launch
+from .digests import content_digest, file_digest, weights_fingerprint
+from .discriminator import PatchDiscriminator
+from .end_to_end import EndToEnd, VaeLossWeights
+from .images import dinov2_view, open_rgb, vae_transform
+from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
+from .losses import AlignSchedule, Objective
+from .models import AlignedUNet, make_trainable
+from .rowstore import CachedRows, check_cache, valid_rows
+from .runstate import claim_run_state, complete_checkpoints, training_code_digest
+from .runtime import progress, provenance
+from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
+
+log = logging.getLogger(__name__)
+
+# The modules that define the tuning objective and loop: part of a tuning run's identity.
+TUNING_CODE = ("vae_tuning.py", "end_to_end.py", "latent_pinning.py", "discriminator.py", "losses.py", "models.py",
+               "batches.py")
+VAE_TERMS = ["l1", "lpips", "kl", "gan", "align", "anchor"]
+LOG_COLUMNS = (["step", "loss_vae", *VAE_TERMS, "loss_d", "logits_real", "logits_fake", "loss_unet", "loss_diff",
+                "loss_token", "loss_manifold", "align_coeff", "lr_vae", "lr_unet", "lr_d", "grad_norm_vae",
+                "grad_norm_d", "grad_norm_unet"]
+               + [f"latent_{moment}_{c}" for moment in ("mean", "std") for c in range(4)] + ["step_time"])
+
+
+class CollapseError(RuntimeError):
+    """The tuned VAE or the U-Net beside it stopped learning or lost its latent spread."""
+
+
+class TuningRows(CachedRows):
+    """`CachedRows` (frozen latent moments, DINOv2 tokens, class ids) plus each row's image at the caches' square,
+    in [-1, 1], decoded in the data workers."""
+
+    def __init__(self, image_paths: list[str], image_size: int, vae_path, dino_path, class_ids: np.ndarray):
+        super().__init__(vae_path, dino_path, class_ids)
+        self.image_paths, self.transform = list(image_paths), vae_transform(image_size)
+
+    def __getitem__(self, rows) -> dict[str, torch.Tensor]:
+        batch = super().__getitem__(rows)
+        batch["image"] = torch.stack([self.transform(open_rgb(self.image_paths[int(row)])) for row in batch["row"]])
+        return batch
+
+
+def rows_per_class(table: pd.DataFrame, rows: np.ndarray, images_per_class: int | None) -> np.ndarray:
+    """The first `images_per_class` valid rows of every class (all of them for None), in row order."""
+    if images_per_class is None:
+        return rows
+    valid = table.iloc[rows].assign(row=rows)
+    return np.sort(valid.groupby("class_id", sort=False).head(images_per_class)["row"].to_numpy())
+
+
+class VaeTuner:
+    """One tuning run on one process. Built from loaded parts, so tests and benchmarks can hand it any models."""
+
+    def __init__(self, vae, unet, noise_scheduler, dataset: TuningRows, rows: np.ndarray, clip_embeddings,
+                 null_index: int, token_dim: int, token_grid: int, reference_moments: tuple, lpips_model,
+                 unet_settings: dict, tune: dict, run_dir: str | Path, seed: int, device, num_workers: int,
+                 vae_name: str, discriminator_state: dict | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        self.unet_settings, self.tune, self.run_dir, self.seed = unet_settings, tune, Path(run_dir), seed
+        self.vae_name, self.token_dim = vae_name, token_dim
+        device = torch.device(device)
+        cpu = device.type == "cpu"
+        self.accelerator = Accelerator(
+            mixed_precision="no" if cpu else unet_settings["mixed_precision"], cpu=cpu,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir)), step_scheduler_with_optimizer=False)
+        if self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "tune_vae runs on one process: its three optimisers and the VAE pass's frozen U-Net are not wired "
+                "through DistributedDataParallel yet. Set train.processes: 1 for the tuning stage's tier")
+        self.device = self.accelerator.device
+        self.noise_scheduler, self.null_index = noise_scheduler, null_index
+
+        torch.manual_seed(seed)  # LoRA, heads and discriminator initialisations
+        make_trainable(unet, unet_settings["finetune"], unet_settings["lora_rank"], unet_settings["lora_targets"])
+        if unet_settings["gradient_checkpointing"]:
+            unet.enable_gradient_checkpointing()
+        model = AlignedUNet(unet, unet_settings["align_layers"], token_dim, token_grid, unet_settings["projector"],
+                            unet_settings["projector_hidden"])
+        vae.requires_grad_(True).train()
+        if tune["gradient_checkpointing"]:
+            vae.enable_gradient_checkpointing()
+        self.gan = tune["gan"]
+        discriminator = PatchDiscriminator() if self.gan else None
+        if discriminator is not None and discriminator_state is not None:
+            discriminator.load_state_dict(discriminator_state)
+        weights = VaeLossWeights(l1=tune["l1_weight"], lpips=tune["lpips_weight"], kl=tune["kl_weight"],
+                                 gan=tune["gan_weight"], align=tune["vae_align_coeff"], anchor=tune["anchor_weight"],
+                                 align_terms=tune["vae_align_terms"])
+        pinning = MomentPinning(*reference_moments, momentum=tune["normaliser_momentum"])
+        normalisation = LatentNormalisation.from_config(vae.config)
+        self.e2e = EndToEnd(vae, model, pinning, normalisation, Objective.from_settings(noise_scheduler, unet_settings),
+                            lpips_model, weights, discriminator).to(self.device)
+        self.align_schedule = AlignSchedule(unet_settings["align_coeff"], **unet_settings["align_schedule"])
+
+        def adamw(params, lr, weight_decay):
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+        self.vae_params = list(vae.parameters())
+        self.unet_params = [p for p in model.parameters() if p.requires_grad]
+        self.vae_optimizer = adamw(self.vae_params, tune["vae_learning_rate"], tune["weight_decay"])
+        self.unet_optimizer = adamw(self.unet_params, unet_settings["learning_rate"], unet_settings["weight_decay"])
+        max_steps = tune["max_steps"]
+        self.vae_scheduler = get_scheduler("constant", self.vae_optimizer)
+        self.unet_scheduler = get_scheduler(
+            "cosine", self.unet_optimizer, num_warmup_steps=int(unet_settings["warmup_ratio"] * max_steps),
+            num_training_steps=max_steps)
+        self.ema = EMAModel(self.unet_params, decay=unet_settings["ema_decay"])
+        self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + 1)
+        self.state = TrainState(self.generator)
+        prepared = [vae, model, self.vae_optimizer, self.unet_optimizer, self.vae_scheduler, self.unet_scheduler]
+        if discriminator is not None:
+            self.d_params = list(discriminator.parameters())
+            self.d_optimizer = adamw(self.d_params, tune["disc_learning_rate"], tune["weight_decay"])
+            self.d_scheduler = get_scheduler("constant", self.d_optimizer)
+            prepared += [discriminator, self.d_optimizer, self.d_scheduler]
+        self.accelerator.prepare(*prepared)
+        self.accelerator.register_for_checkpointing(pinning, self.ema, self.state)
+
+        self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
+        self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
+
+    # -- checkpoints (as urepa.train.Trainer's) --------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.run_dir)
+
+    def resume(self) -> int:
+        found = self.checkpoints()
+        if found:
+            self.accelerator.load_state(str(found[-1]))
+            log.info("resumed from %s at step %d", found[-1], self.state.step)
+        return self.state.step
+
+    def save_checkpoint(self) -> Path:
+        final = self.run_dir / "checkpoints" / f"checkpoint-{self.state.step}"
+        partial = final.with_name(final.name + ".tmp")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.accelerator.save_state(str(partial))
+        partial.rename(final)
+        for old in self.checkpoints()[:-self.tune["checkpoints_total_limit"]]:
+            shutil.rmtree(old)
+        return final
+
+    def last_good(self) -> str:
+        found = self.checkpoints()
+        return str(found[-1]) if found else "none (no checkpoint yet)"
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def batches(self, start_step: int) -> DataLoader:
+        sampler = StepBatches(self.rows, self.tune["batch_size"], self.seed, start_step)
+        return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+
+    def draw(self, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
+        """Every random draw of a step from the checkpointed generator: the VAE's posterior sample, the noise and
+        timestep both alignment passes share, the condition dropout."""
+        generator, device, size = self.generator, self.device, self.tune["batch_size"]
+        shape = (size, *latent_shape)
+        return {
+            "posterior": torch.randn(shape, generator=generator, device=device),
+            "noise": torch.randn(shape, generator=generator, device=device),
+            "timesteps": torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,),
+                                       generator=generator, device=device),
+            "dropped": torch.rand(size, generator=generator, device=device) < self.unet_settings["cond_dropout"],
+        }
+
+    def _update(self, loss: torch.Tensor, params: list, optimizer, scheduler) -> float:
+        """Back-propagate `loss` into `params` only, clip, step; the gradient norm before clipping."""
+        self.accelerator.backward(loss, inputs=params)
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.tune["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        e2e, device, tune, step = self.e2e, self.device, self.tune, self.state.step + 1
+        images = batch["image"].to(device, non_blocking=True)
+        tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
+        anchor = batch["latent_mean"].to(device, torch.float32) if tune["anchor_weight"] > 0 else None
+        draws = self.draw(batch["latent_mean"].shape[1:])
+        classes = torch.where(draws["dropped"], self.null_index, batch["class_id"].to(device))
+        condition = self.clip[classes]
+        noise, timesteps = draws["noise"], draws["timesteps"]
+        # D trains alone for its warm-up; the VAE's GAN term starts after it.
+        gan_term = self.gan and step > tune["disc_warmup_steps"]
+
+        with self.accelerator.autocast():
+            posterior, z = e2e.encode(images, draws["posterior"])
+            vae_terms = e2e.vae_terms(images, posterior, z, noise, timesteps, condition, tokens, anchor, gan=gan_term)
+        values = {name: vae_terms[name].item() for name in VAE_TERMS} | {"loss_vae": vae_terms["loss"].item()}
+        values["grad_norm_vae"] = self._update(vae_terms["loss"], self.vae_params, self.vae_optimizer,
+                                               self.vae_scheduler)
+        values["lr_vae"] = self.vae_scheduler.get_last_lr()[0]
+
+        if self.gan:
+            with self.accelerator.autocast():
+                d_terms = e2e.discriminator_loss(images, vae_terms["reconstructions"])
+            values.update(loss_d=d_terms["loss"].item(), logits_real=d_terms["logits_real"].item(),
+                          logits_fake=d_terms["logits_fake"].item(), lr_d=self.d_scheduler.get_last_lr()[0])
+            values["grad_norm_d"] = self._update(d_terms["loss"], self.d_params, self.d_optimizer, self.d_scheduler)
+        else:
+            values.update(loss_d=float("nan"), logits_real=float("nan"), logits_fake=float("nan"),
+                          lr_d=float("nan"), grad_norm_d=float("nan"))
+
+        align_coeff = self.align_schedule(self.state.step)
+        with self.accelerator.autocast():
+            unet_terms, unet_loss = e2e.unet_terms(z, noise, timesteps, condition, tokens, align_coeff)
+        values.update(zip(["loss_unet", "loss_diff", "loss_token", "loss_manifold"], unet_terms.tolist()))
+        values["grad_norm_unet"] = self._update(unet_loss, self.unet_params, self.unet_optimizer, self.unet_scheduler)
+        values.update(align_coeff=align_coeff, lr_unet=self.unet_scheduler.get_last_lr()[0])
+        self.ema.step(self.unet_params)
+
+        spread = z.detach().float().transpose(0, 1).flatten(1)
+        for channel, (mean, std) in enumerate(zip(spread.mean(1).tolist(), spread.std(1).tolist())):
+            values[f"latent_mean_{channel}"], values[f"latent_std_{channel}"] = mean, std
+        self.state.step = step
+        self.check_collapse(values, spread.std(1))
+        return values
+
+    def check_collapse(self, values: dict[str, float], latent_std: torch.Tensor) -> None:
+        """Stop on a non-finite term, a VAE or U-Net that no longer gets a gradient, or latents whose spread fell
+        below `collapse_std_ratio` of the frozen VAE's (REPA-E's issue #30: grad norms and the GAN term fall to 0)."""
+        step, last_good = self.state.step, self.last_good()
+        where = f"at step {step}; the last good checkpoint is {last_good}"
+        bad = [name for name, value in values.items() if name.startswith(("loss", "grad_norm")) and
+               not np.isfinite(value) and not (name in ("loss_d", "grad_norm_d") and not self.gan)]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} {where}. Lower the learning rates or check the "
+                                     f"images and caches")
+        for name in ("grad_norm_vae", "grad_norm_unet"):
+            if values[name] == 0.0:
+                raise CollapseError(f"{name} is 0 {where}: that model no longer learns (REPA-E #30)")
+        reference = self.e2e.pinning.ref_var.sqrt().to(latent_std)
+        ratio = latent_std / reference
+        if bool((ratio < self.tune["collapse_std_ratio"]).any()):
+            raise CollapseError(
+                f"latent std per channel {[round(v, 4) for v in latent_std.tolist()]} fell below "
+                f"collapse_std_ratio {self.tune['collapse_std_ratio']} of the frozen VAE's "
+                f"{[round(v, 4) for v in reference.tolist()]} {where}")
+
+    # -- the run -----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        start, max_steps = self.resume(), self.tune["max_steps"]
+        log_path = self.run_dir / "train_log.csv"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():  # rows logged after the last checkpoint are about to be redone
+            table = pd.read_csv(log_path)
+            table[table["step"] <= start].to_csv(log_path, index=False)
+        with open(log_path, "a", newline="") as log_file:
+            writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
+            if log_file.tell() == 0:
+                writer.writeheader()
+            bar = progress(total=max_steps, initial=start, desc="tune_vae", unit="step")
+            batches = iter(self.batches(start)) if start < max_steps else iter(())
+            while self.state.step < max_steps:
+                tick = time.perf_counter()
+                values = self.step(next(batches))
+                values.update(step=self.state.step, step_time=time.perf_counter() - tick)
+                writer.writerow({k: values[k] for k in LOG_COLUMNS})
+                bar.update(1)
+                bar.set_postfix(vae=f"{values['loss_vae']:.3f}", unet=f"{values['loss_unet']:.3f}", refresh=False)
+                step = self.state.step
+                if step % self.tune["checkpoint_every"] == 0 or step == max_steps:
+                    log_file.flush()
+                    self.save_checkpoint()
+            bar.close()
+
+    # -- artifacts ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        self.ema.store(self.unet_params)
+        self.ema.copy_to(self.unet_params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.unet_params)
+
+    def save_vae(self, out_dir: Path) -> dict:
+        """The tuned VAE with the normaliser folded in (a copy: training state is untouched); its record."""
+        vae = copy.deepcopy(self.accelerator.unwrap_model(self.e2e.vae)).float().cpu().eval()
+        fold_into_vae(vae, copy.deepcopy(self.e2e.pinning).cpu())
+        if getattr(vae, "is_gradient_checkpointing", False):
+            vae.disable_gradient_checkpointing()
+        vae.save_pretrained(out_dir)
+        return vae_record(self.vae_name, out_dir)
+
+    def save_unet(self, out_dir: Path, vae: dict) -> None:
+        export.save_weights(out_dir, self.accelerator.unwrap_model(self.e2e.model), self.noise_scheduler,
+                            self.unet_settings, self.token_dim, vae)
+
+    def latent_stats(self) -> dict:
+        pinning = self.e2e.pinning
+        return {"reference_mean": pinning.ref_mean.tolist(), "reference_std": pinning.ref_var.sqrt().tolist(),
+                "running_mean": pinning.running_mean.tolist(), "running_std": pinning.running_var.sqrt().tolist(),
+                "momentum": pinning.momentum}
+
+
+def plot_tuning_losses(log_csv: Path, out_png: Path, title: str) -> None:
+    """One panel per pass: the VAE's terms, the discriminator's, the U-Net's; then the latent std per channel."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    table = pd.read_csv(log_csv)
+    panels = [["loss_vae", *VAE_TERMS], ["loss_d", "logits_real", "logits_fake"],
+              ["loss_unet", "loss_diff", "loss_token", "loss_manifold"], [f"latent_std_{c}" for c in range(4)]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, columns in zip(axes, panels):
+        shown = [c for c in columns if table[c].notna().any() and table[c].abs().sum() > 0]
+        for column in shown:
+            ax.plot(table["step"], table[column], label=column)
+        ax.set_xlabel("step")
+        if shown:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str | None, unet_settings: dict,
+             tune: dict, vae_name: str, states_dir: str | Path, out_dir: str | Path, seed: int, device: torch.device,
+             num_workers: int, image_size: int, dino_size: int, lpips_seed: int = 0) -> Path:
+    """Check the caches (the frozen SD-1.5 VAE's latents, DINOv2 tokens, CLIP), tune (resuming if possible),
+    export into `out_dir` (see the module's docstring). Returns the run's state folder."""
+    from .reconstruction import load_lpips
+    from .sd15 import load_noise_scheduler, load_unet
+    from .vae import load_autoencoder
+
+    csv_sha = file_digest(caches["csv"])
+    frozen_dir = Path(sd15_dir) / "vae"
+    latents = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size})
+    check_same_vae(latents.attrs["vae"], vae_record(SD15_VAE, frozen_dir), f"latent cache {caches['vae']}")
+    dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
+                                        "view": dinov2_view(image_size, dino_size)})
+    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
+    table = pd.read_csv(caches["csv"])
+    rows = rows_per_class(table, valid_rows(latents, dino), tune["images_per_class"])
+    reference = cache_moments(latents["mean"], latents["std"], rows)
+    lpips_model, lpips_name = load_lpips(vgg16, device, lpips_seed)
+    discriminator_state = None
+    if tune["disc_ckpt"]:
+        discriminator_state = torch.load(tune["disc_ckpt"], map_location="cpu", weights_only=True)
+    identity = {"unet_settings": without_launch(unet_settings), "tune": tune, "seed": seed, "csv_sha256": csv_sha,
+                "code": training_code_digest(TUNING_CODE), "lpips": lpips_name,
+                "vgg16": file_digest(vgg16) if vgg16 else None,
+                "caches": {"vae": content_digest(latents), "dino": content_digest(dino), "clip": content_digest(clip)}}
+    run_dir = claim_run_state(Path(states_dir), identity, provenance(
+        device, mixed_precision=unet_settings["mixed_precision"]))
+    tuner = VaeTuner(
+        load_autoencoder(frozen_dir, device), load_unet(sd15_dir), load_noise_scheduler(sd15_dir),
+        TuningRows(table["img_path"].tolist(), image_size, caches["vae"], caches["dino"],
+                   table["class_id"].to_numpy()),
+        rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"], reference,
+        lpips_model, unet_settings, tune, run_dir, seed, device, num_workers, vae_name, discriminator_state)
+
+    tuner.run()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    record = tuner.save_vae(out_dir / "vae")
+    tuner.save_unet(out_dir / "unet", record)
+    with tuner.ema_weights():
+        tuner.save_unet(out_dir / "unet" / "ema", record)
+    shutil.copy(run_dir / "train_log.csv", out_dir / "train_log.csv")
+    plot_tuning_losses(out_dir / "train_log.csv", out_dir / "losses.png", f"tune_vae {vae_name}")
+    (out_dir / "latent_stats.json").write_text(json.dumps(tuner.latent_stats(), indent=2))
+    (out_dir / "config.json").write_text(json.dumps({
+        "vae": vae_name, "tune": tune, "unet_settings": unet_settings, "seed": seed, "sd15_dir": str(sd15_dir),
+        "dinov2": str(dinov2_path), "lpips": lpips_name, "caches": {k: str(v) for k, v in caches.items()},
+        "trained_rows": int(len(rows)), "final_step": tuner.state.step, "run_state": str(run_dir)}, indent=2))
+    return run_dir
