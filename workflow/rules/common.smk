@@ -77,16 +77,24 @@ def decode_vae(wildcards):
 
 def vae_model(wildcards, name):
     """The folder an input function gives for VAE `name`: the SD-1.5 folder for `sd15` (jobs read its vae/,
-    `vae_subfolder`), else config's `vaes` path or, on a generated tier, the stand-in it generates."""
+    `vae_subfolder`), a tuned VAE's tune_vae output (its vae/), else config's `vaes` path or, on a generated tier,
+    the stand-in it generates."""
     if name == urepa_config.SD15_VAE:
         return sd15_dir(wildcards)
+    if name in urepa_config.tuned_vaes(config):
+        return tuned_vae_dir(wildcards.tier, name)
     if tier_of(wildcards)["source"] in urepa_config.GENERATED_SOURCES:
         return f"results/{wildcards.tier}/inputs/vaes/{name}"
     return config["vaes"][name]
 
 
 def vae_subfolder(name):
-    return "vae" if name == urepa_config.SD15_VAE else ""
+    return "vae" if name == urepa_config.SD15_VAE or name in urepa_config.tuned_vaes(config) else ""
+
+
+def tuned_vae_dir(tier, name):
+    """tune_vae's output for tuned VAE `name`: vae/ (the AutoencoderKL), unet/ (the U-Net trained alongside), logs."""
+    return f"results/{tier}/vae/{name}/tuned"
 
 
 wildcard_constraints:
@@ -97,7 +105,7 @@ wildcard_constraints:
     shard="[0-9]+",
     shards="[0-9]+",
     ablation="|".join(map(re.escape, config["ablations"])),
-    vae="|".join(map(re.escape, [urepa_config.SD15_VAE, *config["vaes"]])),
+    vae="|".join(map(re.escape, [urepa_config.SD15_VAE, *config["vaes"], *urepa_config.tuned_vaes(config)])),
 
 
 # Input functions of the stage rules.
@@ -216,7 +224,7 @@ def rule_resources(rule_name, wildcards):
 
 
 def job_gpus(rule_name, wildcards):
-    """GPUs of one job: train_unet asks for one per training process."""
+    """GPUs of one job: train_unet asks for one per training process (tune_vae runs in one)."""
     per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["processes"] \
         if rule_name == "train_unet" else 1
     return rule_resources(rule_name, wildcards)["gpu"] * per_job
