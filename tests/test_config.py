@@ -271,3 +271,49 @@ def test_one_more_vae_plans_one_more_latent_cache_and_shares_the_others(tmp_path
     for path in ("results/smoke/cache/sd15/vae_latents.zarr", "results/smoke/cache/e2e/vae_latents.zarr",
                  "results/smoke/vae/e2e/recon.json", "results/smoke/inputs/vaes/e2e"):
         assert path in result.stdout
+
+
+# -- REPA-E, part 2: VAEs tuned by the workflow ---------------------------------------------------------------
+
+
+def test_tuned_vaes_are_known_vae_names_with_settings_per_tier_and_preset(config):
+    urepa_config.validate(config, SCHEMA)  # recon_vae, repae, repae_baseline name tuned VAEs
+    assert urepa_config.tuned_vaes(config) == ["repae", "recon"]
+    repae, recon = (urepa_config.tune_settings(config, "smoke", name) for name in ("repae", "recon"))
+    assert repae["vae_align_coeff"] == 1.5 and recon["vae_align_coeff"] == 0.0
+    assert repae["max_steps"] == config["tiers"]["smoke"]["vae_tune"]["max_steps"]  # the tier's override
+    assert urepa_config.tune_settings(config, "tierA", "repae")["vae_learning_rate"] == 1e-5
+    unet = urepa_config.tune_unet_settings(config, "smoke", "repae")
+    assert unet["vae"] == "sd15" and unet["max_steps"] == repae["max_steps"] and unet["batch_size"] == 4
+    assert unet["align_coeff"] == urepa_config.train_settings(config, "smoke", "urepa")["align_coeff"]
+
+
+def test_a_tuned_vae_may_not_also_be_a_vaes_entry(config):
+    config["vaes"]["repae"] = "/models/repae"
+    with pytest.raises(urepa_config.ConfigError, match="both define repae"):
+        urepa_config.validate(config, SCHEMA)
+
+
+def test_a_real_tier_asks_no_folder_for_a_tuned_vae(config, tmp_path):
+    real_inputs(config, tmp_path)
+    config["ablation"] = "repae"
+    urepa_config.check_real_paths(config, "tierA")  # made by tune_vae, not a config path
+
+
+def test_the_repae_rows_plan_two_tunings_two_latent_caches_and_nothing_else_twice(tmp_path):
+    """recon_vae, repae and repae_baseline beside urepa and baseline: tune_vae once per tuned VAE, one latent cache
+    each (the sd15 one shared), one DINOv2 and CLIP cache, a reconstruction report per VAE."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
+                             "-s", str(REPO / "Snakefile"), "--config",
+                             "compare=[urepa,baseline,recon_vae,repae,repae_baseline]"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    assert {k: counts[k] for k in ("tune_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval",
+                                   "train_unet")} == {"tune_vae": "2", "cache_vae": "3", "cache_dino": "1",
+                                                      "cache_clip": "1", "recon_eval": "3", "train_unet": "5"}
+    for path in ("results/smoke/vae/repae/tuned", "results/smoke/vae/recon/tuned",
+                 "results/smoke/cache/repae/vae_latents.zarr", "results/smoke/vae/recon/recon.json"):
+        assert path in result.stdout

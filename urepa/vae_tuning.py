@@ -41,7 +41,7 @@ from .losses import AlignSchedule, Objective
 from .models import AlignedUNet, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import claim_run_state, complete_checkpoints, training_code_digest
-from .runtime import progress, provenance
+from .runtime import PhaseTimer, progress, provenance
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class VaeTuner:
     def __init__(self, vae, unet, noise_scheduler, dataset: TuningRows, rows: np.ndarray, clip_embeddings,
                  null_index: int, token_dim: int, token_grid: int, reference_moments: tuple, lpips_model,
                  unet_settings: dict, tune: dict, run_dir: str | Path, seed: int, device, num_workers: int,
-                 vae_name: str, discriminator_state: dict | None = None):
+                 vae_name: str, discriminator_state: dict | None = None, time_phases: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
@@ -156,6 +156,7 @@ class VaeTuner:
 
         self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
         self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
+        self.timer = PhaseTimer(time_phases, self.device)  # per-pass wall time (benchmarks/vae_tune_step.py)
 
     # -- checkpoints (as urepa.train.Trainer's) --------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -222,31 +223,37 @@ class VaeTuner:
         # D trains alone for its warm-up; the VAE's GAN term starts after it.
         gan_term = self.gan and step > tune["disc_warmup_steps"]
 
-        with self.accelerator.autocast():
-            posterior, z = e2e.encode(images, draws["posterior"])
-            vae_terms = e2e.vae_terms(images, posterior, z, noise, timesteps, condition, tokens, anchor, gan=gan_term)
-        values = {name: vae_terms[name].item() for name in VAE_TERMS} | {"loss_vae": vae_terms["loss"].item()}
-        values["grad_norm_vae"] = self._update(vae_terms["loss"], self.vae_params, self.vae_optimizer,
-                                               self.vae_scheduler)
-        values["lr_vae"] = self.vae_scheduler.get_last_lr()[0]
+        with self.timer("vae pass"):
+            with self.accelerator.autocast():
+                posterior, z = e2e.encode(images, draws["posterior"])
+                vae_terms = e2e.vae_terms(images, posterior, z, noise, timesteps, condition, tokens, anchor,
+                                          gan=gan_term)
+            values = {name: vae_terms[name].item() for name in VAE_TERMS} | {"loss_vae": vae_terms["loss"].item()}
+            values["grad_norm_vae"] = self._update(vae_terms["loss"], self.vae_params, self.vae_optimizer,
+                                                   self.vae_scheduler)
+            values["lr_vae"] = self.vae_scheduler.get_last_lr()[0]
 
         if self.gan:
-            with self.accelerator.autocast():
-                d_terms = e2e.discriminator_loss(images, vae_terms["reconstructions"])
-            values.update(loss_d=d_terms["loss"].item(), logits_real=d_terms["logits_real"].item(),
-                          logits_fake=d_terms["logits_fake"].item(), lr_d=self.d_scheduler.get_last_lr()[0])
-            values["grad_norm_d"] = self._update(d_terms["loss"], self.d_params, self.d_optimizer, self.d_scheduler)
+            with self.timer("discriminator pass"):
+                with self.accelerator.autocast():
+                    d_terms = e2e.discriminator_loss(images, vae_terms["reconstructions"])
+                values.update(loss_d=d_terms["loss"].item(), logits_real=d_terms["logits_real"].item(),
+                              logits_fake=d_terms["logits_fake"].item(), lr_d=self.d_scheduler.get_last_lr()[0])
+                values["grad_norm_d"] = self._update(d_terms["loss"], self.d_params, self.d_optimizer,
+                                                     self.d_scheduler)
         else:
             values.update(loss_d=float("nan"), logits_real=float("nan"), logits_fake=float("nan"),
                           lr_d=float("nan"), grad_norm_d=float("nan"))
 
         align_coeff = self.align_schedule(self.state.step)
-        with self.accelerator.autocast():
-            unet_terms, unet_loss = e2e.unet_terms(z, noise, timesteps, condition, tokens, align_coeff)
-        values.update(zip(["loss_unet", "loss_diff", "loss_token", "loss_manifold"], unet_terms.tolist()))
-        values["grad_norm_unet"] = self._update(unet_loss, self.unet_params, self.unet_optimizer, self.unet_scheduler)
-        values.update(align_coeff=align_coeff, lr_unet=self.unet_scheduler.get_last_lr()[0])
-        self.ema.step(self.unet_params)
+        with self.timer("unet pass"):
+            with self.accelerator.autocast():
+                unet_terms, unet_loss = e2e.unet_terms(z, noise, timesteps, condition, tokens, align_coeff)
+            values.update(zip(["loss_unet", "loss_diff", "loss_token", "loss_manifold"], unet_terms.tolist()))
+            values["grad_norm_unet"] = self._update(unet_loss, self.unet_params, self.unet_optimizer,
+                                                    self.unet_scheduler)
+            values.update(align_coeff=align_coeff, lr_unet=self.unet_scheduler.get_last_lr()[0])
+            self.ema.step(self.unet_params)
 
         spread = z.detach().float().transpose(0, 1).flatten(1)
         for channel, (mean, std) in enumerate(zip(spread.mean(1).tolist(), spread.std(1).tolist())):
