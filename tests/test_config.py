@@ -251,7 +251,8 @@ def test_a_real_tier_names_an_unset_or_wrong_vae_before_any_job(config, tmp_path
 def test_a_real_tier_needs_the_vgg16_weights_of_lpips(config, tmp_path):
     real_inputs(config, tmp_path)
     config["vgg16"] = None
-    with pytest.raises(urepa_config.ConfigError, match="config key 'vgg16': LPIPS in recon_eval needs .* it is not set"):
+    with pytest.raises(urepa_config.ConfigError,
+                       match=r"config key 'vgg16': LPIPS \(recon_eval, tune_vae\) needs .* it is not set"):
         urepa_config.check_real_paths(config, "tierA")
 
 
