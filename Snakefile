@@ -36,6 +36,7 @@ localrules:
     sample_point,
     generated_imagenet,
     generated_model,
+    joint_unet,
 
 
 rule all:

@@ -289,6 +289,15 @@ def test_tuned_vaes_are_known_vae_names_with_settings_per_tier_and_preset(config
     assert unet["align_coeff"] == urepa_config.train_settings(config, "smoke", "urepa")["align_coeff"]
 
 
+def test_a_joint_row_must_train_on_the_vae_it_was_tuned_beside(config):
+    config["ablations"]["repae_joint"] = {"vae": "recon"}
+    config["vae_tune"]["joint_ablations"]["typo_joint"] = "repae"
+    with pytest.raises(urepa_config.ConfigError) as error:
+        urepa_config.validate(config, SCHEMA)
+    assert "'ablations.repae_joint.vae' must be 'repae'" in str(error.value)
+    assert "'vae_tune.joint_ablations.typo_joint': needs an ablation 'typo_joint'" in str(error.value)
+
+
 def test_a_tuned_vae_may_not_also_be_a_vaes_entry(config):
     config["vaes"]["repae"] = "/models/repae"
     with pytest.raises(urepa_config.ConfigError, match="both define repae"):
@@ -302,19 +311,22 @@ def test_a_real_tier_asks_no_folder_for_a_tuned_vae(config, tmp_path):
 
 
 def test_the_repae_rows_plan_two_tunings_two_latent_caches_and_nothing_else_twice(tmp_path):
-    """recon_vae, repae and repae_baseline beside urepa and baseline: tune_vae once per tuned VAE, one latent cache
-    each (the sd15 one shared), one DINOv2 and CLIP cache, a reconstruction report per VAE."""
+    """recon_vae, repae, repae_baseline and repae_joint beside urepa and baseline: tune_vae once per tuned VAE, one
+    latent cache each (the sd15 one shared), one DINOv2 and CLIP cache, a reconstruction report per VAE; the joint
+    row's U-Net comes from the tuning run (no train_unet job) and its curve has the final point only."""
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
                              "-s", str(REPO / "Snakefile"), "--config",
-                             "compare=[urepa,baseline,recon_vae,repae,repae_baseline]"],
+                             "compare=[urepa,baseline,recon_vae,repae,repae_baseline,repae_joint]"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
-    assert {k: counts[k] for k in ("tune_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval",
-                                   "train_unet")} == {"tune_vae": "2", "cache_vae": "3", "cache_dino": "1",
-                                                      "cache_clip": "1", "recon_eval": "3", "train_unet": "5"}
+    assert {k: counts[k] for k in ("tune_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval", "train_unet",
+                                   "joint_unet")} == {"tune_vae": "2", "cache_vae": "3", "cache_dino": "1",
+                                                      "cache_clip": "1", "recon_eval": "3", "train_unet": "5",
+                                                      "joint_unet": "1"}
+    assert "results/smoke/repae_joint/seed-0/curve/step-0000012" in result.stdout
     for path in ("results/smoke/vae/repae/tuned", "results/smoke/vae/recon/tuned",
                  "results/smoke/cache/repae/vae_latents.zarr", "results/smoke/vae/recon/recon.json"):
         assert path in result.stdout

@@ -75,6 +75,24 @@ def test_the_unet_trained_alongside_is_recorded_on_the_tuned_vae(tuned):
         assert (folder / "align_heads.safetensors").is_file()
 
 
+def test_the_joint_row_is_a_run_folder_of_the_unet_trained_alongside(tuned, data, tmp_path):
+    """What sampling, metrics and the report read of a run folder, from the tuning run; its pipeline decodes with
+    the tuned VAE it records."""
+    from urepa.export import load_finetuned_pipeline
+    from urepa.vae_tuning import export_joint_model
+
+    out, _ = tuned
+    model = tmp_path / "model"
+    export_joint_model(out, model)
+    assert json.loads((model / "config.json").read_text())["final_step"] == STEPS
+    for name in ("pytorch_lora_weights.safetensors", "ema/weights.json", f"snapshots/step-{STEPS:07d}/weights.json",
+                 "loss_curve.png", "train_log.csv"):
+        assert (model / name).is_file(), name
+    pipe = load_finetuned_pipeline(data["sd15"], model / "ema", CPU)
+    tuned_vae = load_autoencoder(out / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), tuned_vae.state_dict().values()))
+
+
 def test_the_folded_vae_encodes_to_what_the_unet_was_trained_on(data, tmp_path):
     """The exported VAE's posterior mean * scaling_factor equals the pinned latents of the tuned VAE (to 1e-5)."""
     unet, tune = settings(max_steps=2)

@@ -155,6 +155,13 @@ def _check_names(config: dict) -> None:
     if clashes:
         problems.append(f"config keys 'vaes' and 'vae_tune.presets' both define {', '.join(clashes)}: a VAE name "
                         f"is either a local folder or one the workflow tunes")
+    for ablation, name in config["vae_tune"]["joint_ablations"].items():
+        if ablation not in config["ablations"] or name not in config["vae_tune"]["presets"]:
+            problems.append(f"config key 'vae_tune.joint_ablations.{ablation}': needs an ablation '{ablation}' and a "
+                            f"tuned VAE '{name}' under vae_tune.presets")
+        elif config["ablations"][ablation].get("vae") != name:
+            problems.append(f"config key 'ablations.{ablation}.vae' must be '{name}': its U-Net is the one trained "
+                            f"beside that VAE (vae_tune.joint_ablations)")
     known_vaes = [SD15_VAE, *config["vaes"], *tuned_vaes(config)]
     named_vaes = [("train.vae", config["train"]["vae"]), ("sample.decode_vae", config["sample"]["decode_vae"]),
                   *((f"tiers.{tier}.train.vae", s.get("train", {}).get("vae")) for tier, s in config["tiers"].items()),
@@ -184,9 +191,14 @@ def tune_settings(config: dict, tier: str, name: str) -> dict[str, Any]:
     """Settings of tuned VAE `name`: `vae_tune`'s defaults, then the tier's `vae_tune`, then the preset's."""
     if name not in config["vae_tune"]["presets"]:
         raise ConfigError(f"no tuned VAE '{name}'; vae_tune.presets: {', '.join(tuned_vaes(config))}")
-    defaults = {key: value for key, value in config["vae_tune"].items() if key != "presets"}
+    defaults = {key: value for key, value in config["vae_tune"].items() if key not in ("presets", "joint_ablations")}
     return _merge(_merge(defaults, tier_settings(config, tier).get("vae_tune", {})),
                   config["vae_tune"]["presets"][name])
+
+
+def joint_ablations(config: dict) -> dict[str, str]:
+    """{ablation: tuned VAE} of the rows whose U-Net is the one trained inside that VAE's tuning run."""
+    return dict(config["vae_tune"]["joint_ablations"])
 
 
 def tune_unet_settings(config: dict, tier: str, name: str) -> dict[str, Any]:

@@ -364,6 +364,23 @@ def plot_tuning_losses(log_csv: Path, out_png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def export_joint_model(tuned_dir: str | Path, model_dir: str | Path) -> None:
+    """A run folder, as train_unet exports one, for the U-Net trained inside a tuning run (a `joint` row): its
+    weights and `ema/`, one snapshot (the final EMA weights: earlier U-Nets went with earlier VAEs, which are not
+    kept), the tuning's log and losses, and config.json with the final step."""
+    tuned_dir, model_dir = Path(tuned_dir), Path(model_dir)
+    tuning = json.loads((tuned_dir / "config.json").read_text())
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    export.link_tree(tuned_dir / "unet", model_dir)
+    export.link_tree(tuned_dir / "unet" / "ema", model_dir / "snapshots" / f"step-{tuning['final_step']:07d}")
+    shutil.copy(tuned_dir / "train_log.csv", model_dir / "train_log.csv")
+    shutil.copy(tuned_dir / "losses.png", model_dir / "loss_curve.png")
+    (model_dir / "config.json").write_text(json.dumps({
+        "settings": tuning["unet_settings"], "seed": tuning["seed"], "joint": str(tuned_dir),
+        "final_step": tuning["final_step"], "trained_rows": tuning["trained_rows"]}, indent=2))
+
+
 def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str | None, unet_settings: dict,
              tune: dict, vae_name: str, states_dir: str | Path, out_dir: str | Path, seed: int, device: torch.device,
              num_workers: int, image_size: int, dino_size: int, lpips_seed: int = 0) -> Path:

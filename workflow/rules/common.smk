@@ -123,7 +123,11 @@ def preset(wildcards, key):
 
 
 def curve_steps(tier, ablation):
-    """Training steps with an EMA snapshot: every eval_interval, and the last step."""
+    """Training steps with an EMA snapshot: every eval_interval, and the last step (a joint row: its tuning run's
+    last step only)."""
+    joint = urepa_config.joint_ablations(config)
+    if ablation in joint:
+        return [urepa_config.tune_settings(config, tier, joint[ablation])["max_steps"]]
     settings = urepa_config.train_settings(config, tier, ablation)
     steps = set(range(settings["eval_interval"], settings["max_steps"] + 1, settings["eval_interval"]))
     return sorted(steps | {settings["max_steps"]})

@@ -29,6 +29,9 @@ rule train_unet:
         processes=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["processes"],
         grad_accum=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["grad_accum"],
         report_to=config["report_to"],
+    wildcard_constraints:
+        # the joint rows' U-Nets come from tune_vae (rule joint_unet)
+        ablation="|".join(re.escape(a) for a in config["ablations"] if a not in urepa_config.joint_ablations(config)),
     log:
         "results/{tier}/{ablation}/seed-{seed}/logs/train_unet.log",
     benchmark:

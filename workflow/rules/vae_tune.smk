@@ -36,3 +36,19 @@ rule tune_vae:
         "../../environment.yml"
     script:
         "../scripts/tune_vae.py"
+
+
+rule joint_unet:
+    # A joint row (vae_tune.joint_ablations): the U-Net trained inside a tuning run, as a run folder.
+    input:
+        lambda w: tuned_vae_dir(w.tier, urepa_config.joint_ablations(config)[w.ablation]),
+    output:
+        directory("results/{tier}/{ablation}/seed-{seed}/model"),
+    wildcard_constraints:
+        ablation="|".join(map(re.escape, urepa_config.joint_ablations(config))),
+    log:
+        "results/{tier}/{ablation}/seed-{seed}/logs/joint_unet.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/joint_unet.py"
