@@ -336,9 +336,9 @@ def check_real_paths(config: dict, tier: str) -> None:
     problems += _vae_problems(config, tier)
     vgg16 = config.get("vgg16")
     if not vgg16 or not Path(vgg16).is_file():
+        found = "it is not set" if not vgg16 else f"{vgg16} is not a file"
         problems.append(f"config key 'vgg16': LPIPS (recon_eval, tune_vae) needs torchvision's VGG16 ImageNet "
-                        f"weights file (vgg16-397923af.pth); {'it is not set' if not vgg16 else f'{vgg16} is not a file'} "
-                        f"(nothing is downloaded)")
+                        f"weights file (vgg16-397923af.pth); {found} (nothing is downloaded)")
     if tier_settings(config, tier)["feature_network"] == "inception":
         weights = Path(config.get("inception_dir") or "<inception_dir>") / INCEPTION_FILE
         if not weights.is_file():
