@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
+from test_reconstruction import downloads_refused
 from urepa.config import tune_settings, tune_unet_settings
 from urepa.vae import LatentNormalisation, load_autoencoder
 from urepa.vae_tuning import LOG_COLUMNS, CollapseError, VaeTuner, rows_per_class, tune_run
@@ -125,10 +126,13 @@ def make_tuner(data, run_dir, unet, tune) -> VaeTuner:
 
 
 def test_a_run_with_nothing_to_learn_exports_the_input_vae_bit_for_bit(data, tmp_path):
-    """Every learning rate 0 and the normaliser's momentum 0: the exported VAE is SD-1.5's, every tensor equal."""
-    unet, tune = settings(max_steps=2, vae_learning_rate=0.0, normaliser_momentum=0.0)
+    """Every learning rate 0 and the normaliser's momentum 0: the exported VAE is SD-1.5's, every tensor equal.
+    (With every torch and torchvision download route refused: the stage fetches nothing.)"""
+    unet, tune = settings(max_steps=2, vae_learning_rate=0.0, normaliser_momentum=0.0, gan=True,
+                          disc_learning_rate=0.0)
     unet["learning_rate"] = 0.0
-    run(data, tmp_path, unet, tune)
+    with downloads_refused():
+        run(data, tmp_path, unet, tune)
     exported = load_file(tmp_path / "tuned" / "vae" / "diffusion_pytorch_model.safetensors")
     original = load_file(data["vae_dir"] / "diffusion_pytorch_model.safetensors")
     assert exported.keys() == original.keys()
