@@ -189,18 +189,26 @@ def smoke_run(data, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def pipeline(smoke_inputs, tmp_path_factory):
     """The tiny pipeline with a 'partially fine-tuned' U-Net (perturbed mid block) loaded as a run's weights."""
-    from urepa.export import load_finetuned_pipeline, trained_scheduler
+    from urepa.export import load_finetuned_pipeline
 
-    weights = tmp_path_factory.mktemp("weights")
-    unet = load_unet(smoke_inputs["sd15"])
+    # What a `v` run exports beside its weights: the training schedule with its parameterisation.
+    weights = write_partial_weights(tmp_path_factory.mktemp("weights"), smoke_inputs["sd15"], "v")
+    return load_finetuned_pipeline(smoke_inputs["sd15"], weights, torch.device("cpu"))
+
+
+def write_partial_weights(weights: Path, sd15_dir: Path, prediction: str) -> Path:
+    """A 'partially fine-tuned' export in `weights`: the smoke U-Net with its mid block perturbed, the training
+    schedule with `prediction`, and a description recording SD-1.5's VAE."""
+    from urepa.export import trained_scheduler
+
+    unet = load_unet(sd15_dir)
     with torch.no_grad():
         for p in unet.mid_block.parameters():
             p.add_(0.01)
     unet.save_pretrained(weights / "unet")
-    # What a `v` run exports beside its weights: the training schedule with its parameterisation.
-    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "v").save_pretrained(weights / "scheduler")
-    write_description(weights, "partial", smoke_inputs["sd15"])
-    return load_finetuned_pipeline(smoke_inputs["sd15"], weights, torch.device("cpu"))
+    trained_scheduler(load_noise_scheduler(sd15_dir), prediction).save_pretrained(weights / "scheduler")
+    write_description(weights, "partial", sd15_dir)
+    return weights
 
 
 # -- evaluation and report ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction, write_description
+from conftest import (CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction,
+                      write_description, write_partial_weights)
 from urepa.export import (DESCRIPTION, inference_dtype, load_finetuned_pipeline, read_description,
                           trained_scheduler)
 from urepa.sd15 import load_noise_scheduler, load_unet
@@ -171,14 +172,7 @@ def test_inference_runs_in_float16_on_cuda_and_float32_on_the_cpu():
 def e2e_weights(smoke_inputs, tmp_path_factory):
     """A partial export (perturbed mid block) trained on the latents of the second VAE, `e2e`: weights.json
     records that VAE."""
-    weights = tmp_path_factory.mktemp("e2e_weights")
-    unet = load_unet(smoke_inputs["sd15"])
-    with torch.no_grad():
-        for p in unet.mid_block.parameters():
-            p.add_(0.01)
-    unet.save_pretrained(weights / "unet")
-    trained_scheduler(load_noise_scheduler(smoke_inputs["sd15"]), "epsilon").save_pretrained(weights / "scheduler")
-    write_description(weights, "partial", smoke_inputs["sd15"])
+    weights = write_partial_weights(tmp_path_factory.mktemp("e2e_weights"), smoke_inputs["sd15"], "epsilon")
     description = json.loads((weights / DESCRIPTION).read_text())
     description["vae"] = vae_record("e2e", smoke_inputs["e2e_vae"])
     (weights / DESCRIPTION).write_text(json.dumps(description))

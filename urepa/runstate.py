@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from .runtime import set_aside
@@ -69,3 +70,30 @@ def claim_run_state(states_dir: Path, identity: dict, launch: dict) -> Path:
     marker.write_text(json.dumps({**identity, "launches": [*launches, {**launch, "from_step": from_step}]},
                                  indent=2, sort_keys=True))
     return run_dir
+
+
+def load_newest_checkpoint(accelerator, run_dir: Path, state) -> int:
+    """Load the newest complete checkpoint of `run_dir` into what `accelerator` holds, if there is one; the step to
+    continue from (`state.step`, restored with it)."""
+    found = complete_checkpoints(run_dir)
+    if found:
+        accelerator.load_state(str(found[-1]))
+        log.info("resumed from %s at step %d", found[-1], state.step)
+    return state.step
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """`accelerator`'s state as `run_dir/checkpoints/checkpoint-<step>`, written into a temporary folder and renamed,
+    so a kill never leaves a half checkpoint as the newest; then all but the newest `keep` are removed."""
+    final = run_dir / "checkpoints" / f"checkpoint-{step}"
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:  # a killed run's leftover; removed before any rank writes into it
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
+    if accelerator.is_main_process:
+        partial.rename(final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final

@@ -40,7 +40,8 @@ from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
 from .models import AlignedUNet, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import claim_run_state, complete_checkpoints, training_code_digest
+from .runstate import (claim_run_state, complete_checkpoints, load_newest_checkpoint, save_checkpoint,
+                       training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
 
@@ -158,29 +159,15 @@ class VaeTuner:
         self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
         self.timer = PhaseTimer(time_phases, self.device)  # per-pass wall time (benchmarks/vae_tune_step.py)
 
-    # -- checkpoints (as urepa.train.Trainer's) --------------------------------------------------------------
-    def checkpoints(self) -> list[Path]:
-        return complete_checkpoints(self.run_dir)
-
+    # -- checkpoints ---------------------------------------------------------------------------------------------
     def resume(self) -> int:
-        found = self.checkpoints()
-        if found:
-            self.accelerator.load_state(str(found[-1]))
-            log.info("resumed from %s at step %d", found[-1], self.state.step)
-        return self.state.step
+        return load_newest_checkpoint(self.accelerator, self.run_dir, self.state)
 
     def save_checkpoint(self) -> Path:
-        final = self.run_dir / "checkpoints" / f"checkpoint-{self.state.step}"
-        partial = final.with_name(final.name + ".tmp")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.save_state(str(partial))
-        partial.rename(final)
-        for old in self.checkpoints()[:-self.tune["checkpoints_total_limit"]]:
-            shutil.rmtree(old)
-        return final
+        return save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.tune["checkpoints_total_limit"])
 
     def last_good(self) -> str:
-        found = self.checkpoints()
+        found = complete_checkpoints(self.run_dir)
         return str(found[-1]) if found else "none (no checkpoint yet)"
 
     # -- one step ----------------------------------------------------------------------------------------------
