@@ -166,9 +166,11 @@ class VaeTuner:
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.tune["checkpoints_total_limit"])
 
-    def last_good(self) -> str:
+    def stopped_at(self) -> str:
+        """Where a stopped run stands: its step and last good checkpoint (listed only when a run stops)."""
         found = complete_checkpoints(self.run_dir)
-        return str(found[-1]) if found else "none (no checkpoint yet)"
+        return (f"at step {self.state.step}; the last good checkpoint is "
+                f"{found[-1] if found else 'none (no checkpoint yet)'}")
 
     # -- one step ----------------------------------------------------------------------------------------------
     def batches(self, start_step: int) -> DataLoader:
@@ -252,23 +254,21 @@ class VaeTuner:
     def check_collapse(self, values: dict[str, float], latent_std: torch.Tensor) -> None:
         """Stop on a non-finite term, a VAE or U-Net that no longer gets a gradient, or latents whose spread fell
         below `collapse_std_ratio` of the frozen VAE's (REPA-E's issue #30: grad norms and the GAN term fall to 0)."""
-        step, last_good = self.state.step, self.last_good()
-        where = f"at step {step}; the last good checkpoint is {last_good}"
         bad = [name for name, value in values.items() if name.startswith(("loss", "grad_norm")) and
                not np.isfinite(value) and not (name in ("loss_d", "grad_norm_d") and not self.gan)]
         if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} {where}. Lower the learning rates or check the "
-                                     f"images and caches")
+            raise FloatingPointError(f"non-finite {', '.join(bad)} {self.stopped_at()}. Lower the learning rates or "
+                                     f"check the images and caches")
         for name in ("grad_norm_vae", "grad_norm_unet"):
             if values[name] == 0.0:
-                raise CollapseError(f"{name} is 0 {where}: that model no longer learns (REPA-E #30)")
+                raise CollapseError(f"{name} is 0 {self.stopped_at()}: that model no longer learns (REPA-E #30)")
         reference = self.e2e.pinning.ref_var.sqrt().to(latent_std)
         ratio = latent_std / reference
         if bool((ratio < self.tune["collapse_std_ratio"]).any()):
             raise CollapseError(
                 f"latent std per channel {[round(v, 4) for v in latent_std.tolist()]} fell below "
                 f"collapse_std_ratio {self.tune['collapse_std_ratio']} of the frozen VAE's "
-                f"{[round(v, 4) for v in reference.tolist()]} {where}")
+                f"{[round(v, 4) for v in reference.tolist()]} {self.stopped_at()}")
 
     # -- the run -----------------------------------------------------------------------------------------------
     def run(self) -> None:
