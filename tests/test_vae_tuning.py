@@ -2,6 +2,7 @@
 stock pipeline loads, the U-Net trained alongside), a run with nothing to learn exporting the input VAE bit for
 bit, kill-and-resume equal to uninterrupted, and the collapse guard."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
 from test_reconstruction import downloads_refused
+from urepa import launch
 from urepa.config import tune_settings, tune_unet_settings
 from urepa.vae import LatentNormalisation, load_autoencoder
 from urepa.vae_tuning import LOG_COLUMNS, CollapseError, VaeTuner, rows_per_class, tune_run
@@ -27,10 +29,16 @@ def settings(**tune_overrides) -> tuple[dict, dict]:
     return unet, tune
 
 
+def run_args(data, out, unet, tune, vae_name="repae") -> dict:
+    """tune_run's arguments, as the tune_vae rule hands them to urepa.launch.train."""
+    return dict(caches={k: str(v) for k, v in data["caches"].items()}, sd15_dir=str(data["sd15"]),
+                dinov2_path=str(data["dinov2"]), vgg16=None, unet_settings=unet, tune=tune, vae_name=vae_name,
+                states_dir=str(out / "train_state"), out_dir=str(out / "tuned"), seed=SEED, device="cpu",
+                num_workers=0, image_size=SMOKE_IMAGE_SIZE, dino_size=DINO_SIZE)
+
+
 def run(data, out, unet, tune, vae_name="repae"):
-    return tune_run({k: str(v) for k, v in data["caches"].items()}, str(data["sd15"]), str(data["dinov2"]), None,
-                    unet, tune, vae_name, out / "train_state", out / "tuned", SEED, CPU, 0, SMOKE_IMAGE_SIZE,
-                    DINO_SIZE)
+    return tune_run(**{**run_args(data, out, unet, tune, vae_name), "device": CPU})
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +200,72 @@ def test_the_gan_trains_the_discriminator_alone_during_its_warm_up(data, tmp_pat
     assert np.isfinite(log[["loss_d", "logits_real", "logits_fake", "grad_norm_d", "anchor"]]).all().all()
     assert log["gan"].tolist()[0] == 0.0 and log["gan"].tolist()[1] != 0.0
     assert (log["anchor"] > 0).all()
+
+
+def test_two_processes_tune_as_one_does(data, tmp_path):
+    """The same tuning run (the manifold term on both sides, sample-mode Gram) on one process and on two gloo
+    processes launched as the tune_vae rule launches them: the same per-step terms of every pass and latent moments,
+    and the same exported VAE and U-Net, up to the reordering of sums (tolerances of tests/test_train_distributed.py),
+    in the same state folder (identity)."""
+    unet, tune = settings(vae_align_terms="token+manifold")
+    assert unet["manifold_mode"] == "sample" and unet["manifold_coeff"] > 0
+    one = run(data, tmp_path / "one", unet, tune)
+    launch.train(run_args(data, tmp_path / "two", unet | {"processes": 2}, tune), threads=2,
+                 log_path=tmp_path / "two.log", stage="tune_vae")
+    assert "launching 2 tune_vae processes" in (tmp_path / "two.log").read_text()
+    (two,) = [marker.parent for marker in (tmp_path / "two" / "train_state").glob("*/run.json")]
+    assert two.name == one.name
+    assert json.loads((two / "run.json").read_text())["launches"][0]["processes"] == 2
+    logs = [pd.read_csv(out / "tuned" / "train_log.csv") for out in (tmp_path / "one", tmp_path / "two")]
+    compared = [c for c in LOG_COLUMNS if c not in ("step_time",) and logs[0][c].notna().all()]
+    assert {"loss_vae", "align", "lpips", "loss_manifold", "grad_norm_vae", "latent_std_3"} <= set(compared)
+    for column in compared:
+        one_process, two_processes = (torch.tensor(log[column].to_numpy()) for log in logs)
+        # Step 1 starts from the same weights: only the sums' order differs. Later steps follow weights that Adam
+        # moved by up to the learning rate where a gradient is near zero (its last bits differ): looser.
+        torch.testing.assert_close(two_processes[0], one_process[0], rtol=1e-5, atol=1e-8,
+                                   msg=lambda m: f"{column} at step 1: {m}")
+        # A latent channel's mean, near 0, is measured against the channel's spread.
+        scale = logs[0][column.replace("mean", "std")].abs().mean() if column.startswith("latent_mean") else 0.0
+        torch.testing.assert_close(two_processes, one_process, rtol=1e-3, atol=max(1e-3 * scale, 1e-6),
+                                   msg=lambda m: f"{column}: {m}")
+    # The VAE: Adam moves an entry by about the learning rate whatever its gradient's size, so where a gradient is
+    # zero up to rounding (a key projection's bias, a bias right before a GroupNorm) the two runs' last bits give
+    # other updates. So the VAE's difference is measured against how far tuning moved it, over all its tensors:
+    # within 10% (measured: 3%).
+    initial = load_file(data["vae_dir"] / "diffusion_pytorch_model.safetensors")
+    a, b = (load_file(out / "tuned" / "vae" / "diffusion_pytorch_model.safetensors")
+            for out in (tmp_path / "one", tmp_path / "two"))
+    assert a.keys() == b.keys() == initial.keys()
+    difference = torch.stack([(b[key] - a[key]).norm() for key in a]).norm()
+    moved = torch.stack([(a[key] - initial[key]).norm() for key in a]).norm()
+    assert difference <= 0.1 * moved, (difference, moved)
+    # The U-Net's LoRA and heads (their LR is 30x the VAE's on this tier: a few entries differ by about one step),
+    # each tensor within 1% of its norm (measured: at most 0.1%).
+    for name in ("unet/ema/pytorch_lora_weights.safetensors", "unet/align_heads.safetensors"):
+        a, b = (load_file(out / "tuned" / name) for out in (tmp_path / "one", tmp_path / "two"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (b[key] - a[key]).norm() <= 1e-2 * a[key].norm(), f"{name} {key}"
+
+    # The two-process run as if killed after checkpoint-2, resumed on one process: its state folder carries on.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed / "train_state" / two.name)
+    shutil.rmtree(resumed / "train_state" / two.name / "checkpoints" / f"checkpoint-{STEPS}")
+    assert run(data, resumed, unet, tune) == resumed / "train_state" / two.name
+    launches = json.loads((resumed / "train_state" / two.name / "run.json").read_text())["launches"]
+    assert [(launch["processes"], launch["from_step"]) for launch in launches] == [(2, 0), (1, 2)]
+    pd.testing.assert_frame_equal(pd.read_csv(resumed / "tuned" / "train_log.csv").iloc[:2], logs[1].iloc[:2])
+    later = pd.read_csv(resumed / "tuned" / "train_log.csv")
+    torch.testing.assert_close(torch.tensor(later["loss_vae"].to_numpy()), torch.tensor(logs[0]["loss_vae"].to_numpy()),
+                               rtol=1e-3, atol=0)
+
+
+def test_a_tuning_batch_that_does_not_split_over_the_processes_is_refused_before_launching(data, tmp_path):
+    unet, tune = settings()
+    with pytest.raises(ValueError, match=r"vae_tune.batch_size 4 does not divide by train.processes 3"):
+        launch.train(run_args(data, tmp_path, unet | {"processes": 3}, tune), threads=1, log_path=tmp_path / "log",
+                     stage="tune_vae")
+    assert not (tmp_path / "log").exists()
+    with pytest.raises(ValueError, match="train.processes is 2 but this tuning run has 1 process"):
+        run(data, tmp_path, unet | {"processes": 2}, tune)

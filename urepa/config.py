@@ -203,9 +203,10 @@ def joint_ablations(config: dict) -> dict[str, str]:
 
 def tune_unet_settings(config: dict, tier: str, name: str) -> dict[str, Any]:
     """The U-Net side of tuning run `name`: the tier's `urepa` training settings on SD-1.5's VAE (the VAE tuning
-    starts from), in one process, for the tuning run's steps and batch."""
+    starts from), on the tier's `train.processes` processes without accumulation, for the tuning run's steps and
+    batch."""
     tune = tune_settings(config, tier, name)
-    return {**train_settings(config, tier, "urepa"), "vae": SD15_VAE, "processes": 1, "grad_accum": 1,
+    return {**train_settings(config, tier, "urepa"), "vae": SD15_VAE, "grad_accum": 1,
             "max_steps": tune["max_steps"], "batch_size": tune["batch_size"]}
 
 

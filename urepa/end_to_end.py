@@ -125,16 +125,17 @@ class EndToEnd(nn.Module):
 
     def vae_terms(self, images: torch.Tensor, posterior, z: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, target_tokens: torch.Tensor,
-                  anchor_mean: torch.Tensor | None = None, gan: bool = False) -> dict[str, torch.Tensor]:
+                  anchor_mean: torch.Tensor | None = None, gan: bool = False, gather=None) -> dict[str, torch.Tensor]:
         """The VAE pass's terms (unweighted) and `loss`, their weighted sum. Images and reconstructions in [-1, 1];
-        L1 on [0, 1] as REPA-E computes it; KL summed over latent elements, averaged over images."""
+        L1 on [0, 1] as REPA-E computes it; KL summed over latent elements, averaged over images. `gather`: the
+        sample-mode Gram's, on several processes (urepa.batches.GlobalBatch)."""
         weights = self.weights
         reconstructions = self.vae.decode(z).sample
         terms = {"l1": F.l1_loss(reconstructions.float(), images.float()) / 2,
                  "lpips": self.lpips(reconstructions.float(), images.float()).mean(),
                  "kl": posterior.kl().sum() / len(images)}
         with frozen(self.model, eval_mode=True):
-            terms["align"] = self.vae_alignment(z, noise, timesteps, encoder_hidden_states, target_tokens)
+            terms["align"] = self.vae_alignment(z, noise, timesteps, encoder_hidden_states, target_tokens, gather)
         with frozen(self.discriminator, eval_mode=False):
             terms["gan"] = (generator_loss(self.discriminator((reconstructions.float() + 1) / 2)) if gan
                             else torch.zeros((), device=images.device))
@@ -146,7 +147,7 @@ class EndToEnd(nn.Module):
         return terms
 
     def vae_alignment(self, z: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                      encoder_hidden_states: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+                      encoder_hidden_states: torch.Tensor, target_tokens: torch.Tensor, gather=None) -> torch.Tensor:
         """The alignment loss of the U-Net's features on the VAE's latents, with the U-Net stopped after its
         deepest aligned layer: the token loss, plus the manifold term with `align_terms: token+manifold`."""
         latents = self.unet_latents(z)
@@ -157,7 +158,7 @@ class EndToEnd(nn.Module):
         pred_tokens = {layer: head(features[layer]) for layer, head in self.model.heads.items()}
         manifold = self.objective.manifold_coeff if self.weights.align_terms == "token+manifold" else 0.0
         loss, loss_token, _ = alignment_loss(pred_tokens, target_tokens, manifold, self.objective.manifold_mode,
-                                             self.objective.upper_only, self.objective.mask_diag)
+                                             self.objective.upper_only, self.objective.mask_diag, gather)
         return loss if manifold else loss_token
 
     def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -169,7 +170,7 @@ class EndToEnd(nn.Module):
 
     def unet_terms(self, z: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, target_tokens: torch.Tensor, align_coeff: float,
-                   update_statistics: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   update_statistics: bool = True, gather=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The U-Net pass on the detached latents: `Objective`'s (terms, loss). The normaliser pins with the
         statistics the VAE pass used, then (`update_statistics`) moves them towards this batch's."""
         z = z.detach()
@@ -179,4 +180,4 @@ class EndToEnd(nn.Module):
         noisy = self.objective.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.objective.noise_scheduler, latents, noise, timesteps, self.objective.prediction)
         prediction, pred_tokens = self.model(noisy, timesteps, encoder_hidden_states)
-        return self.objective(prediction, target, timesteps, pred_tokens, target_tokens, align_coeff)
+        return self.objective(prediction, target, timesteps, pred_tokens, target_tokens, align_coeff, gather=gather)

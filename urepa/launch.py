@@ -1,8 +1,9 @@
 """Starting a training run on `train.processes` processes: in this process when it is 1, otherwise with
-`accelerate launch` (one process per GPU, or gloo processes on the CPU for tests and CI), each running
-urepa.train.train_run (`python -m urepa.launch '<train_run arguments as JSON>'`).
+`accelerate launch` (one process per GPU, or gloo processes on the CPU for tests and CI), each running the stage's
+run function (`python -m urepa.launch <stage> <threads> '<its arguments as JSON>'`): urepa.train.train_run for
+`train_unet`, urepa.vae_tuning.tune_run for `tune_vae`.
 
-Kept apart from urepa.train: how a run is started is not part of its training code digest."""
+Kept apart from those modules: how a run is started is not part of its training code digest."""
 from __future__ import annotations
 
 import json
@@ -20,18 +21,45 @@ from .batches import process_share
 from .train import train_run
 
 
-def train(run_args: dict, threads: int, log_path: str | Path) -> None:
-    """Train as the train_unet rule asks, on settings["processes"] processes sharing the job's `threads`.
-    `run_args`: train_run's arguments with the device as a string (JSON: they are handed to the launched
-    processes). On several processes their output is the log file."""
-    settings, device = run_args["settings"], torch.device(run_args["device"])
-    processes = settings["processes"]
+STAGES = ("train_unet", "tune_vae")
+
+
+def run_function(stage: str):
+    """The function every process of a `stage` run calls with the run's arguments."""
+    if stage == "tune_vae":
+        from .vae_tuning import tune_run
+        return tune_run
+    if stage == "train_unet":
+        return train_run
+    raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
+
+
+def run_shape(stage: str, run_args: dict) -> tuple[int, int, int, str]:
+    """(processes, global batch size, gradient accumulation, mixed precision) of a `stage` run."""
+    if stage == "tune_vae":  # the tuning run takes the tier's train.processes; it does not accumulate
+        unet, tune = run_args["unet_settings"], run_args["tune"]
+        return unet["processes"], tune["batch_size"], 1, unet["mixed_precision"]
+    settings = run_args["settings"]
+    return settings["processes"], settings["batch_size"], settings["grad_accum"], settings["mixed_precision"]
+
+
+def train(run_args: dict, threads: int, log_path: str | Path, stage: str = "train_unet") -> None:
+    """Run `stage` as its rule asks, on train.processes processes sharing the job's `threads`.
+    `run_args`: the stage's run function's arguments with the device as a string (JSON: they are handed to the
+    launched processes). On several processes their output is the log file."""
+    device = torch.device(run_args["device"])
+    function = run_function(stage)
+    processes, batch_size, grad_accum, _ = run_shape(stage, run_args)
     if processes == 1:
         setup_logging(log_path)
         set_threads(threads)
-        train_run(**{**run_args, "device": device})
+        function(**{**run_args, "device": device})
         return
-    process_share(settings["batch_size"], 0, processes, settings["grad_accum"])  # fail before launching
+    if stage == "tune_vae":  # fail before launching
+        from .vae_tuning import tuning_share
+        tuning_share(batch_size, 0, processes)
+    else:
+        process_share(batch_size, 0, processes, grad_accum)
     if device.type == "cuda":
         if device.index is not None:
             raise ValueError(f"device '{device}' names one GPU but train.processes is {processes}: use device 'cuda' "
@@ -39,28 +67,28 @@ def train(run_args: dict, threads: int, log_path: str | Path) -> None:
         if torch.cuda.device_count() < processes:
             raise ValueError(f"train.processes is {processes} but {torch.cuda.device_count()} CUDA device(s) are "
                              f"visible")
-    command = launch_command(run_args, processes, max(1, threads // processes), free_port())
+    command = launch_command(stage, run_args, processes, max(1, threads // processes), free_port())
     env = {**os.environ, "TQDM_MININTERVAL": "30"}  # progress lines in the log file every 30 s, not every step
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
-        log_file.write(f"launching {processes} training processes: {subprocess.list2cmdline(command)}\n")
+        log_file.write(f"launching {processes} {stage} processes: {subprocess.list2cmdline(command)}\n")
         log_file.flush()
         returncode = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
     if returncode:
-        raise RuntimeError(f"the {processes} training processes failed (exit status {returncode}); their output "
+        raise RuntimeError(f"the {processes} {stage} processes failed (exit status {returncode}); their output "
                            f"is in {log_path}")
 
 
-def launch_command(run_args: dict, processes: int, threads: int, port: int) -> list[str]:
+def launch_command(stage: str, run_args: dict, processes: int, threads: int, port: int) -> list[str]:
     """`accelerate launch` of this module on `processes` local processes of `threads` threads each.
     `--multi_gpu` on the CPU too: Accelerator(cpu=True) in each process then joins a gloo group (`--cpu`
     would start one process)."""
     device = torch.device(run_args["device"])
-    mixed_precision = "no" if device.type == "cpu" else run_args["settings"]["mixed_precision"]
+    mixed_precision = "no" if device.type == "cpu" else run_shape(stage, run_args)[3]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", mixed_precision,
-            "--dynamo_backend", "no", "--module", __name__, str(threads), json.dumps(run_args)]
+            "--dynamo_backend", "no", "--module", __name__, stage, str(threads), json.dumps(run_args)]
 
 
 def free_port() -> int:
@@ -71,15 +99,15 @@ def free_port() -> int:
 
 
 def main(argv: list[str]) -> None:
-    """One launched process: train_run with the arguments the launcher passed."""
-    threads, run_args = int(argv[0]), json.loads(argv[1])
+    """One launched process: the stage's run function with the arguments the launcher passed."""
+    stage, threads, run_args = argv[0], int(argv[1]), json.loads(argv[2])
     # The job's threads shared out. Set here, not by environment: Snakemake exports MKL_NUM_THREADS (and
     # others) = the job's threads, which let each process's MKL run as many threads as the whole job has
     # cores (measured on the smoke tier, 2 processes on 2 contended cores: 7-22 s a step instead of ~0.7 s).
     set_threads(threads)
     # Every process logs its warnings; only the main process (RANK 0) tells the story.
     setup_logging(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
-    train_run(**{**run_args, "device": torch.device(run_args["device"])})
+    run_function(stage)(**{**run_args, "device": torch.device(run_args["device"])})
 
 
 if __name__ == "__main__":

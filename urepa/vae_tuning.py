@@ -7,6 +7,9 @@ optional anchor. A step: the VAE pass (AdamW on the VAE), the discriminator pass
 (AdamW on D), the U-Net pass (AdamW on LoRA + heads, cosine schedule, EMA), each clipped at `max_grad_norm`.
 Resumable as `train_unet` is (accelerate checkpoints of every model, optimiser, scheduler, the normaliser's
 buffers, the EMA and the generator, in a state folder named by the run's identity), with a collapse guard.
+On several processes (urepa.launch, `train.processes`) every process draws the whole global batch's randomness and
+takes its own rows, each pass's gradients are averaged across the processes, and the logged values, the latent
+moments and the sample-mode Gram are the global batch's: the run is the one-process run up to the sums' order.
 
 Export: `vae/`, the tuned VAE with the normaliser folded into its 1x1 convolutions (a diffusers AutoencoderKL with
 SD-1.5's scaling_factor, loadable as a stock pipeline's `vae`); `unet/`, the U-Net weights trained alongside (an
@@ -20,6 +23,7 @@ import copy
 import csv
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import export
-from .batches import StepBatches, TrainState
+from .batches import GlobalBatch, StepBatches, TrainState, process_share
 from .config import without_launch
 from .digests import content_digest, file_digest, weights_fingerprint
 from .discriminator import PatchDiscriminator
@@ -40,8 +44,8 @@ from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
 from .models import AlignedUNet, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import (claim_run_state, complete_checkpoints, load_newest_checkpoint, save_checkpoint,
-                       training_code_digest)
+from .runstate import (claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
+                       save_checkpoint, training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
 
@@ -55,6 +59,14 @@ LOG_COLUMNS = (["step", "loss_vae", *VAE_TERMS, "loss_d", "logits_real", "logits
                 "loss_token", "loss_manifold", "align_coeff", "lr_vae", "lr_unet", "lr_d", "grad_norm_vae",
                 "grad_norm_d", "grad_norm_unet"]
                + [f"latent_{moment}_{c}" for moment in ("mean", "std") for c in range(4)] + ["step_time"])
+
+
+def tuning_share(batch_size: int, rank: int, processes: int) -> np.ndarray:
+    """Positions of process `rank`'s rows in a tuning step's global batch (`process_share`, no accumulation)."""
+    if batch_size % processes:
+        raise ValueError(f"vae_tune.batch_size {batch_size} does not divide by train.processes {processes}: every "
+                         f"process takes an equal share of every step's batch. Use a multiple of {processes}.")
+    return process_share(batch_size, rank, processes, 1)
 
 
 class CollapseError(RuntimeError):
@@ -102,11 +114,10 @@ class VaeTuner:
         self.accelerator = Accelerator(
             mixed_precision="no" if cpu else unet_settings["mixed_precision"], cpu=cpu,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir)), step_scheduler_with_optimizer=False)
-        if self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "tune_vae runs on one process: its three optimisers and the VAE pass's frozen U-Net are not wired "
-                "through DistributedDataParallel yet. Set train.processes: 1 for the tuning stage's tier")
-        self.device = self.accelerator.device
+        self.device, self.processes = self.accelerator.device, self.accelerator.num_processes
+        # This process's rows of every step's global batch: the draws are the global batch's, as on one process.
+        self.share = torch.from_numpy(tuning_share(tune["batch_size"], self.accelerator.process_index,
+                                                   self.processes)).to(self.device)
         self.noise_scheduler, self.null_index = noise_scheduler, null_index
 
         torch.manual_seed(seed)  # LoRA, heads and discriminator initialisations
@@ -122,6 +133,12 @@ class VaeTuner:
         discriminator = PatchDiscriminator() if self.gan else None
         if discriminator is not None and discriminator_state is not None:
             discriminator.load_state_dict(discriminator_state)
+        if discriminator is not None and self.processes > 1:
+            if self.device.type == "cuda":  # D's BatchNorm normalises over the global batch, as on one process
+                discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+            else:
+                log.warning("the discriminator's BatchNorm normalises each process's share on the CPU (SyncBatchNorm "
+                            "needs CUDA): the GAN terms differ from a one-process run")
         weights = VaeLossWeights(l1=tune["l1_weight"], lpips=tune["lpips_weight"], kl=tune["kl_weight"],
                                  gan=tune["gan_weight"], align=tune["vae_align_coeff"], anchor=tune["anchor_weight"],
                                  align_terms=tune["vae_align_terms"])
@@ -146,12 +163,18 @@ class VaeTuner:
         self.ema = EMAModel(self.unet_params, decay=unet_settings["ema_decay"])
         self.generator = torch.Generator(self.device).manual_seed(seed * 1000 + 1)
         self.state = TrainState(self.generator)
-        prepared = [vae, model, self.vae_optimizer, self.unet_optimizer, self.vae_scheduler, self.unet_scheduler]
+        models = [vae, model]
+        prepared = [self.vae_optimizer, self.unet_optimizer, self.vae_scheduler, self.unet_scheduler]
         if discriminator is not None:
             self.d_params = list(discriminator.parameters())
             self.d_optimizer = adamw(self.d_params, tune["disc_learning_rate"], tune["weight_decay"])
             self.d_scheduler = get_scheduler("constant", self.d_optimizer)
-            prepared += [discriminator, self.d_optimizer, self.d_scheduler]
+            models.append(discriminator)
+            prepared += [self.d_optimizer, self.d_scheduler]
+        # Not wrapped in DistributedDataParallel: the VAE pass runs the U-Net bare (frozen, stopped early) and each
+        # pass back-propagates into one model's parameters only, so `_update` averages each pass's gradients itself.
+        for module in models:
+            self.accelerator.prepare_model(module, evaluation_mode=True)
         self.accelerator.prepare(*prepared)
         self.accelerator.register_for_checkpointing(pinning, self.ema, self.state)
 
@@ -174,13 +197,15 @@ class VaeTuner:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def batches(self, start_step: int) -> DataLoader:
-        sampler = StepBatches(self.rows, self.tune["batch_size"], self.seed, start_step)
+        sampler = StepBatches(self.rows, self.tune["batch_size"], self.seed, start_step,
+                              self.accelerator.process_index, self.processes)
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
 
     def draw(self, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
-        """Every random draw of a step from the checkpointed generator: the VAE's posterior sample, the noise and
-        timestep both alignment passes share, the condition dropout."""
+        """Every random draw of a step, for the whole global batch, from the checkpointed generator (every process
+        draws them all and takes its own rows): the VAE's posterior sample, the noise and timestep both alignment
+        passes share, the condition dropout."""
         generator, device, size = self.generator, self.device, self.tune["batch_size"]
         shape = (size, *latent_shape)
         return {
@@ -192,20 +217,52 @@ class VaeTuner:
         }
 
     def _update(self, loss: torch.Tensor, params: list, optimizer, scheduler) -> float:
-        """Back-propagate `loss` into `params` only, clip, step; the gradient norm before clipping."""
+        """Back-propagate `loss` into `params` only, average their gradients over the processes, clip, step; the
+        gradient norm before clipping."""
         self.accelerator.backward(loss, inputs=params)
+        if self.processes > 1:
+            self.average_gradients(params)
         grad_norm = self.accelerator.clip_grad_norm_(params, self.tune["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
+    def average_gradients(self, params: list) -> None:
+        """Each gradient replaced by its mean over the processes (one flat all-reduce). A parameter without a
+        gradient counts as zeros, so every process reduces the same layout."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for param, part in zip(params, flat.split([g.numel() for g in grads])):
+            param.grad = part.view_as(param).to(param.dtype)
+
+    def global_values(self, values: dict[str, float], z: torch.Tensor) -> dict[str, float]:
+        """This process's logged means as the global batch's (mean over processes: equal shares), and the per-channel
+        mean and std of the global batch's latents; equal on every process, as the collapse guard needs."""
+        if self.processes > 1:
+            names = [name for name, value in values.items() if not name.startswith(("grad_norm", "lr_"))]
+            means = self.accelerator.reduce(torch.tensor([values[n] for n in names], device=self.device,
+                                                         dtype=torch.float64), reduction="mean")
+            values.update(zip(names, means.tolist()))
+        z = z.detach().double().transpose(0, 1).flatten(1)
+        sums = self.accelerator.reduce(torch.stack([z.sum(1), (z * z).sum(1)]), reduction="sum")
+        count = z.shape[1] * self.processes
+        mean = sums[0] / count
+        std = ((sums[1] - count * mean * mean) / (count - 1)).clamp(min=0).sqrt()
+        for channel, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
+            values[f"latent_mean_{channel}"], values[f"latent_std_{channel}"] = m, s
+        return values
+
+    def gather(self) -> GlobalBatch | None:
+        """The sample-mode Gram's gather over the processes' rows (None on one process)."""
+        return GlobalBatch(0, self.processes, None) if self.processes > 1 else None
+
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        e2e, device, tune, step = self.e2e, self.device, self.tune, self.state.step + 1
+        e2e, device, tune, step, share = self.e2e, self.device, self.tune, self.state.step + 1, self.share
         images = batch["image"].to(device, non_blocking=True)
         tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
         anchor = batch["latent_mean"].to(device, torch.float32) if tune["anchor_weight"] > 0 else None
-        draws = self.draw(batch["latent_mean"].shape[1:])
+        draws = {name: draw[share] for name, draw in self.draw(batch["latent_mean"].shape[1:]).items()}
         classes = torch.where(draws["dropped"], self.null_index, batch["class_id"].to(device))
         condition = self.clip[classes]
         noise, timesteps = draws["noise"], draws["timesteps"]
@@ -216,7 +273,7 @@ class VaeTuner:
             with self.accelerator.autocast():
                 posterior, z = e2e.encode(images, draws["posterior"])
                 vae_terms = e2e.vae_terms(images, posterior, z, noise, timesteps, condition, tokens, anchor,
-                                          gan=gan_term)
+                                          gan=gan_term, gather=self.gather())
             values = {name: vae_terms[name].item() for name in VAE_TERMS} | {"loss_vae": vae_terms["loss"].item()}
             values["grad_norm_vae"] = self._update(vae_terms["loss"], self.vae_params, self.vae_optimizer,
                                                    self.vae_scheduler)
@@ -237,21 +294,20 @@ class VaeTuner:
         align_coeff = self.align_schedule(self.state.step)
         with self.timer("unet pass"):
             with self.accelerator.autocast():
-                unet_terms, unet_loss = e2e.unet_terms(z, noise, timesteps, condition, tokens, align_coeff)
+                unet_terms, unet_loss = e2e.unet_terms(z, noise, timesteps, condition, tokens, align_coeff,
+                                                       gather=self.gather())
             values.update(zip(["loss_unet", "loss_diff", "loss_token", "loss_manifold"], unet_terms.tolist()))
             values["grad_norm_unet"] = self._update(unet_loss, self.unet_params, self.unet_optimizer,
                                                     self.unet_scheduler)
             values.update(align_coeff=align_coeff, lr_unet=self.unet_scheduler.get_last_lr()[0])
             self.ema.step(self.unet_params)
 
-        spread = z.detach().float().transpose(0, 1).flatten(1)
-        for channel, (mean, std) in enumerate(zip(spread.mean(1).tolist(), spread.std(1).tolist())):
-            values[f"latent_mean_{channel}"], values[f"latent_std_{channel}"] = mean, std
+        values = self.global_values(values, z)
         self.state.step = step
-        self.check_collapse(values, spread.std(1))
+        self.check_collapse(values)
         return values
 
-    def check_collapse(self, values: dict[str, float], latent_std: torch.Tensor) -> None:
+    def check_collapse(self, values: dict[str, float]) -> None:
         """Stop on a non-finite term, a VAE or U-Net that no longer gets a gradient, or latents whose spread fell
         below `collapse_std_ratio` of the frozen VAE's (REPA-E's issue #30: grad norms and the GAN term fall to 0)."""
         bad = [name for name, value in values.items() if name.startswith(("loss", "grad_norm")) and
@@ -262,7 +318,8 @@ class VaeTuner:
         for name in ("grad_norm_vae", "grad_norm_unet"):
             if values[name] == 0.0:
                 raise CollapseError(f"{name} is 0 {self.stopped_at()}: that model no longer learns (REPA-E #30)")
-        reference = self.e2e.pinning.ref_var.sqrt().to(latent_std)
+        latent_std = torch.tensor([values[f"latent_std_{c}"] for c in range(len(self.e2e.pinning.ref_var))])
+        reference = self.e2e.pinning.ref_var.sqrt().cpu().to(latent_std)
         ratio = latent_std / reference
         if bool((ratio < self.tune["collapse_std_ratio"]).any()):
             raise CollapseError(
@@ -274,15 +331,17 @@ class VaeTuner:
     def run(self) -> None:
         start, max_steps = self.resume(), self.tune["max_steps"]
         log_path = self.run_dir / "train_log.csv"
+        main = self.accelerator.is_main_process
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # rows logged after the last checkpoint are about to be redone
+        if main and log_path.exists():  # rows logged after the last checkpoint are about to be redone
             table = pd.read_csv(log_path)
             table[table["step"] <= start].to_csv(log_path, index=False)
-        with open(log_path, "a", newline="") as log_file:
+        # Only the main process writes the step log (every process holds the same, global values).
+        with open(log_path if main else os.devnull, "a", newline="") as log_file:
             writer = csv.DictWriter(log_file, fieldnames=LOG_COLUMNS)
-            if log_file.tell() == 0:
+            if main and log_file.tell() == 0:
                 writer.writeheader()
-            bar = progress(total=max_steps, initial=start, desc="tune_vae", unit="step")
+            bar = progress(total=max_steps, initial=start, desc="tune_vae", unit="step", disable=not main)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
             while self.state.step < max_steps:
                 tick = time.perf_counter()
@@ -296,6 +355,7 @@ class VaeTuner:
                     log_file.flush()
                     self.save_checkpoint()
             bar.close()
+        self.accelerator.wait_for_everyone()
 
     # -- artifacts ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -372,11 +432,19 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
              tune: dict, vae_name: str, states_dir: str | Path, out_dir: str | Path, seed: int, device: torch.device,
              num_workers: int, image_size: int, dino_size: int, lpips_seed: int = 0) -> Path:
     """Check the caches (the frozen SD-1.5 VAE's latents, DINOv2 tokens, CLIP), tune (resuming if possible),
-    export into `out_dir` (see the module's docstring). Returns the run's state folder."""
+    export into `out_dir` (see the module's docstring). Returns the run's state folder. Called by every process of
+    a run (`unet_settings["processes"]`, urepa.launch); the main process claims the state folder and exports."""
+    from accelerate import PartialState
+
     from .reconstruction import load_lpips
     from .sd15 import load_noise_scheduler, load_unet
     from .vae import load_autoencoder
 
+    state = PartialState(cpu=device.type == "cpu")  # the process group, set up by accelerate launch
+    if unet_settings["processes"] != state.num_processes:
+        raise ValueError(f"train.processes is {unet_settings['processes']} but this tuning run has "
+                         f"{state.num_processes} process(es): start it with urepa.launch.train(..., stage='tune_vae')")
+    tuning_share(tune["batch_size"], 0, state.num_processes)  # a clear error before any work
     csv_sha = file_digest(caches["csv"])
     frozen_dir = Path(sd15_dir) / "vae"
     latents = check_cache(caches["vae"], {"csv_sha256": csv_sha, "image_size": image_size})
@@ -395,8 +463,11 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
                 "code": training_code_digest(TUNING_CODE), "lpips": lpips_name,
                 "vgg16": file_digest(vgg16) if vgg16 else None,
                 "caches": {"vae": content_digest(latents), "dino": content_digest(dino), "clip": content_digest(clip)}}
-    run_dir = claim_run_state(Path(states_dir), identity, provenance(
-        device, mixed_precision=unet_settings["mixed_precision"]))
+    with state.main_process_first():  # the others find the folder the main process has claimed
+        launch = {"processes": state.num_processes,
+                  **provenance(device, mixed_precision=unet_settings["mixed_precision"])}
+        run_dir = (claim_run_state(Path(states_dir), identity, launch)
+                   if state.is_main_process else run_state_dir(Path(states_dir), identity))
     tuner = VaeTuner(
         load_autoencoder(frozen_dir, device), load_unet(sd15_dir), load_noise_scheduler(sd15_dir),
         TuningRows(table["img_path"].tolist(), image_size, caches["vae"], caches["dino"],
@@ -405,6 +476,8 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
         lpips_model, unet_settings, tune, run_dir, seed, device, num_workers, vae_name, discriminator_state)
 
     tuner.run()
+    if not state.is_main_process:
+        return run_dir
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)

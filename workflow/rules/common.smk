@@ -228,9 +228,13 @@ def rule_resources(rule_name, wildcards):
 
 
 def job_gpus(rule_name, wildcards):
-    """GPUs of one job: train_unet asks for one per training process (tune_vae runs in one)."""
-    per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["processes"] \
-        if rule_name == "train_unet" else 1
+    """GPUs of one job: train_unet and tune_vae ask for one per training process."""
+    if rule_name == "train_unet":
+        per_job = urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["processes"]
+    elif rule_name == "tune_vae":
+        per_job = urepa_config.tune_unet_settings(config, wildcards.tier, wildcards.vae)["processes"]
+    else:
+        per_job = 1
     return rule_resources(rule_name, wildcards)["gpu"] * per_job
 
 

@@ -18,7 +18,8 @@ rule tune_vae:
         directory("results/{tier}/vae/{vae}/tuned"),
     params:
         tune=lambda w: urepa_config.tune_settings(config, w.tier, w.vae),
-        unet_settings=lambda w: urepa_config.tune_unet_settings(config, w.tier, w.vae),
+        # without processes: it changes no result, so changing it reruns nothing (it comes back as a resource)
+        unet_settings=lambda w: urepa_config.without_launch(urepa_config.tune_unet_settings(config, w.tier, w.vae)),
         states_dir="results/{tier}/vae/{vae}/train_state",
         image_size=lambda w: tier_of(w)["image_size"],
         dino_size=lambda w: tier_of(w)["dino_size"],
@@ -28,6 +29,7 @@ rule tune_vae:
     threads: job_threads("tune_vae")
     resources:
         **job_resources("tune_vae"),
+        processes=lambda w: urepa_config.tune_unet_settings(config, w.tier, w.vae)["processes"],
     log:
         "results/{tier}/logs/tune_vae_{vae}.log",
     benchmark:
