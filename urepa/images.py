@@ -1,9 +1,10 @@
-"""Image files and the views each encoder sees: opening a file as RGB (refusing an unusable one), the SD-VAE's
-square in [-1, 1] and DINOv2's view of that same square."""
+"""Image files and the views each encoder sees: opening a file as 8-bit RGB whatever its mode (refusing an unusable
+one), the SD-VAE's square in [-1, 1] and DINOv2's view of that same square."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torchvision import transforms
 
@@ -16,16 +17,42 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIDE = 32
 
 
+# Pillow's 16-bit modes (a 16-bit PNG or TIFF opens as one of these, or as "I"). Pillow's own convert("RGB") clips
+# their 0-65535 values at 255: a white image.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
 class UnusableImage(ValueError):
-    """An image file that opens but is too small to use."""
+    """An image file that opens but cannot be used: too small, or with no defined 8-bit reading."""
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """An image file as a fully decoded RGB image; raises, saying why, for an unreadable or too small file."""
+    """An image file as a fully decoded RGB image; raises, saying why, for an unreadable or unusable file."""
     with Image.open(path) as image:
         if min(image.size) < MIN_IMAGE_SIDE:
             raise UnusableImage(f"{image.size[0]}x{image.size[1]} px is smaller than {MIN_IMAGE_SIDE} px on a side")
-        return image.convert("RGB")
+        return to_8bit_rgb(image)
+
+
+def to_8bit_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, whatever its mode: 16-bit grey scaled by 255/65535 (rounded), transparency composited
+    over white (a transparent pixel's colour is undefined: often black), palette, bilevel, grey and CMYK as Pillow
+    converts them (CMYK: (255 - C)(255 - K)/255). A 32-bit integer image outside 0-65535, or a float image, has no
+    defined 8-bit reading: refused as unusable."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnusableImage(f"a 32-bit integer image with values {values.min()}..{values.max()}, outside the "
+                                f"16-bit range: no defined 8-bit reading")
+        return Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        raise UnusableImage("a 32-bit float image: no defined 8-bit reading")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def vae_transform(image_size: int) -> transforms.Compose:
