@@ -13,8 +13,8 @@ from torchvision import transforms
 
 from . import metrics
 from .images import open_rgb
-from .runtime import provenance
-from .sample import sample_paths
+from .runtime import provenance, set_aside
+from .sample import SampleSetError, check_sample_set
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,18 @@ def reference_statistics(val_csv: str | Path, image_size: int, network, out_npz:
 
 def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, batch_size: int,
                   extra: dict) -> dict:
-    """All metrics of a sample folder against the reference statistics, plus `extra` provenance."""
-    paths = sample_paths(samples_dir)
-    features = metrics.extract_features(network, paths, batch_size=batch_size, description="sample features")
+    """All metrics of a sample folder against the reference statistics, plus `extra` provenance.
+
+    The set is checked first (`check_sample_set`: every image its sampling.json names, no other) and every image
+    must decode. A bad set is never scored: it is moved aside (`<set>.stale-<time>`, kept for inspection) and a
+    `SampleSetError` says so, so that running Snakemake again regenerates the set (its shards are temporary)."""
+    try:
+        paths = check_sample_set(samples_dir)
+        features = metrics.extract_features(network, paths, batch_size=batch_size, description="sample features")
+    except (SampleSetError, metrics.UnreadableImageError) as error:
+        aside = set_aside(samples_dir, "is not the sample set its sampling.json describes")
+        raise SampleSetError(f"{error}. Not scored: the set was moved to {aside}; run snakemake again and its "
+                             f"sampling rules regenerate it") from error
     # Precision / recall compares every sample with every reference image (50k x 50k at 2048-d): on
     # the feature network's device, the GPU where there is one.
     reference = metrics.load_statistics(reference_npz)

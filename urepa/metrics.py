@@ -51,9 +51,16 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
-            array = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(self.paths[index]) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as error:  # truncated, corrupt, not an image
+            raise UnreadableImageError(f"{self.paths[index]}: {error}") from error
         return self.resize(center_crop_square(array) if self.center_crop else array)
+
+
+class UnreadableImageError(ValueError):
+    """An image file of a set being scored that does not decode (the message names it)."""
 
 
 @torch.no_grad()

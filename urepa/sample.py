@@ -205,6 +205,31 @@ def sample_paths(samples_dir: str | Path) -> list[Path]:
     return sorted(Path(samples_dir).glob("[0-9]*.png"))
 
 
+class SampleSetError(ValueError):
+    """A sample set that is not the set its sampling.json describes: a missing, extra or unreadable image."""
+
+
+def check_sample_set(samples_dir: str | Path) -> list[Path]:
+    """The set's images in index order, after checking their names against its sampling.json: exactly
+    000000.png .. of num_classes x images_per_class, no more, no fewer (reading them is `score_samples`' part)."""
+    samples_dir = Path(samples_dir)
+    manifest_path = samples_dir / "sampling.json"
+    if not manifest_path.is_file():
+        raise SampleSetError(f"{samples_dir} has no sampling.json: not a sample set written by this workflow")
+    manifest = json.loads(manifest_path.read_text())
+    expected = [f"{i:06d}.png" for i in range(manifest["num_classes"] * manifest["images_per_class"])]
+    found = {path.name for path in samples_dir.glob("*.png")}
+    missing, extra = [name for name in expected if name not in found], sorted(found - set(expected))
+    if missing or extra:
+        def listed(names):
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        problems = ([f"{len(missing)} missing ({listed(missing)})"] if missing else []) + \
+                   ([f"{len(extra)} not of the set ({listed(extra)})"] if extra else [])
+        raise SampleSetError(f"{samples_dir} should hold {len(expected)} images ({manifest['num_classes']} classes x "
+                             f"{manifest['images_per_class']}, sampling.json): {'; '.join(problems)}")
+    return [samples_dir / name for name in expected]
+
+
 def sample_grid(samples_dir: str | Path, out_png: str | Path, images_per_class: int, class_names: list[str],
                 per_class: int = 6, max_classes: int = 16, thumb: int = 128) -> None:
     """One row per class (first `per_class` samples), labelled, as one PNG."""
