@@ -4,8 +4,13 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+import torch
+
 import urepa
-from urepa.runstate import TRAINING_CODE, claim_run_state, complete_checkpoints, run_state_dir, training_code_digest
+from urepa.batches import TrainState
+from urepa.runstate import (CHECKSUMS, TRAINING_CODE, CheckpointError, claim_run_state, complete_checkpoints,
+                            load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
 
 
 def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
@@ -31,7 +36,8 @@ def test_a_state_folder_recording_another_identity_is_set_aside(tmp_path, caplog
 
 
 def test_complete_checkpoints_are_ordered_by_step_and_skip_half_written_ones(tmp_path):
-    for name in ("checkpoint-10", "checkpoint-9", "checkpoint-100.tmp", "checkpoint-2", "other-3"):
+    for name in ("checkpoint-10", "checkpoint-9", "checkpoint-100.tmp", "checkpoint-2", "other-3",
+                 "checkpoint-11.stale-20261207-143700"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
     assert complete_checkpoints(tmp_path / "none") == []
@@ -53,3 +59,70 @@ def test_the_training_code_is_the_packages_own_modules_and_its_digest_follows_th
     assert training_code_digest() == digest
     (tmp_path / TRAINING_CODE[-1]).write_bytes((package / TRAINING_CODE[-1]).read_bytes() + b"\n")
     assert training_code_digest() != digest
+
+
+class TinyRun:
+    """A model, its optimiser and the step state in an Accelerator, as a training run holds them."""
+
+    def __init__(self, run_dir: Path):
+        from accelerate import Accelerator
+
+        self.run_dir = run_dir
+        self.accelerator = Accelerator(cpu=True)
+        self.model = torch.nn.Linear(64, 64)
+        self.optimizer = torch.optim.AdamW(self.model.parameters())
+        self.state = TrainState(torch.Generator().manual_seed(0))
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.state)
+
+    def train_to(self, step: int) -> None:
+        """Steps up to `step`, checkpointing each (keeping 3)."""
+        while self.state.step < step:
+            self.model(torch.randn(4, 64, generator=self.state.generator)).square().mean().backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.state.step += 1
+            save_checkpoint(self.accelerator, self.run_dir, self.state.step, keep=3)
+
+
+def flip_bytes(path: Path, count: int = 32) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) - 200  # inside the last tensor's data, past the safetensors header
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "no checksums"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_intact_one(damage, tmp_path,
+                                                                                                  caplog):
+    run = TinyRun(tmp_path)
+    run.train_to(3)
+    optimizer_at_2 = torch.load(tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    newest = tmp_path / "checkpoints" / "checkpoint-3"
+    assert (newest / CHECKSUMS).is_file()
+    if damage == "flipped":
+        flip_bytes(newest / "model.safetensors")
+    elif damage == "truncated":
+        (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:100])
+    else:
+        (newest / CHECKSUMS).unlink()
+    resumed = TinyRun(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state) == 2
+    assert "checkpoint-3" in caplog.text and "not resumed from" in caplog.text
+    (aside,) = (tmp_path / "checkpoints").glob("checkpoint-3.stale-*")  # kept for inspection, never deleted
+    assert (aside / "model.safetensors").is_file()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"], optimizer_at_2["state"][0]["exp_avg"])
+
+
+def test_a_run_whose_checkpoints_are_all_corrupt_stops_naming_them(tmp_path):
+    run = TinyRun(tmp_path)
+    run.train_to(2)
+    for step in (1, 2):
+        flip_bytes(tmp_path / "checkpoints" / f"checkpoint-{step}" / "model.safetensors")
+    resumed = TinyRun(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint .*checkpoint-2\.stale-.*checkpoint-1\.stale-"):
+        load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state)
+    assert complete_checkpoints(tmp_path) == []
+    assert load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state) == 0  # run again: from step 0

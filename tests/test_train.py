@@ -49,6 +49,7 @@ from urepa.models import TRAINABLE_BLOCKS, AlignedUNet, make_trainable
 from urepa.rowstore import CacheMismatchError, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
+from urepa.runstate import complete_checkpoints
 from urepa.train import LOG_COLUMNS, Trainer, train_run
 from urepa.vae import LatentNormalisation, VaeMismatchError
 
@@ -169,7 +170,49 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
     if killed:
         assert "resumed from" in resumed_log.read_text()
 
-    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert_same_run_bit_for_bit(tmp_path / "uninterrupted", tmp_path / "resumed", steps=12)
+
+
+@pytest.mark.slow  # two training processes, one stopped by SIGTERM and resumed: a minute
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signalled_run_checkpoints_its_step_exits_non_zero_and_resumes_without_repeating_a_step(data, tmp_path,
+                                                                                                 stop_signal):
+    """Slurm's preemption (SIGTERM, or SIGUSR1 sent ahead by --signal): the run finishes its step, writes a checkpoint
+    of it (between the regular ones), exits non-zero so the job is retried, and the rerun resumes from that step."""
+    settings = settings_for(max_steps=8, checkpoint_every=8, eval_interval=2)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+
+    def args(name):
+        return {"caches": {k: str(v) for k, v in data["caches"].items()}, "sd15": str(data["sd15"]),
+                "dinov2": str(data["dinov2"]), "vae_dir": str(data["vae_dir"]), "settings": settings, "seed": SEED,
+                **VIEW, "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
+
+    reference, reference_log = _start_child(script, args("uninterrupted"), "uninterrupted", tmp_path)
+    victim, victim_log = _start_child(script, args("resumed"), "signalled", tmp_path)
+    states = tmp_path / "resumed" / "train_state"
+    deadline = time.monotonic() + 300
+    while not any(states.glob("*/snapshots/step-0000002")) and time.monotonic() < deadline:
+        assert victim.poll() is None, victim_log.read_text()[-3000:]
+        time.sleep(0.01)
+    victim.send_signal(stop_signal)
+    assert victim.wait(timeout=300) not in (0, -stop_signal), victim_log.read_text()[-3000:]
+    (checkpoint,) = complete_checkpoints(state_of(states))
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 2 <= stopped_at < 8  # a checkpoint no schedule asked for: the step the signal arrived in
+    assert f"stopped by {stop_signal.name} after step {stopped_at}" in victim_log.read_text()
+    assert read_log(state_of(states))["step"].tolist() == list(range(1, stopped_at + 1))
+
+    resumed, resumed_log = _start_child(script, args("resumed"), "resumed", tmp_path)
+    assert resumed.wait(timeout=300) == 0, resumed_log.read_text()[-3000:]
+    assert reference.wait(timeout=300) == 0, reference_log.read_text()[-3000:]
+    launches = json.loads((state_of(states) / "run.json").read_text())["launches"]
+    assert [launch["from_step"] for launch in launches] == [0, stopped_at]  # no step trained twice
+    assert_same_run_bit_for_bit(tmp_path / "uninterrupted", tmp_path / "resumed", steps=8)
+
+
+def assert_same_run_bit_for_bit(a: Path, b: Path, steps: int) -> None:
+    """Two runs' exported weights, final training state and step logs, equal bit for bit."""
     # Exported weights: LoRA, EMA LoRA, align heads and EMA heads, bit for bit.
     for name in ("pytorch_lora_weights.safetensors", "align_heads.safetensors",
                  "ema/pytorch_lora_weights.safetensors", "ema/align_heads.safetensors"):
@@ -177,28 +220,28 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
     # The final training state: model, EMA, optimiser moments and step, LR schedule, generator.
     state_a, state_b = state_of(a / "train_state"), state_of(b / "train_state")
     assert state_a.name == state_b.name  # one identity: the same settings, data and code
-    final_a = checkpoint_state(state_a / "checkpoints" / "checkpoint-12")
-    final_b = checkpoint_state(state_b / "checkpoints" / "checkpoint-12")
+    final_a = checkpoint_state(state_a / "checkpoints" / f"checkpoint-{steps}")
+    final_b = checkpoint_state(state_b / "checkpoints" / f"checkpoint-{steps}")
     assert_tensors_equal(final_a["model"], final_b["model"], "model.safetensors")
-    assert final_a["ema"]["optimization_step"] == final_b["ema"]["optimization_step"] == 12
+    assert final_a["ema"]["optimization_step"] == final_b["ema"]["optimization_step"] == steps
     assert len(final_a["ema"]["shadow_params"]) == len(final_b["ema"]["shadow_params"]) > 0
     for x, y in zip(final_a["ema"]["shadow_params"], final_b["ema"]["shadow_params"]):
         assert torch.equal(x, y)
-    assert final_a["train"]["step"] == final_b["train"]["step"] == 12
+    assert final_a["train"]["step"] == final_b["train"]["step"] == steps
     assert torch.equal(final_a["train"]["generator"], final_b["train"]["generator"])
     opt_a, opt_b = final_a["optimizer"]["state"], final_b["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys() and opt_a
     for index in opt_a:
-        assert float(opt_a[index]["step"]) == float(opt_b[index]["step"]) == 12
+        assert float(opt_a[index]["step"]) == float(opt_b[index]["step"]) == steps
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a[index][moment], opt_b[index][moment])
     assert final_a["scheduler"] == final_b["scheduler"]
     # The step log: every step exactly once, with the values the uninterrupted run logged.
     log_a, log_b = read_log(state_a), read_log(state_b)
-    assert log_b["step"].tolist() == list(range(1, 13))
+    assert log_b["step"].tolist() == list(range(1, steps + 1))
     columns = [c for c in LOG_COLUMNS if c != "step_time"]
     pd.testing.assert_frame_equal(log_a[columns], log_b[columns], check_exact=True)
-    assert read_log(b / "model")["step"].tolist() == list(range(1, 13))
+    assert read_log(b / "model")["step"].tolist() == list(range(1, steps + 1))
 
 
 # -- 2. a NaN loss ------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
+from conftest import CONFIG, CPU, DINO_SIZE, REPO, SEED, SMOKE_IMAGE_SIZE
 from urepa import launch
 from urepa.config import train_settings
 from urepa.train import train_run
@@ -37,7 +42,7 @@ WEIGHTS = ["ema/pytorch_lora_weights.safetensors", "ema/align_heads.safetensors"
 def smoke_settings(**overrides) -> dict:
     settings = train_settings(CONFIG, "smoke", "urepa")
     assert settings["batch_size"] == 8 and settings["manifold_mode"] == "sample"
-    settings.update(max_steps=10, warmup_ratio=0.3, checkpoint_every=5, eval_interval=10, **overrides)
+    settings.update({"max_steps": 10, "warmup_ratio": 0.3, "checkpoint_every": 5, "eval_interval": 10, **overrides})
     return settings
 
 
@@ -171,3 +176,43 @@ def test_a_batch_that_does_not_split_evenly_is_refused_before_any_work(smoke_inp
     # A run whose processes setting is not the process count it runs on (not started by urepa.launch).
     with pytest.raises(ValueError, match="train.processes is 2 but this run has 1 process"):
         run_in_process(smoke_inputs, smoke_caches, smoke_settings(processes=2), tmp_path)
+
+
+LAUNCHER = """
+import json, sys
+from urepa import launch
+from urepa.runtime import setup_logging
+setup_logging()
+launch.train(json.load(open(sys.argv[1])), threads=2, log_path=sys.argv[2])
+"""
+
+
+def test_a_signalled_two_process_run_checkpoints_its_step_and_resumes_to_the_same_result(
+        one_process, smoke_inputs, smoke_caches, tmp_path):
+    """SIGTERM to the job's process (what Slurm's preemption sends): the launcher hands it to both training
+    processes, which finish their step, checkpoint it and stop; the job fails (so it is retried) and the rerun
+    resumes from that step and ends where the uninterrupted one-process run ended."""
+    settings = smoke_settings(processes=2, eval_interval=2, checkpoint_every=10)
+    args = run_args(smoke_inputs, smoke_caches, settings, tmp_path)
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(tmp_path / "job.log", "wb") as job_log:
+        job = subprocess.Popen([sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "args.json"),
+                                str(tmp_path / "train.log")], stdout=job_log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while not any((tmp_path / "train_state").glob("*/snapshots/step-0000002")) and time.monotonic() < deadline:
+        assert job.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=300) == 1, (tmp_path / "job.log").read_text()[-3000:]
+    assert "stopped (exit status" in (tmp_path / "job.log").read_text() and "after SIGTERM" in \
+        (tmp_path / "job.log").read_text()
+    (checkpoint,) = (state_of(tmp_path) / "checkpoints").glob("checkpoint-*")
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 2 <= stopped_at < 10 and f"after step {stopped_at}" in (tmp_path / "train.log").read_text()
+
+    launch.train(args, threads=2, log_path=tmp_path / "train.log")
+    launches = json.loads((state_of(tmp_path) / "run.json").read_text())["launches"]
+    assert [launch["from_step"] for launch in launches] == [0, stopped_at]
+    assert_same_run(one_process, tmp_path)

@@ -11,7 +11,12 @@ import zarr
 
 
 def file_digest(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a file's contents, read in 16 MiB blocks (checkpoints hold files of several GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def directory_digest(path: str | Path) -> str:

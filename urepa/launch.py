@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -74,10 +76,34 @@ def train(run_args: dict, threads: int, log_path: str | Path, stage: str = "trai
     with open(log_path, "w") as log_file:
         log_file.write(f"launching {processes} {stage} processes: {subprocess.list2cmdline(command)}\n")
         log_file.flush()
-        returncode = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+        returncode, stopped_by = run_forwarding_stop_signals(command, log_file, env)
     if returncode:
-        raise RuntimeError(f"the {processes} {stage} processes failed (exit status {returncode}); their output "
+        why = f" after {signal.Signals(stopped_by).name}: they checkpointed their last step" if stopped_by else ""
+        raise RuntimeError(f"the {processes} {stage} processes stopped (exit status {returncode}){why}; their output "
                            f"is in {log_path}")
+
+
+def run_forwarding_stop_signals(command: list[str], log_file, env: dict) -> tuple[int, int | None]:
+    """Run the launcher; the first SIGTERM or SIGUSR1 this process receives meanwhile (Slurm's preemption, a cancel)
+    is passed to it as SIGTERM, which it passes to every training process: each finishes its step, checkpoints and
+    stops (urepa.runstate.StopSignals; torch's launcher grants them 30 s before SIGKILL). The exit status, and the
+    signal passed on (None)."""
+    launcher = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    received = []
+
+    def forward(number, frame):
+        if not received:  # once: a second SIGTERM would cut the launcher's wait for the checkpoint short
+            received.append(number)
+            launcher.send_signal(signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python delivers signals
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGTERM, signal.SIGUSR1)} \
+        if main_thread else {}
+    try:
+        return launcher.wait(), (received[0] if received else None)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def launch_command(stage: str, run_args: dict, processes: int, threads: int, port: int) -> list[str]:

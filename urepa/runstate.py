@@ -6,10 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
-from .runtime import set_aside
+import torch
+
+from .digests import file_digest
+from .runtime import progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +39,10 @@ def run_state_dir(states_dir: Path, identity: dict) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """A run state's complete checkpoints, oldest first (a half-written one is named *.tmp)."""
-    return sorted((run_dir / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    """A run state's complete checkpoints, oldest first (a half-written one is named *.tmp, one set aside
+    *.stale-<time>)."""
+    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def claim_run_state(states_dir: Path, identity: dict, launch: dict) -> Path:
@@ -72,28 +80,127 @@ def claim_run_state(states_dir: Path, identity: dict, launch: dict) -> Path:
     return run_dir
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints were found but none is intact."""
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM, SIGUSR1) and stopped after checkpointing its last step."""
+
+
+# Written into a checkpoint before the rename that completes it: every file's SHA-256.
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(folder)): file_digest(p) for p in progress(files, desc="checkpoint checksums",
+                                                                         unit="file", leave=False)}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be trusted (None: every file is there with its checksum)."""
+    if not (folder / CHECKSUMS).is_file():
+        return f"has no {CHECKSUMS} (not written by this version, or cut short)"
+    expected = json.loads((folder / CHECKSUMS).read_text())
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if file_digest(path) != digest:
+            return f"{name} does not match its checksum (corrupt or truncated)"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint whose files match their checksums, after moving every newer one that does not
+    aside (`checkpoint-N.stale-<time>`, kept, with a warning naming it); and the ones moved."""
+    moved = []
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, moved
+        moved.append(set_aside(checkpoint, f"{problem}: not resumed from"))
+    return None, moved
+
+
 def load_newest_checkpoint(accelerator, run_dir: Path, state) -> int:
-    """Load the newest complete checkpoint of `run_dir` into what `accelerator` holds, if there is one; the step to
-    continue from (`state.step`, restored with it)."""
-    found = complete_checkpoints(run_dir)
-    if found:
-        accelerator.load_state(str(found[-1]))
-        log.info("resumed from %s at step %d", found[-1], state.step)
+    """Load the newest intact checkpoint of `run_dir` (`newest_intact_checkpoint`, chosen by the main process for
+    all) into what `accelerator` holds, if there is one; the step to continue from (`state.step`, restored with
+    it). Checkpoints that were found but are all corrupt stop the run, naming them."""
+    from accelerate.utils import broadcast_object_list
+
+    choice = [newest_intact_checkpoint(run_dir) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    checkpoint, moved = choice[0]
+    if checkpoint is None and moved:
+        raise CheckpointError(f"no intact checkpoint in {run_dir / 'checkpoints'}: "
+                              f"{', '.join(str(p) for p in moved)} failed their checksums and were moved aside. "
+                              f"Run again to train from step 0, or restore an intact checkpoint there")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        log.info("resumed from %s at step %d", checkpoint, state.step)
     return state.step
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator`'s state as `run_dir/checkpoints/checkpoint-<step>`, written into a temporary folder and renamed,
-    so a kill never leaves a half checkpoint as the newest; then all but the newest `keep` are removed."""
+    """`accelerator`'s state as `run_dir/checkpoints/checkpoint-<step>`, written into a temporary folder with every
+    file's checksum and renamed, so a kill never leaves a half checkpoint as the newest and a corrupted one is
+    caught on resume; then all but the newest `keep` are removed."""
     final = run_dir / "checkpoints" / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:  # a killed run's leftover; removed before any rank writes into it
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
+    accelerator.wait_for_everyone()  # every rank's files are in before the checksums and the rename
     if accelerator.is_main_process:
+        write_checksums(partial)
+        if final.exists():  # this step's checkpoint again (a run stopped right after writing it, resumed)
+            shutil.rmtree(final)
         partial.rename(final)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
+    accelerator.wait_for_everyone()
     return final
+
+
+class StopSignals:
+    """Within the block, SIGTERM and SIGUSR1 (Slurm's preemption and its early warning, `--signal`) are noted instead
+    of ending the process, so a training loop can finish its step, checkpoint and stop (`requested`). Installed
+    only in the main thread (the only place Python delivers signals); the previous handlers come back after."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame) -> None:
+        if self.received is None:
+            log.warning("%s received: stopping after this step's checkpoint", signal.Signals(number).name)
+        self.received = number
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process was signalled (one flag reduced over the processes: they stop at the same step)."""
+        flag = float(self.received is not None)
+        if accelerator.num_processes > 1:
+            flag = float(accelerator.reduce(torch.tensor([flag], device=accelerator.device), reduction="sum")[0])
+        return flag > 0
+
+    def stop(self, step: int, checkpoint: Path) -> Preempted:
+        name = signal.Signals(self.received).name if self.received else "a signal to another process"
+        return Preempted(f"stopped by {name} after step {step}, with {checkpoint} written: run again to resume "
+                         f"from it")

@@ -37,7 +37,8 @@ from .losses import AlignSchedule, Objective, diffusion_target, pooled_samples
 from .models import AlignedUNet, make_trainable
 from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import claim_run_state, complete_checkpoints, run_state_dir, training_code_digest
+from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
+                       save_checkpoint, training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import LatentNormalisation, check_same_vae, vae_record
 
@@ -126,35 +127,16 @@ class Trainer:
         self.accelerator.unwrap_model(self.model).timer = self.timer
 
     # -- checkpoints ------------------------------------------------------------------------------
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
     def checkpoints(self) -> list[Path]:
         return complete_checkpoints(self.run_dir)
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint, if any; return the step to continue from."""
-        found = self.checkpoints()
-        if found:
-            self.accelerator.load_state(str(found[-1]))
-            log.info("resumed from %s at step %d", found[-1], self.state.step)
-        return self.state.step
+        """Load the newest intact checkpoint, if any; return the step to continue from."""
+        return load_newest_checkpoint(self.accelerator, self.run_dir, self.state)
 
     def save_checkpoint(self) -> Path:
-        """Write into a temporary folder and rename, so a kill never leaves a half checkpoint as newest."""
-        final = self.checkpoint_dir / f"checkpoint-{self.state.step}"
-        partial = final.with_name(final.name + ".tmp")
-        if self.accelerator.is_main_process:  # a killed run's leftover; removed before any rank writes into it
-            shutil.rmtree(partial, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
-        self.accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
-        if self.accelerator.is_main_process:
-            partial.rename(final)
-            for old in self.checkpoints()[:-self.settings["checkpoints_total_limit"]]:
-                shutil.rmtree(old)
-        return final
+        return save_checkpoint(self.accelerator, self.run_dir, self.state.step,
+                               self.settings["checkpoints_total_limit"])
 
     # -- one step ---------------------------------------------------------------------------------
     def batches(self, start_step: int) -> DataLoader:
@@ -272,23 +254,28 @@ class Trainer:
             bar = progress(total=max_steps, initial=start, desc="train", unit="step",
                             disable=not self.accelerator.is_main_process)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
-            while self.state.step < max_steps:
-                tick = time.perf_counter()
-                with self.timer("data"):
-                    batch = next(batches)
-                values = self.step(batch)
-                values["step_time"] = time.perf_counter() - tick
-                values["step"] = self.state.step
-                writer.writerow({k: values[k] for k in LOG_COLUMNS})
-                self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=self.state.step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}", refresh=False)
-                # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
-                if on_snapshot and (self.state.step % settings["eval_interval"] == 0 or self.state.step == max_steps):
-                    on_snapshot(self, self.state.step)
-                if self.state.step % settings["checkpoint_every"] == 0 or self.state.step == max_steps:
-                    log_file.flush()
-                    self.save_checkpoint()
+            with StopSignals() as stop:
+                while self.state.step < max_steps:
+                    tick = time.perf_counter()
+                    with self.timer("data"):
+                        batch = next(batches)
+                    values = self.step(batch)
+                    values["step_time"] = time.perf_counter() - tick
+                    values["step"] = step = self.state.step
+                    writer.writerow({k: values[k] for k in LOG_COLUMNS})
+                    self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}", refresh=False)
+                    # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
+                    if on_snapshot and (step % settings["eval_interval"] == 0 or step == max_steps):
+                        on_snapshot(self, step)
+                    checkpoint_due = step % settings["checkpoint_every"] == 0 or step == max_steps
+                    preempted = stop.requested(self.accelerator)
+                    if checkpoint_due or preempted:
+                        log_file.flush()
+                        checkpoint = self.save_checkpoint()
+                    if preempted:  # a non-zero exit: Slurm's requeue or the profile's retries resume from it
+                        raise stop.stop(step, checkpoint)
             bar.close()
         # Every process reaches the end before the group is taken down: rank 0 could otherwise abort at exit.
         self.accelerator.wait_for_everyone()
@@ -322,8 +309,9 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
               states_dir: str | Path, model_dir: str | Path, seed: int, device: torch.device, num_workers: int,
               title: str, image_size: int, dino_size: int, report_to: str = "tensorboard") -> Path:
     """Check the caches against this run's inputs (`vae_dir`: the AutoencoderKL folder of the run's VAE,
-    `settings["vae"]`; `image_size`: the VAE's square; `dino_size`: DINOv2's input size for that square), train (resuming if possible), export artifacts. Returns the run's state
-    folder: `states_dir/<identity>/` (see `claim_run_state`). Called by every process of a run
+    `settings["vae"]`; `image_size`: the VAE's square; `dino_size`: DINOv2's input size for that square), train
+    (resuming if possible), export artifacts. Returns the run's state folder: `states_dir/<identity>/` (see
+    `claim_run_state`). Called by every process of a run
     (urepa.launch); the main process claims the state folder and exports."""
     from accelerate import PartialState
 
@@ -366,8 +354,8 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
     trainer = Trainer(
         unet, load_noise_scheduler(sd15_dir), CachedRows(caches["vae"], caches["dino"], table["class_id"].to_numpy()),
         rows, clip["embeddings"][:], clip.attrs["null_index"], dino.attrs["dim"], dino.attrs["grid"],
-        LatentNormalisation.from_config(json.loads((Path(vae_dir) / "config.json").read_text())), run_vae, settings, run_dir, seed, device, num_workers, time_phases=False,
-        report_to=report_to)
+        LatentNormalisation.from_config(json.loads((Path(vae_dir) / "config.json").read_text())), run_vae, settings,
+        run_dir, seed, device, num_workers, time_phases=False, report_to=report_to)
 
     def snapshot(trainer: Trainer, step: int) -> None:
         if trainer.accelerator.is_main_process:

@@ -44,7 +44,7 @@ from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
 from .models import AlignedUNet, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import (claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
+from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
                        save_checkpoint, training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
@@ -343,17 +343,22 @@ class VaeTuner:
                 writer.writeheader()
             bar = progress(total=max_steps, initial=start, desc="tune_vae", unit="step", disable=not main)
             batches = iter(self.batches(start)) if start < max_steps else iter(())
-            while self.state.step < max_steps:
-                tick = time.perf_counter()
-                values = self.step(next(batches))
-                values.update(step=self.state.step, step_time=time.perf_counter() - tick)
-                writer.writerow({k: values[k] for k in LOG_COLUMNS})
-                bar.update(1)
-                bar.set_postfix(vae=f"{values['loss_vae']:.3f}", unet=f"{values['loss_unet']:.3f}", refresh=False)
-                step = self.state.step
-                if step % self.tune["checkpoint_every"] == 0 or step == max_steps:
-                    log_file.flush()
-                    self.save_checkpoint()
+            with StopSignals() as stop:
+                while self.state.step < max_steps:
+                    tick = time.perf_counter()
+                    values = self.step(next(batches))
+                    values.update(step=self.state.step, step_time=time.perf_counter() - tick)
+                    writer.writerow({k: values[k] for k in LOG_COLUMNS})
+                    bar.update(1)
+                    bar.set_postfix(vae=f"{values['loss_vae']:.3f}", unet=f"{values['loss_unet']:.3f}",
+                                    refresh=False)
+                    step = self.state.step
+                    preempted = stop.requested(self.accelerator)
+                    if step % self.tune["checkpoint_every"] == 0 or step == max_steps or preempted:
+                        log_file.flush()
+                        checkpoint = self.save_checkpoint()
+                    if preempted:  # a non-zero exit: Slurm's requeue or the profile's retries resume from it
+                        raise stop.stop(step, checkpoint)
             bar.close()
         self.accelerator.wait_for_everyone()
 
