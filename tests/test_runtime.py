@@ -1,11 +1,15 @@
 """Process set-up shared by the stages: a rule's log explains a failure and shows how far the job got."""
+import errno
+import logging
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import REPO
+from urepa.runtime import DiskFullError, disk_full_named, mount_point, setup_logging
 
 FAILING_STAGE = textwrap.dedent("""
     import sys, warnings
@@ -54,3 +58,55 @@ def test_provenance_records_what_changes_the_bytes():
     record = provenance("cpu", batch_size=16)
     assert record["threads"] == 1 and record["batch_size"] == 16 and record["device"] == "cpu"
     assert record["torch"] == torch.__version__ and record["host"]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),  # what a cache shard or PNG write raises: no path
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),  # torch.save's
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+])
+def test_a_full_disk_is_named_with_its_file_system_and_path(error, tmp_path):
+    target = tmp_path / "checkpoint-8.tmp"
+    with pytest.raises(DiskFullError, match=rf"no space left on {mount_point(tmp_path)}: {target} \(") as raised:
+        with disk_full_named(target):
+            raise error
+    assert raised.value.errno == errno.ENOSPC and raised.value.__cause__ is error
+    with pytest.raises(PermissionError):  # any other failure passes through unchanged
+        with disk_full_named(target):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from urepa.runstate import complete_checkpoints, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    save_checkpoint(accelerator, tmp_path, 1, keep=2)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(accelerator, "save_state", full)
+    with pytest.raises(DiskFullError, match=r"no space left on .*checkpoints/checkpoint-2\.tmp"):
+        save_checkpoint(accelerator, tmp_path, 2, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-1"]
+
+
+def test_the_rule_log_survives_a_full_disk(tmp_path, monkeypatch, capfd):
+    """A log line that cannot be written is reported on stderr; the job goes on (and fails on its own error)."""
+    root = logging.getLogger()
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # setup_logging's changes, undone after the test
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    setup_logging(tmp_path / "rule.log")
+    logging.captureWarnings(False)
+    (file_handler,) = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+
+    def full(text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_handler.stream, "write", full)
+    logging.getLogger("urepa").warning("still running")
+    assert "still running" in capfd.readouterr().err
+    file_handler.close()

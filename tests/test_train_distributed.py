@@ -110,7 +110,7 @@ def how(launch: dict) -> dict:
 
 def test_two_processes_give_the_one_process_losses_and_ema_weights(one_process, two_processes):
     assert_same_run(one_process, two_processes)
-    assert "launching 2 training processes" in (two_processes / "train.log").read_text()
+    assert "launching 2 train_unet processes" in (two_processes / "train.log").read_text()
     # One identity whatever the process count; run.json records how the run was launched.
     assert state_of(one_process).name == state_of(two_processes).name
     run = json.loads((state_of(two_processes) / "run.json").read_text())

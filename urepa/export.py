@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .runtime import disk_full_named
 from .vae import check_same_vae, load_autoencoder, vae_record
 
 log = logging.getLogger(__name__)
@@ -32,27 +33,28 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if settings["finetune"] == "lora":
-        # Keys stay in peft's lora_A / lora_B form. convert_state_dict_to_diffusers renames only the
-        # attention keys (lora.down / lora.up), and load_lora_weights judges the format by the first
-        # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
-        lora = get_peft_model_state_dict(model.unet)
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
-    else:
-        model.unet.save_pretrained(out_dir / "unet")
-    trained_scheduler(noise_scheduler, settings["prediction"]).save_pretrained(out_dir / "scheduler")
-    if model.heads:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
-                  out_dir / "align_heads.safetensors")
-        first = next(iter(model.heads.values()))
-        (out_dir / "align_heads.json").write_text(json.dumps({
-            "layers": list(model.heads), "grid": first.grid, "projector": settings["projector"],
-            "projector_hidden": settings["projector_hidden"],
-            "dim": token_dim,
-        }, indent=2))
-    (out_dir / DESCRIPTION).write_text(json.dumps({
-        "finetune": settings["finetune"], "prediction": settings["prediction"],
-        "align_layers": settings["align_layers"], "align_coeff": settings["align_coeff"], "vae": vae}, indent=2))
+    with disk_full_named(out_dir):
+        if settings["finetune"] == "lora":
+            # Keys stay in peft's lora_A / lora_B form. convert_state_dict_to_diffusers renames only the
+            # attention keys (lora.down / lora.up), and load_lora_weights judges the format by the first
+            # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
+            lora = get_peft_model_state_dict(model.unet)
+            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
+        else:
+            model.unet.save_pretrained(out_dir / "unet")
+        trained_scheduler(noise_scheduler, settings["prediction"]).save_pretrained(out_dir / "scheduler")
+        if model.heads:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.heads.state_dict().items()},
+                      out_dir / "align_heads.safetensors")
+            first = next(iter(model.heads.values()))
+            (out_dir / "align_heads.json").write_text(json.dumps({
+                "layers": list(model.heads), "grid": first.grid, "projector": settings["projector"],
+                "projector_hidden": settings["projector_hidden"],
+                "dim": token_dim,
+            }, indent=2))
+        (out_dir / DESCRIPTION).write_text(json.dumps({
+            "finetune": settings["finetune"], "prediction": settings["prediction"],
+            "align_layers": settings["align_layers"], "align_coeff": settings["align_coeff"], "vae": vae}, indent=2))
 
 
 def read_description(weights_dir: str | Path) -> dict:

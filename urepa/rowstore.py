@@ -38,7 +38,7 @@ from zarr.core.sync import sync
 
 from .digests import file_digest
 from .images import open_rgb
-from .runtime import progress, provenance, set_aside
+from .runtime import disk_full_named, progress, provenance, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,10 @@ def _write_shard(group: zarr.Group, folder: Path, shard: int, start: int, stop: 
         array = group[name]
         # A job killed while writing this shard may have left a torn file, which zarr would read (and reject for
         # its checksum) to merge the new rows into: start from no file.
-        sync((array.store_path / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))).delete())
-        array[start:stop] = rows
+        shard_key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        sync((array.store_path / shard_key).delete())
+        with disk_full_named(folder / STORE / name / shard_key):
+            array[start:stop] = rows
     record = folder / FINISHED / f"{shard:06d}.json"
     temporary = record.with_suffix(".tmp")
     temporary.write_text(json.dumps({"shard": shard, "rows": [start, stop], "build": build, "invalid": invalid,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .digests import file_digest
-from .runtime import progress, set_aside
+from .runtime import disk_full_named, progress, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     if accelerator.is_main_process:  # a killed run's leftover; removed before any rank writes into it
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with disk_full_named(partial):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every rank's files are in before the checksums and the rename
     if accelerator.is_main_process:
-        write_checksums(partial)
+        with disk_full_named(partial):
+            write_checksums(partial)
         if final.exists():  # this step's checkpoint again (a run stopped right after writing it, resumed)
             shutil.rmtree(final)
         partial.rename(final)

@@ -3,9 +3,11 @@ provenance records, setting damaged outputs aside, and timing the phases of a st
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
@@ -96,6 +98,46 @@ def provenance(device: torch.device | str, **settings) -> dict:
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of space (or quota); the message names the file system and the path."""
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system `path` is (or would be) on."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save's C++ writer reports a short write without an errno ("unexpected pos ... vs ...")
+    return isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("unexpected pos", "PytorchStreamWriter failed", "No space left"))
+
+
+@contextlib.contextmanager
+def disk_full_named(path: str | Path):
+    """Within the block, a write that fails for want of space raises `DiskFullError` saying "no space left on
+    <mount point>: <file>" (the failing file where the error names it, else `path`), instead of a bare errno or
+    torch's serialisation error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, DiskFullError) or not is_disk_full(error):
+            raise
+        target = Path(getattr(error, "filename", None) or path)
+        where = mount_point(target)
+        free = shutil.disk_usage(where).free
+        raise DiskFullError(errno.ENOSPC, f"no space left on {where}: {target} ({free / 2**30:.2f} GiB free there "
+                                          f"now; free some, or point results/ at a larger file system, and run "
+                                          f"again: finished work is kept)") from error
 
 
 def set_aside(path: str | Path, reason: str) -> Path:

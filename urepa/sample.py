@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .runtime import progress, provenance, set_aside
+from .runtime import disk_full_named, progress, provenance, set_aside
 from .vae import LatentNormalisation
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def generate_samples(pipe, clip_embeddings: np.ndarray, null_index: int, num_cla
                                  settings["cfg_scale"], settings["guidance_low"], settings["guidance_high"])
         for i, image in zip(batch, decode(pipe.vae, latents)):
             tmp = partial / f"{i:06d}.tmp.png"
-            Image.fromarray(image).save(tmp)
+            with disk_full_named(tmp):
+                Image.fromarray(image).save(tmp)
             tmp.rename(partial / f"{i:06d}.png")  # a PNG that exists is complete
     if out_dir.exists():
         shutil.rmtree(out_dir)
