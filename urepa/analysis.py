@@ -220,6 +220,8 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
 
     skipped: list[str] = []
     rows = held_out_rows(val_csv, count, skipped)
+    log.info("alignment of %s: %d held-out images of %s (%d unusable skipped), timesteps %s", weights_dir, len(rows),
+             val_csv, len(skipped), timesteps)
     chunks = [rows["img_path"].iloc[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
 
     def images(paths, transform) -> torch.Tensor:
@@ -274,7 +276,12 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
         if t == middle:
             at_middle = head_pooled if head is not None else pooled
     capture.remove()
+    for entry in results:
+        log.info("t = %d: CKNNA %.3f (chance %.3f), CCA %.3f (chance %.3f)%s", entry["timestep"], entry["cknna"],
+                 entry["cknna_chance"], entry["cca"], entry["cca_chance"],
+                 f", head token cosine {entry['head_token_cosine']:.3f}" if head is not None else "")
     tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
                        title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
+    log.info("t-SNE at t = %d written to %s", middle, tsne_png)
     return {"layer": layer, "images": len(rows), "skipped_images": skipped, "has_head": head is not None,
             "timesteps": results, "provenance": provenance(device, batch_size=batch_size)}

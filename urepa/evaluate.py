@@ -84,6 +84,9 @@ def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, b
     # the feature network's device, the GPU where there is one.
     reference = metrics.load_statistics(reference_npz)
     result = metrics.compute_metrics(features, reference, device=network.device)
+    log.info("scored %d samples of %s against %s (%d reference images, %s): FID %.3f, sFID %.3f",
+             len(paths), samples_dir, reference_npz, reference["num_images"], network.name, result["fid"],
+             result["sfid"])
     sessions = Path(samples_dir) / "provenance.json"
     return {**result, "num_reference_skipped": len(reference.get("skipped", [])), **extra,
             "provenance": {"metrics": provenance(network.device, batch_size=batch_size),
@@ -104,7 +107,10 @@ def fid_curve(point_files: list[str | Path]) -> dict:
         m = json.loads(Path(path).read_text())
         points.append({"step": m["checkpoint_step"], "fid": m["fid"], "sfid": m["sfid"], "kid_mean": m["kid_mean"],
                        "num_samples": m["num_generated"]})
-    return {"points": sorted(points, key=lambda p: p["step"])}
+    points.sort(key=lambda p: p["step"])
+    log.info("FID-vs-step curve from %d point files: %s", len(points),
+             ", ".join(f"step {p['step']} FID {p['fid']:.3f} ({p['num_samples']} samples)" for p in points))
+    return {"points": points}
 
 
 SWEEP_METRICS = ("fid", "sfid", "precision", "recall", "inception_score_mean", "num_generated")
@@ -122,6 +128,8 @@ def cfg_sweep(point_files: list[str | Path]) -> dict:
         raise ValueError("a CFG sweep needs at least one scale")
     points.sort(key=lambda p: p["cfg_scale"])
     best = min(points, key=lambda p: p["fid"])
+    log.info("CFG sweep from %d point files: %s; lowest FID at scale %s", len(points),
+             ", ".join(f"scale {p['cfg_scale']} FID {p['fid']:.3f}" for p in points), best["cfg_scale"])
     return {"points": points, "best": {k: v for k, v in best.items() if k != "sampling"}}
 
 

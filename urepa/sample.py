@@ -199,6 +199,7 @@ def gather_samples(shard_dirs: list[str | Path], out_dir: str | Path) -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
+    log.info("gathered %d images from %d shards into %s", total, len(manifests), out_dir)
     return out_dir
 
 
@@ -249,4 +250,5 @@ def sample_grid(samples_dir: str | Path, out_png: str | Path, images_per_class: 
                 grid.paste(image.convert("RGB").resize((thumb, thumb), Image.BICUBIC),
                            (label_width + j * thumb, c * thumb))
     grid.save(out_png)
+    log.info("sample grid of %d classes x %d written to %s", num_classes, columns, out_png)
 
