@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
 
 # Real ImageNet synsets and names, so prompts and mapping files look like the real ones.
 CLASSES = [
@@ -106,6 +109,8 @@ def make_imagenet_tree(root: str | Path, classes: int, train_images: int, val_im
         writer = csv.writer(f)
         writer.writerow(["ImageId", "PredictionString"])
         writer.writerows(val_rows)
+    log.info("generated an ILSVRC-layout tree of %d classes (%d train, %d validation JPEGs each, seed %d) in %s",
+             classes, train_images, val_images, seed, root)
     return root
 
 
@@ -226,10 +231,12 @@ def make_inception(out_dir: str | Path, seed: int = 0) -> Path:
 
 def make_model(name: str, out_dir: str | Path, image_size: int, full_size: bool, seed: int = 0) -> Path:
     """One generated input folder by name: "sd15", "dinov2" or "inception" (always full size)."""
-    if name == "sd15":
-        return make_sd15(out_dir, image_size, full_size, seed)
-    if name == "dinov2":
-        return make_dinov2(out_dir, full_size, seed)
-    if name == "inception":
-        return make_inception(out_dir, seed)
-    raise ValueError(f"no generated model called {name!r}: expected sd15, dinov2 or inception")
+    makers = {"sd15": lambda: make_sd15(out_dir, image_size, full_size, seed),
+              "dinov2": lambda: make_dinov2(out_dir, full_size, seed),
+              "inception": lambda: make_inception(out_dir, seed)}
+    if name not in makers:
+        raise ValueError(f"no generated model called {name!r}: expected sd15, dinov2 or inception")
+    folder = makers[name]()
+    log.info("generated %s with random weights (seed %d, %s shapes) in %s", name, seed,
+             "the real" if full_size or name == "inception" else "tiny", folder)
+    return folder

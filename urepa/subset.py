@@ -171,4 +171,6 @@ def build_subset(imagenet_dir: str | Path, images_per_class: int, seed: int, spl
         rng = np.random.default_rng([seed, int(index_of[synset])])
         for path in _sample(paths, images_per_class, rng):
             rows.append((path.stem, str(path.resolve()), int(class_id), synset))
+    log.info("%s subset of %s: %d images, %d per class of %d classes (seed %d)", split, root, len(rows),
+             images_per_class, len(classes), seed)
     return pd.DataFrame(rows, columns=SUBSET_COLUMNS)
