@@ -37,6 +37,7 @@ localrules:
     generated_imagenet,
     generated_model,
     joint_unet,
+    verify_caches,
 
 
 rule all:

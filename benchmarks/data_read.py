@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from urepa.rowstore import SHARD_ROWS, CachedRows, create_row_cache  # noqa: E402
+from urepa.rowstore import SHARD_ROWS, CachedRows, create_row_cache, write_row_checksums  # noqa: E402
 from urepa.batches import StepBatches  # noqa: E402
 
 LATENT_SHAPE = (4, 64, 64)   # SD-1.5 VAE at 512 px
@@ -85,6 +85,8 @@ def generate(cache_dir: Path, rows: int, shard_rows: int, seed: int) -> None:
             shard["tokens"][rows_drawn] = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
         vae["mean"][start:stop], vae["std"][start:stop] = shard["mean"], shard["std"]
         dino["tokens"][start:stop] = shard["tokens"]
+        for group in (vae, dino):
+            write_row_checksums(group, start, stop, shard)
     for group in (vae, dino):
         group.attrs.update({"complete": True, "benchmark": "random data, real-tier shapes"})
 

@@ -189,7 +189,7 @@ def test_a_three_part_build_equals_the_one_job_build(three_part_builds, built, n
     for array in names:
         np.testing.assert_array_equal(bits(parts[array][:]), bits(whole[array][:]), err_msg=array)
     assert dict(parts.attrs) == dict(whole.attrs)
-    data = [array for array in names if array != "valid"]
+    data = [array for array in names if array not in rowstore.NOT_DATA]
     assert {parts[array].shards[0] for array in data} == {SHARD}
     assert {whole[array].shards[0] for array in data} == {rowstore.SHARD_ROWS}
     assert parts.attrs["data_sha256"] == {array: hashlib.sha256(whole[array][:].tobytes()).hexdigest() for array in data}
@@ -199,9 +199,10 @@ def test_smoke_sized_caches_are_a_few_files(built, three_part_builds):
     # A file per row per array (the layout before sharding) would make 60 data files of the 30-row VAE cache.
     for path in (built["vae"], built["dino"], built["clip"], *three_part_builds.values()):
         assert len(files_in(path)) <= 30, path
-    # zarr.json of the group, mean, std and valid; 4 shards of mean and of std; valid in one chunk.
-    assert len(files_in(three_part_builds["vae"])) == 4 + 2 * 4 + 1
-    assert len(files_in(built["vae"])) == 4 + 2 * 1 + 1
+    # zarr.json of the group, mean, std, valid and row_crc32c; 4 shards of mean and of std; valid in one chunk; the
+    # row checksums in a chunk per shard.
+    assert len(files_in(three_part_builds["vae"])) == 5 + 2 * 4 + 1 + 4
+    assert len(files_in(built["vae"])) == 5 + 2 * 1 + 1 + 1
 
 
 def test_sharded_rows_read_the_same_as_a_file_per_row(three_part_builds, tmp_path):
@@ -435,3 +436,64 @@ def test_cached_rows_in_a_dataloader_worker(built):
         assert batch["tokens"].shape == (8, 16, tokens.shape[-1])
         np.testing.assert_array_equal(batch["row"].numpy(), expected_rows)
         np.testing.assert_array_equal(bits(batch["tokens"].numpy()), bits(tokens[expected_rows]))
+
+
+# -- corrupted bytes in a sealed cache ------------------------------------------------------------------------------
+
+
+def corrupt_row(cache: Path, array: str, shard: int, row_in_shard: int, count: int = 64) -> Path:
+    """XOR `count` bytes in the middle of one row's chunk of a shard file (row chunks lie in row order, each its
+    bytes and a 4-byte CRC, the shard index last): the values stay finite fp16, but not the ones written."""
+    meta = zarr.open_array(str(cache / array), mode="r")
+    row_bytes = int(np.prod(meta.shape[1:])) * meta.dtype.itemsize
+    path = rowstore.shard_file(cache, array, shard)
+    data = bytearray(path.read_bytes())
+    middle = row_in_shard * (row_bytes + 4) + row_bytes // 2 - count // 2
+    data[middle:middle + count] = bytes(b ^ 0x01 for b in data[middle:middle + count])  # lowest mantissa bits
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture()
+def corrupted_dino(three_part_builds, tmp_path) -> tuple[Path, Path, Path]:
+    """Copies of the three-part VAE and DINOv2 caches (shards of 8 rows), row 13 (shard 1) of the tokens flipped."""
+    vae, dino = (shutil.copytree(three_part_builds[name], tmp_path / three_part_builds[name].name)
+                 for name in ("vae", "dino"))
+    return Path(vae), Path(dino), corrupt_row(Path(dino), "tokens", 1, 13 - SHARD)
+
+
+def test_a_corrupted_row_is_never_read_into_a_batch(corrupted_dino):
+    vae, dino, shard_path = corrupted_dino
+    rows = CachedRows(vae, dino, np.arange(30) % 3)
+    assert np.isfinite(rows[np.array([12, 14, 2])]["tokens"].numpy()).all()  # its neighbours read as they were
+    with pytest.raises(rowstore.CacheCorruptError) as error:
+        rows[np.array([3, 13, 20])]
+    message = str(error.value)
+    assert f"cache {dino}, array tokens: rows 13 do not match their checksums" in message
+    assert str(shard_path) in message and "--forcerun cache_dino" in message
+
+
+def test_verifying_a_cache_reads_it_whole_and_names_the_corrupt_rows(corrupted_dino, three_part_builds):
+    vae, dino, shard_path = corrupted_dino
+    rowstore.verify_cache(three_part_builds["dino"])  # intact: no error
+    check_cache(vae, {}, verify=True)
+    with pytest.raises(rowstore.CacheCorruptError, match=rf"rows 13 of shard 1 \({shard_path}\) fail their "
+                                                         rf"checksums; array tokens's SHA-256 is"):
+        check_cache(dino, {}, verify=True)
+    # A torn shard index: the whole shard is named.
+    data = bytearray(shard_path.read_bytes())
+    data[-10:] = bytes(10)
+    shard_path.write_bytes(bytes(data))
+    with pytest.raises(rowstore.CacheCorruptError, match=r"rows 8, 9, 10, .* of shard 1 "):
+        rowstore.verify_cache(dino)
+
+
+def test_a_corrupted_clip_cache_stops_training_before_it_starts(built, tmp_path):
+    clip = Path(shutil.copytree(built["clip"], tmp_path / "clip_embeddings.zarr"))
+    check_cache(clip, {}, verify=True)
+    path = next(p for p in (clip / "embeddings").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(rowstore.CacheCorruptError, match=r"embeddings's SHA-256 .*--forcerun cache_clip"):
+        check_cache(clip, {}, verify=True)

@@ -6,6 +6,7 @@ shapes and preprocessing, which training checks against its own inputs.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -102,6 +103,7 @@ def build_clip_cache(classes_csv, out_path, sd15_dir, device: torch.device, batc
         "encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder"),
         "dim": int(embeddings.shape[-1]), "max_length": int(embeddings.shape[1]),
         "prompts": prompts, "null_index": len(prompts) - 1, "classes_sha256": file_digest(classes_csv),
+        "data_sha256": {"embeddings": hashlib.sha256(np.ascontiguousarray(embeddings)).hexdigest()},  # verify_cache
         "complete": True,
     })
     if out_path.exists():

@@ -31,9 +31,11 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+import google_crc32c
 import zarr
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
+from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
 from .digests import file_digest
@@ -50,11 +52,17 @@ log = logging.getLogger(__name__)
 # here) before writing it, and a kill loses up to a shard's rows.
 SHARD_ROWS = 1024
 STORE = "store.zarr"      # inside a build folder: the store being filled, renamed into place when sealed
+ROW_CHECKSUMS = "row_crc32c"  # [rows, arrays] CRC-32C of every row of every data array (attribute: their order)
+NOT_DATA = ("valid", ROW_CHECKSUMS)
 FINISHED = "finished"     # inside a build folder: one record per finished shard
 
 
 class CacheMismatchError(RuntimeError):
     """A cache was built from other inputs than the ones this run uses."""
+
+
+class CacheCorruptError(RuntimeError):
+    """Bytes of a sealed cache are not the ones written: the message names cache, array, rows and shard file."""
 
 
 class ImageRows(Dataset):
@@ -105,10 +113,28 @@ def create_row_cache(path: str | Path, arrays: dict[str, tuple[tuple[int, ...], 
         # compression: unit-norm fp16 DINOv2 tokens are close to incompressible (zstd saves ~8 %), and
         # zarr-python decodes every compressed row in a thread of its own: ~30 % of a sharded training batch's
         # read CPU (benchmarks/data_read.py shapes: 129-139 ms a batch of 48 with zstd latents, 89-104 ms
-        # without, machine under load), while zstd saved 10 % of random latents' bytes.
+        # without, machine under load), while zstd saved 10 % of random latents' bytes. A CRC-32C per row chunk
+        # (zarr v3's crc32c codec): zarr-python and whole-shard reads check it.
         group.create_array(name, shape=(num_rows, *row_shape), chunks=(1, *row_shape), shards=(shard_rows, *row_shape),
-                           dtype=dtype, fill_value=np.nan, compressors=None)
+                           dtype=dtype, fill_value=np.nan, compressors=[Crc32cCodec()])
+    # The same CRC-32Cs again, one row of them per data row: zarrs (training's reader) does not check the codec's
+    # on a read of single chunks out of a shard (zarrs 0.2.3), so CachedRows checks every row it reads against these
+    # (~3 ms a batch of 48 DINOv2 rows). Chunked like the shards: part jobs write disjoint chunks.
+    group.create_array(ROW_CHECKSUMS, shape=(num_rows, len(arrays)), chunks=(shard_rows, len(arrays)),
+                       dtype="uint32", fill_value=0, compressors=None)
+    group.attrs[ROW_CHECKSUMS] = list(arrays)
     return group
+
+
+def write_row_checksums(group: zarr.Group, start: int, stop: int, values: dict[str, np.ndarray]) -> None:
+    """Store the CRC-32Cs of rows start:stop of every data array (`values`: those rows, by array name)."""
+    group[ROW_CHECKSUMS][start:stop] = np.stack([row_checksums(values[name]) for name in group.attrs[ROW_CHECKSUMS]],
+                                                axis=1)
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """CRC-32C of each row's bytes as stored (C order, native little-endian: what the crc32c codec checksums)."""
+    return np.array([google_crc32c.value(np.ascontiguousarray(row).tobytes()) for row in rows], dtype=np.uint32)
 
 
 def _open_build(folder: Path, arrays: dict[str, tuple[tuple[int, ...], str]], num_rows: int, shard_rows: int,
@@ -134,6 +160,8 @@ def _other_build(folder: Path, arrays: dict, shard_rows: int, build: str) -> str
         group = zarr.open_group(str(folder / STORE), mode="r")
         if group.attrs.get("build") != build:
             return "was started from other inputs or settings"
+        if ROW_CHECKSUMS not in group:
+            return "was started by a version without row checksums"
         layouts = {name: group[name].shards[0] for name in arrays}
     except (FileNotFoundError, KeyError):  # killed while it was being created
         return "is an incompletely created build"
@@ -148,7 +176,9 @@ def _finished_shards(folder: Path) -> dict[int, dict]:
 
 def _write_shard(group: zarr.Group, folder: Path, shard: int, start: int, stop: int, values: dict[str, np.ndarray],
                  invalid: list[dict], build: str, made_by: dict) -> None:
-    """Write one shard of every array whole, then record it as finished."""
+    """Write one shard of every array whole, with its rows' checksums, then record it as finished."""
+    with disk_full_named(folder / STORE / ROW_CHECKSUMS):
+        write_row_checksums(group, start, stop, values)
     for name, rows in values.items():
         array = group[name]
         # A job killed while writing this shard may have left a torn file, which zarr would read (and reject for
@@ -248,7 +278,7 @@ def seal_cache(out_path: str | Path) -> Path:
         raise FileNotFoundError(f"no cache build to seal in {folder}: the cache's part jobs write it")
     group = zarr.open_group(str(folder / STORE), mode="r+")
     attrs = dict(group.attrs)
-    names = sorted(name for name in group.array_keys() if name != "valid")
+    names = sorted(name for name in group.array_keys() if name not in NOT_DATA)
     num_rows, shard_rows = attrs["num_rows"], group[names[0]].shards[0]
     ranges = [shard_range(shard, shard_rows, num_rows) for shard in range(math.ceil(num_rows / shard_rows))]
     records = _finished_shards(folder)
@@ -263,18 +293,7 @@ def seal_cache(out_path: str | Path) -> Path:
     errors = sorted((error for record in records.values() for error in record["invalid"]), key=lambda e: e["row"])
     valid = np.ones(num_rows, dtype=bool)
     valid[[error["row"] for error in errors]] = False
-    digests, damaged = {}, {}
-    for name, array in open_arrays(folder / STORE, names).items():
-        digest = hashlib.sha256()
-        for shard, (start, stop) in enumerate(ranges):
-            values = array[start:stop]
-            rows, expected = values.reshape(stop - start, -1), valid[start:stop]
-            wrong = expected & ~np.isfinite(rows).all(axis=1)
-            wrong[~expected] = ~np.isnan(rows[~expected]).all(axis=1)
-            if wrong.any():
-                damaged.setdefault(shard, set()).update((np.flatnonzero(wrong) + start).tolist())
-            digest.update(values)  # C-ordered rows, without a copy
-        digests[name] = digest.hexdigest()
+    digests, damaged = scan_rows(folder / STORE, names, ranges, valid)
     if damaged:
         for shard in damaged:
             (folder / FINISHED / f"{shard:06d}.json").unlink()
@@ -296,6 +315,79 @@ def seal_cache(out_path: str | Path) -> Path:
     Path(str(folder) + ".lock").unlink(missing_ok=True)  # every part is done: no job waits on it
     log.info("sealed %s: %d rows in %d shards, %d invalid", out_path, num_rows, len(ranges), len(errors))
     return out_path
+
+
+def scan_rows(store: Path, names: list[str], ranges: list[tuple[int, int]], valid: np.ndarray | None
+              ) -> tuple[dict[str, str], dict[int, set[int]]]:
+    """Read every shard of every array whole: the SHA-256 of each array's rows in row order, and per shard the
+    rows that are not what was written: a CRC-32C that differs from the stored one, a shard file that fails its
+    own checksums (all its rows), or (`valid` given) a valid row without finite values or an invalid one not NaN."""
+    group = zarr.open_group(str(store), mode="r")
+    checksums = group[ROW_CHECKSUMS][:] if ROW_CHECKSUMS in group else None
+    columns = group.attrs.get(ROW_CHECKSUMS, [])
+    digests, damaged = {}, {}
+    for name, array in open_arrays(store, names).items():
+        digest = hashlib.sha256()
+        for shard, (start, stop) in enumerate(progress(ranges, desc=f"checking {name}", unit="shard", leave=False)):
+            wrong = np.zeros(stop - start, dtype=bool)
+            try:
+                values = array[start:stop]
+            except (RuntimeError, ValueError, OSError) as error:  # a row chunk's CRC (zarrs checks them on whole shards)
+                log.warning("%s: %s; reading its rows one by one", shard_file(store, name, shard), error)
+                try:  # zarrs does not check single chunks: the stored row checksums below find the bad ones
+                    values = np.stack([array[row:row + 1][0] for row in range(start, stop)])
+                except (RuntimeError, ValueError, OSError):  # a torn shard index: no row can be read
+                    damaged.setdefault(shard, set()).update(range(start, stop))
+                    continue
+                wrong[:] = checksums is None or name not in columns
+            rows = values.reshape(stop - start, -1)
+            if checksums is not None and name in columns:
+                wrong |= row_checksums(values) != checksums[start:stop, columns.index(name)]
+            if valid is not None:
+                expected = valid[start:stop]
+                wrong |= expected & ~np.isfinite(rows).all(axis=1)
+                wrong[~expected] |= ~np.isnan(rows[~expected]).all(axis=1)
+            if wrong.any():
+                damaged.setdefault(shard, set()).update((np.flatnonzero(wrong) + start).tolist())
+            digest.update(values)  # C-ordered rows, without a copy
+        digests[name] = digest.hexdigest()
+    return digests, damaged
+
+
+def shard_file(store: str | Path, name: str, shard: int) -> Path:
+    """The file of shard `shard` of array `name` (zarr v3's default chunk key encoding: c/<shard>/0/...)."""
+    array = zarr.open_array(str(Path(store) / name), mode="r")
+    return Path(store) / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+
+def rebuild_hint(path: str | Path) -> str:
+    rule = {"vae_latents": "cache_vae", "dino_tokens": "cache_dino", "clip_embeddings": "cache_clip"}
+    kind = zarr.open_group(str(path), mode="r").attrs.get("cache", "")
+    return (f"The cache must be rebuilt: delete {path} and run snakemake again, or run it with --forcerun "
+            f"{rule.get(kind, 'on its cache rule')}")
+
+
+def verify_cache(path: str | Path) -> None:
+    """Read a sealed cache whole and check every row against its CRC-32C and every array against the SHA-256 the
+    seal wrote (`data_sha256`); raise `CacheCorruptError` naming what differs. ~140 MiB/s: half an hour for tierB's
+    DINOv2 tokens, seconds for the CLIP cache."""
+    group = open_cache(path)
+    expected = group.attrs.get("data_sha256")
+    if not expected:
+        raise CacheCorruptError(f"cache {path} records no data_sha256 to verify against: built by an older version. "
+                                + rebuild_hint(path))
+    names = sorted(expected)
+    length = group[names[0]].shape[0]
+    shard_rows = group[names[0]].shards[0] if group[names[0]].shards else length
+    ranges = [shard_range(shard, shard_rows, length) for shard in range(math.ceil(length / shard_rows))]
+    digests, damaged = scan_rows(Path(path), names, ranges, None)
+    problems = [f"rows {_listed(sorted(rows))} of shard {shard} ({', '.join(str(shard_file(path, n, shard)) for n in names)})"
+                " fail their checksums" for shard, rows in sorted(damaged.items())]
+    problems += [f"array {name}'s SHA-256 is {digests[name]}, not the sealed {expected[name]}"
+                 for name in names if digests[name] != expected[name]]
+    if problems:
+        raise CacheCorruptError(f"cache {path} is corrupt: " + "; ".join(problems) + ". " + rebuild_hint(path))
+    log.info("verified %s: %s, %d rows, every checksum as sealed", path, ", ".join(names), length)
 
 
 def open_arrays(path: str | Path, names: list[str]) -> dict[str, zarr.Array]:
@@ -324,8 +416,9 @@ def open_cache(path: str | Path) -> zarr.Group:
     return group
 
 
-def check_cache(path: str | Path, expected: dict) -> zarr.Group:
-    """Open a cache and compare its attributes with `expected`; raise naming every difference."""
+def check_cache(path: str | Path, expected: dict, verify: bool = False) -> zarr.Group:
+    """Open a cache and compare its attributes with `expected`; raise naming every difference. `verify`: also read it
+    whole against its checksums (`verify_cache`)."""
     group = open_cache(path)
     attrs = dict(group.attrs)
     differences = [f"{key}: cache has {attrs.get(key)!r}, this run expects {value!r}"
@@ -334,6 +427,8 @@ def check_cache(path: str | Path, expected: dict) -> zarr.Group:
         raise CacheMismatchError(
             f"cache {path} was built from other inputs than this run uses:\n  " + "\n  ".join(differences)
             + "\nRebuild it (e.g. snakemake --forcerun on its cache rule) or point the config at the inputs it was built from.")
+    if verify:
+        verify_cache(path)
     return group
 
 
@@ -355,6 +450,18 @@ class CachedRows(Dataset):
         if self._arrays is None:
             vae, dino = open_arrays(self.vae_path, ["mean", "std"]), open_arrays(self.dino_path, ["tokens"])
             self._arrays = {"latent_mean": vae["mean"], "latent_std": vae["std"], "tokens": dino["tokens"]}
+            # Where each batch key lives (cache, array) and its rows' CRC-32Cs, all in memory (4 bytes a row).
+            self._sources = {"latent_mean": (self.vae_path, "mean"), "latent_std": (self.vae_path, "std"),
+                             "tokens": (self.dino_path, "tokens")}
+            self._checksums = {}
+            for key, (path, name) in self._sources.items():
+                group = zarr.open_group(path, mode="r")
+                columns = group.attrs.get(ROW_CHECKSUMS, [])
+                if ROW_CHECKSUMS in group and name in columns:
+                    self._checksums[key] = group[ROW_CHECKSUMS][:, columns.index(name)]
+                else:
+                    log.warning("cache %s has no row checksums (built by an older version): its rows are read "
+                                "unchecked; rebuild it to have every read checked", path)
         return self._arrays
 
     def __len__(self) -> int:
@@ -364,7 +471,21 @@ class CachedRows(Dataset):
         rows = np.asarray(rows, dtype=np.int64)
         arrays = self._open()
         out = {name: np.empty((len(rows), *array.shape[1:]), dtype=array.dtype) for name, array in arrays.items()}
-        sync(_read_rows(arrays, rows, out))
+        try:
+            sync(_read_rows(arrays, rows, out))
+        except (RuntimeError, ValueError, OSError) as error:  # e.g. a torn shard index ("Data corruption detected")
+            raise CacheCorruptError(f"rows {_listed(sorted(set(rows.tolist())))} of {self.vae_path} and "
+                                    f"{self.dino_path} could not be read ({error}); `snakemake verify_caches` names "
+                                    f"the damaged shards") from error
+        for key, checksums in self._checksums.items():
+            wrong = row_checksums(out[key]) != checksums[rows]
+            if wrong.any():
+                path, name = self._sources[key]
+                bad = sorted(set(rows[wrong].tolist()))
+                shard_rows = arrays[key].shards[0]
+                files = sorted({str(shard_file(path, name, row // shard_rows)) for row in bad})
+                raise CacheCorruptError(f"cache {path}, array {name}: rows {_listed(bad)} do not match their "
+                                        f"checksums (shard files {', '.join(files)}). " + rebuild_hint(path))
         batch = {name: torch.from_numpy(values) for name, values in out.items()}
         batch["class_id"] = torch.from_numpy(self.class_ids[rows])
         batch["row"] = torch.from_numpy(rows)

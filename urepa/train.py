@@ -332,7 +332,9 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
                    run_vae, f"latent cache {caches['vae']}")
     dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
                                         "view": dinov2_view(image_size, dino_size)})
-    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
+    # verified whole: a full pass over the CLIP cache is a fraction of a second
+    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")},
+                       verify=True)
     table = pd.read_csv(caches["csv"])
     rows = valid_rows(vae, dino)
     if len(rows) < len(table):

@@ -456,7 +456,9 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
     check_same_vae(latents.attrs["vae"], vae_record(SD15_VAE, frozen_dir), f"latent cache {caches['vae']}")
     dino = check_cache(caches["dino"], {"csv_sha256": csv_sha, "encoder_fingerprint": weights_fingerprint(dinov2_path),
                                         "view": dinov2_view(image_size, dino_size)})
-    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")})
+    # verified whole: a full pass over the CLIP cache is a fraction of a second
+    clip = check_cache(caches["clip"], {"encoder_fingerprint": weights_fingerprint(Path(sd15_dir) / "text_encoder")},
+                       verify=True)
     table = pd.read_csv(caches["csv"])
     rows = rows_per_class(table, valid_rows(latents, dino), tune["images_per_class"])
     reference = cache_moments(latents["mean"], latents["std"], rows)

@@ -111,3 +111,29 @@ rule cache_clip:
         "../../environment.yml"
     script:
         "../scripts/cache_clip.py"
+
+
+rule verify_caches:
+    # `snakemake verify_caches [--config tier=...]`: every cache of the tier read whole against its checksums (each
+    # row's CRC-32C and the seal's SHA-256 per array); ~half an hour for tierB's DINOv2 tokens. Training checks every
+    # row it reads anyway; this finds damage before a run, and names it. Its marker is temporary: it runs each time.
+    input:
+        f"results/{TIER}/cache/verified.json",
+
+
+rule verify_tier_caches:
+    input:
+        vae=lambda w: [latent_cache(w.tier, vae) for vae in urepa_config.tier_vaes(config, w.tier)],
+        dino=lambda w: cache_paths(w.tier)["dino"],
+        clip=lambda w: cache_paths(w.tier)["clip"],
+    output:
+        temp("results/{tier}/cache/verified.json"),
+    threads: job_threads("cache_seal")
+    resources:
+        **job_resources("cache_seal"),
+    log:
+        "results/{tier}/logs/verify_caches.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/verify_caches.py"

@@ -1,0 +1,12 @@
+"""Read every cache of the tier whole against its checksums (urepa.rowstore.verify_cache)."""
+import json
+from pathlib import Path
+
+from urepa.rowstore import verify_cache
+from urepa.runtime import setup_logging
+
+setup_logging(snakemake.log[0])
+caches = [*snakemake.input.vae, snakemake.input.dino, snakemake.input.clip]
+for cache in caches:
+    verify_cache(cache)
+Path(snakemake.output[0]).write_text(json.dumps({"verified": caches}, indent=2))
