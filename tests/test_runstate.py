@@ -1,7 +1,9 @@
 """A training run's state folder (urepa.runstate): named by the run's identity, claimed with its run.json, and
-its complete checkpoints; the training code that is part of the identity."""
+its complete checkpoints, verified on resume; the training code that is part of the identity; stop signals."""
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 
 import urepa
 from urepa.batches import TrainState
-from urepa.runstate import (CHECKSUMS, TRAINING_CODE, CheckpointError, claim_run_state, complete_checkpoints,
-                            load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
+from urepa.runstate import (CHECKSUMS, TRAINING_CODE, CheckpointError, StopSignals, claim_run_state,
+                            complete_checkpoints, load_newest_checkpoint, run_state_dir, save_checkpoint,
+                            training_code_digest)
 
 
 def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
@@ -126,3 +129,17 @@ def test_a_run_whose_checkpoints_are_all_corrupt_stops_naming_them(tmp_path):
         load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state)
     assert complete_checkpoints(tmp_path) == []
     assert load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state) == 0  # run again: from step 0
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_is_noted_not_obeyed_within_the_block_and_obeyed_again_after(number):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    previous = signal.getsignal(number)
+    with StopSignals() as stop:
+        assert not stop.requested(accelerator)
+        os.kill(os.getpid(), number)  # the process goes on
+        assert stop.requested(accelerator)
+        assert f"stopped by {signal.Signals(number).name} after step 7" in str(stop.stop(7, Path("checkpoint-7")))
+    assert signal.getsignal(number) == previous  # the previous handler is back
