@@ -127,17 +127,22 @@ def _start_child(script: Path, args: dict, name: str, tmp_path: Path) -> tuple[s
     return process, log_path
 
 
-@pytest.mark.slow  # two training processes, one killed and resumed: minutes
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
-    settings = settings_for(max_steps=12, checkpoint_every=4, eval_interval=4)
+def child_runs(data, settings: dict, tmp_path: Path):
+    """The training child's script, and its arguments for a run named `name` (folders under tmp_path/name)."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
 
-    def args(name):
+    def args(name: str) -> dict:
         return {"caches": {k: str(v) for k, v in data["caches"].items()}, "sd15": str(data["sd15"]),
                 "dinov2": str(data["dinov2"]), "vae_dir": str(data["vae_dir"]), "settings": settings, "seed": SEED,
-                **VIEW,
-                "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
+                **VIEW, "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
+
+    return script, args
+
+
+@pytest.mark.slow  # two training processes, one killed and resumed: minutes
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(data, tmp_path):
+    script, args = child_runs(data, settings_for(max_steps=12, checkpoint_every=4, eval_interval=4), tmp_path)
 
     # The reference run and the run to be killed, side by side (one thread each on the two cores).
     reference, reference_log = _start_child(script, args("uninterrupted"), "uninterrupted", tmp_path)
@@ -179,14 +184,7 @@ def test_a_signalled_run_checkpoints_its_step_exits_non_zero_and_resumes_without
     exits non-zero so the job is retried, and the rerun resumes from that step. (SIGUSR1 is noted alike:
     tests/test_runstate.py.)"""
     stop_signal = signal.SIGTERM
-    settings = settings_for(max_steps=8, checkpoint_every=8, eval_interval=2)
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-
-    def args(name):
-        return {"caches": {k: str(v) for k, v in data["caches"].items()}, "sd15": str(data["sd15"]),
-                "dinov2": str(data["dinov2"]), "vae_dir": str(data["vae_dir"]), "settings": settings, "seed": SEED,
-                **VIEW, "run_dir": str(tmp_path / name / "train_state"), "model_dir": str(tmp_path / name / "model")}
+    script, args = child_runs(data, settings_for(max_steps=8, checkpoint_every=8, eval_interval=2), tmp_path)
 
     reference, reference_log = _start_child(script, args("uninterrupted"), "uninterrupted", tmp_path)
     victim, victim_log = _start_child(script, args("resumed"), "signalled", tmp_path)
