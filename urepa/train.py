@@ -265,7 +265,10 @@ class Trainer:
                     writer.writerow({k: values[k] for k in LOG_COLUMNS})
                     self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=step)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", token=f"{values['loss_token']:.3f}", refresh=False)
+                    shown = {"loss": f"{values['loss']:.4f}"}
+                    if np.isfinite(values["loss_token"]):  # the baseline has no token term: not shown as nan
+                        shown["token"] = f"{values['loss_token']:.3f}"
+                    bar.set_postfix(shown, refresh=False)
                     # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
                     if on_snapshot and (step % settings["eval_interval"] == 0 or step == max_steps):
                         on_snapshot(self, step)
