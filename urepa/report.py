@@ -4,12 +4,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .config import SD15_VAE
+
+log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("inception_score_mean", "IS"),
                   ("precision", "precision"), ("recall", "recall")]
@@ -56,6 +59,7 @@ def fid_summary(metrics: dict[str, dict[int, dict]], sweeps: dict[str, dict[int,
         if ablation != "baseline" and paired:
             summary[ablation]["fid_vs_baseline"] = {
                 **spread([by_seed[s]["fid"] - metrics["baseline"][s]["fid"] for s in paired]), "seeds": paired}
+        log.info("%s: FID %.4g over seeds %s", ablation, summary[ablation]["fid"]["mean"], sorted(by_seed))
     return summary
 
 
@@ -160,6 +164,8 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
              "border-bottom:1px solid #ddd;text-align:right}.warn{background:#fff3cd;padding:.6em 1em}")
     Path(out_html).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>urepa {html.escape(tier)}"
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
+    log.info("report of tier %s (%s) written to %s", tier, ", ".join(f"{a}: {len(by_seed)} seed(s)"
+                                                                     for a, by_seed in runs.items()), out_html)
 
 
 RECONSTRUCTION_COLUMNS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid", "rFID"))
