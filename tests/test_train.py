@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from conftest import (CONFIG, CPU, DINO_SIZE, REPO, SEED, SMOKE_IMAGE_SIZE, TRAIN_BATCH, VIEW, batch_of,
                       make_trainer, run_training, settings_for, unet_prediction)
 from test_batches import take_batches
-from urepa import generated, losses
+from urepa import generated, losses, rowstore
 from urepa.analysis import alignment_analysis
 from urepa.batches import StepBatches
 from urepa.config import train_settings
@@ -248,7 +248,8 @@ def assert_same_run_bit_for_bit(a: Path, b: Path, steps: int) -> None:
 def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_path):
     settings = settings_for(max_steps=12, checkpoint_every=4, eval_interval=100)
     # A latent full of NaN in a row still marked valid, placed in the batch of step 5 (the first
-    # after checkpoint-4; the sampler is a pure function of seed and step).
+    # after checkpoint-4; the sampler is a pure function of seed and step). Written with its checksum, as an
+    # encoder that produced NaN would have: the row reads back as written, and the loss must catch it.
     vae_path = tmp_path / "vae_latents.zarr"
     vae = copy_cache(data["caches"]["vae"], vae_path)
     dino = zarr.open_group(str(data["caches"]["dino"]), mode="r")
@@ -257,6 +258,8 @@ def test_nan_loss_stops_with_the_step_and_an_intact_last_checkpoint(data, tmp_pa
     poisoned = int(batches[4][0])
     assert not any(poisoned in batch for batch in batches[:4])
     vae["mean"][poisoned] = np.nan
+    rowstore.write_row_checksums(vae, poisoned, poisoned + 1,
+                                 {name: vae[name][poisoned:poisoned + 1] for name in ("mean", "std")})
     assert poisoned in valid_rows(vae, dino)
 
     caches = {**data["caches"], "vae": vae_path}
