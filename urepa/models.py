@@ -153,3 +153,14 @@ def make_trainable(unet: nn.Module, finetune: str, lora_rank: int, lora_targets:
         unet.requires_grad_(True)
     else:
         raise ValueError(f"finetune must be 'lora', 'partial' or 'full', got {finetune!r}")
+
+
+@contextlib.contextmanager
+def ema_swapped(ema, params: list) -> None:
+    """Within the block, `params` hold the EMA weights of diffusers' `EMAModel` `ema`; their own weights after."""
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)

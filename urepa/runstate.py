@@ -206,3 +206,12 @@ class StopSignals:
         name = signal.Signals(self.received).name if self.received else "a signal to another process"
         return Preempted(f"stopped by {name} after step {step}, with {checkpoint} written: run again to resume "
                          f"from it")
+
+    def after_step(self, accelerator, step: int, due: bool, save_checkpoint) -> None:
+        """End of a training step: `save_checkpoint()` when one is `due` or a stop was requested, then stop
+        (`Preempted`, a non-zero exit: Slurm's requeue or the profile's retries resume from that checkpoint)."""
+        preempted = self.requested(accelerator)
+        if due or preempted:
+            checkpoint = save_checkpoint()
+        if preempted:
+            raise self.stop(step, checkpoint)

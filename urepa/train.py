@@ -34,7 +34,7 @@ from .config import without_launch
 from .digests import content_digest, file_digest, weights_fingerprint
 from .images import dinov2_view
 from .losses import AlignSchedule, Objective, diffusion_target, pooled_samples
-from .models import AlignedUNet, make_trainable
+from .models import AlignedUNet, ema_swapped, make_trainable
 from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
@@ -272,28 +272,18 @@ class Trainer:
                     # Snapshot before checkpoint: a run killed between the two redoes this step's snapshot.
                     if on_snapshot and (step % settings["eval_interval"] == 0 or step == max_steps):
                         on_snapshot(self, step)
-                    checkpoint_due = step % settings["checkpoint_every"] == 0 or step == max_steps
-                    preempted = stop.requested(self.accelerator)
-                    if checkpoint_due or preempted:
-                        log_file.flush()
-                        checkpoint = self.save_checkpoint()
-                    if preempted:  # a non-zero exit: Slurm's requeue or the profile's retries resume from it
-                        raise stop.stop(step, checkpoint)
+                    stop.after_step(self.accelerator, step,
+                                    step % settings["checkpoint_every"] == 0 or step == max_steps,
+                                    lambda: log_file.flush() or self.save_checkpoint())
             bar.close()
         # Every process reaches the end before the group is taken down: rank 0 could otherwise abort at exit.
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 
     # -- artifacts --------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def ema_weights(self):
         """Temporarily swap the EMA weights into the trainable parameters."""
-        self.ema.store(self.trainable)
-        self.ema.copy_to(self.trainable)
-        try:
-            yield
-        finally:
-            self.ema.restore(self.trainable)
+        return ema_swapped(self.ema, self.trainable)
 
     def save_weights(self, out_dir: str | Path) -> None:
         """The current trainable weights as an exported model folder (urepa.export.save_weights)."""

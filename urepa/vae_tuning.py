@@ -18,7 +18,6 @@ exported weights folder as `train_unet` writes, recorded as trained on the tuned
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import json
@@ -42,7 +41,7 @@ from .end_to_end import EndToEnd, VaeLossWeights
 from .images import dinov2_view, open_rgb, vae_transform
 from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
-from .models import AlignedUNet, make_trainable
+from .models import AlignedUNet, ema_swapped, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
                        save_checkpoint, training_code_digest)
@@ -353,24 +352,16 @@ class VaeTuner:
                     bar.set_postfix(vae=f"{values['loss_vae']:.3f}", unet=f"{values['loss_unet']:.3f}",
                                     refresh=False)
                     step = self.state.step
-                    preempted = stop.requested(self.accelerator)
-                    if step % self.tune["checkpoint_every"] == 0 or step == max_steps or preempted:
-                        log_file.flush()
-                        checkpoint = self.save_checkpoint()
-                    if preempted:  # a non-zero exit: Slurm's requeue or the profile's retries resume from it
-                        raise stop.stop(step, checkpoint)
+                    stop.after_step(self.accelerator, step,
+                                    step % self.tune["checkpoint_every"] == 0 or step == max_steps,
+                                    lambda: log_file.flush() or self.save_checkpoint())
             bar.close()
         self.accelerator.wait_for_everyone()
 
     # -- artifacts ---------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def ema_weights(self):
-        self.ema.store(self.unet_params)
-        self.ema.copy_to(self.unet_params)
-        try:
-            yield
-        finally:
-            self.ema.restore(self.unet_params)
+        """Temporarily swap the EMA weights into the U-Net's trainable parameters."""
+        return ema_swapped(self.ema, self.unet_params)
 
     def save_vae(self, out_dir: Path) -> dict:
         """The tuned VAE with the normaliser folded in (a copy: training state is untouched); its record."""
