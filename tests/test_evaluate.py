@@ -14,11 +14,18 @@ from urepa.metrics import extract_features, load_statistics
 from urepa.sample import SampleSetError
 
 
-def test_steps_to_target_is_the_first_step_at_or_below_it():
+def test_steps_to_target_interpolates_the_first_crossing():
     points = [{"step": 10, "fid": 30.0}, {"step": 20, "fid": 18.0}, {"step": 30, "fid": 20.0}]
-    assert steps_to_target(points, 20.0) == 20
-    assert steps_to_target(points, 5.0) is None
+    # between 10 (30) and 20 (18): 10 + (30 - 20) / (30 - 18) * 10
+    assert steps_to_target(points, 20.0) == {"step": pytest.approx(10 + 10 / 12 * 10), "how": "interpolated"}
+    assert steps_to_target(points, 18.0) == {"step": 20.0, "how": "at_point"}
+    assert steps_to_target(points, 5.0) == {"step": None, "how": "not_reached"}
+    # already there at the first point: reached then or before, the curve cannot say when
+    assert steps_to_target(points, 35.0) == {"step": 10.0, "how": "first_point"}
     assert steps_to_target(points, None) is None
+    # a step-0 point (the pretrained model) at or below the target: reached at step 0, nothing before it
+    assert steps_to_target([{"step": 0, "fid": 15.0}, {"step": 10, "fid": 30.0}], 20.0) == {"step": 0.0,
+                                                                                          "how": "at_point"}
 
 
 def test_default_target_is_the_baselines_final_fid():
@@ -26,9 +33,11 @@ def test_default_target_is_the_baselines_final_fid():
                            1: {"points": [{"step": 10, "fid": 31.0}, {"step": 20, "fid": 27.0}]}},
               "urepa": {0: {"points": [{"step": 10, "fid": 24.0}, {"step": 20, "fid": 20.0}]}}}
     assert add_targets(curves, None) == 26.0  # the mean of the baseline seeds' final FIDs
-    assert curves["urepa"][0]["steps_to_target"] == 10 and curves["baseline"][0]["steps_to_target"] == 20
-    assert curves["baseline"][1]["steps_to_target"] is None
-    assert add_targets(curves, 22.0) == 22.0 and curves["urepa"][0]["steps_to_target"] == 20
+    assert curves["urepa"][0]["steps_to_target"] == {"step": 10.0, "how": "first_point"}
+    assert curves["baseline"][0]["steps_to_target"] == {"step": pytest.approx(18.0), "how": "interpolated"}
+    assert curves["baseline"][1]["steps_to_target"]["how"] == "not_reached"
+    assert add_targets(curves, 22.0) == 22.0
+    assert curves["urepa"][0]["steps_to_target"] == {"step": pytest.approx(15.0), "how": "interpolated"}
 
 
 def test_cfg_sweep_orders_scales_and_finds_the_lowest_fid(run_files):

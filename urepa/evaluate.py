@@ -94,11 +94,26 @@ def score_samples(samples_dir: str | Path, reference_npz: str | Path, network, b
                            "reference": reference["provenance"]}}
 
 
-def steps_to_target(points: list[dict], target: float | None) -> int | None:
-    """The first training step whose FID is at or below the target."""
+def steps_to_target(points: list[dict], target: float | None) -> dict | None:
+    """When a FID-vs-step curve first reaches `target` (FID at or below it): {"step", "how"}. `how` says what the
+    step is: "interpolated", linearly between the two points that bracket the first crossing; "at_point", a point
+    exactly on the target (or the curve's step-0 point, the pretrained model, already at or below it);
+    "first_point", the first point is already at or below the target but is not step 0, so the curve reached it at
+    that step or before; "not_reached" (step None). None without a target."""
     if target is None:
         return None
-    return next((p["step"] for p in sorted(points, key=lambda p: p["step"]) if p["fid"] <= target), None)
+    points = sorted(points, key=lambda p: p["step"])
+    for i, point in enumerate(points):
+        if point["fid"] > target:
+            continue
+        if point["fid"] == target or point["step"] == 0:
+            return {"step": float(point["step"]), "how": "at_point"}
+        if i == 0:
+            return {"step": float(point["step"]), "how": "first_point"}
+        before = points[i - 1]
+        fraction = (before["fid"] - target) / (before["fid"] - point["fid"])
+        return {"step": before["step"] + fraction * (point["step"] - before["step"]), "how": "interpolated"}
+    return {"step": None, "how": "not_reached"}
 
 
 def fid_curve(point_files: list[str | Path]) -> dict:
@@ -133,17 +148,21 @@ def cfg_sweep(point_files: list[str | Path]) -> dict:
     return {"points": points, "best": {k: v for k, v in best.items() if k != "sampling"}}
 
 
-def add_targets(curves: dict[str, dict[int, dict]], target_fid: float | None) -> float | None:
-    """Set each run's (`curves[ablation][seed]`) target and first step reaching it. Target: the configured FID,
-    else the baseline's final FID (mean over its seeds) when the baseline is compared: how soon each run
-    matches the baseline."""
+def curve_target(curves: dict[str, dict[int, dict]], target_fid: float | None) -> float | None:
+    """The FID every curve is timed to: the configured one, else the baseline's final curve FID (mean over its
+    seeds) when the baseline is compared (how soon each run matches the baseline), else none."""
     baseline_finals = [c["points"][-1]["fid"] for c in curves.get("baseline", {}).values() if c["points"]]
     if target_fid is None and baseline_finals:
-        target_fid = float(np.mean(baseline_finals))
+        return float(np.mean(baseline_finals))
+    return target_fid
+
+
+def add_targets(curves: dict[str, dict[int, dict]], target_fid: float | None) -> float | None:
+    """Set each run's (`curves[ablation][seed]`) target (`curve_target`) and when it reaches it
+    (`steps_to_target`); returns the target."""
+    target_fid = curve_target(curves, target_fid)
     for by_seed in curves.values():
         for curve in by_seed.values():
             curve["target_fid"] = target_fid
             curve["steps_to_target"] = steps_to_target(curve["points"], target_fid)
     return target_fid
-
-

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .config import SD15_VAE
+from .evaluate import add_targets, steps_to_target
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,12 @@ def _mean_std(summary: dict) -> str:
 
 def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
-                  out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict]) -> None:
+                  out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
     `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
-    `reconstructions[vae]` that VAE's recon.json. Headline scores are mean ± std over the seeds present."""
+    `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json. Headline scores are mean ± std over
+    the seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -111,12 +113,12 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         first = next(iter(by_seed.values()))
         row.update(samples=first["num_generated"], step=first.get("checkpoint_step"),
                    sampler=_sampling_text(first["sampling"]), VAE=run_vaes[ablation])
+        row.update(cost_cells(fid, ablation))
         rows.append(row)
     run_rows = [{"run": label, **{name: metrics[a][seed].get(key) for key, name in METRIC_COLUMNS},
                  "best-CFG FID": sweeps[a][seed]["best"]["fid"]} for label, (a, seed) in labels.items()]
     flat_curves, flat_sweeps, flat_runs = by_label(curves), by_label(sweeps), by_label(runs)
-    curve_rows = [{"run": label, "target FID": c.get("target_fid"), "first step at target": c.get("steps_to_target"),
-                   "points": len(c["points"]), "images per point": c["points"][0]["num_samples"] if c["points"] else None}
+    curve_rows = [{"run": label, "points": len(c["points"]), "images per point": c["points"][0]["num_samples"] if c["points"] else None}
                   for label, c in flat_curves.items()]
     align_rows = []
     for label, result in alignment.items():
@@ -142,6 +144,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
         _table(pd.DataFrame(_sweep_rows(flat_sweeps))),
         "<h2>FID vs training step</h2>", _image(fid_curve_png, "FID vs step", 700), _table(pd.DataFrame(curve_rows)),
+        *convergence_section(fid),
         "<h2>Training losses</h2>",
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1000)}" for a, p in flat_runs.items()),
         "<h2>Alignment with DINOv2</h2>",
@@ -198,3 +201,237 @@ def _sampling_text(sampling: dict) -> str:
     if "guidance_sigma_low" in sampling:
         interval += f", σ∈[{sampling['guidance_sigma_low']:.3g}, {sampling['guidance_sigma_high']:.3g}]"
     return f"{sampling['sampler']} {sampling['steps']} steps, CFG {sampling['cfg_scale']} in {interval}"
+
+
+# How soon each ablation reaches a quality, and at what training cost: fid.json's `convergence` and
+# `training_cost`, and the report's "Speed-up to the target" section.
+
+
+def device_label(launch: dict) -> str:
+    """The hardware of one start of a run (a run.json `launches` entry): device name × processes (one device each)."""
+    return f"{launch.get('device_name') or launch['device']} × {launch['processes']}"
+
+
+def step_costs(train_log: str | Path, launches: list[dict]) -> pd.DataFrame:
+    """Each training step's device-seconds: its logged wall time (train_log.csv's `step_time`: data, forward,
+    backward and update; snapshots and checkpoints are not in it) times the processes of the launch that trained
+    it, one device each; and that launch's `device_label`. `launches` is run.json's list of the run's starts, each
+    with the step it resumed from: a step belongs to the last start before it, since a restart redoes the steps
+    after its checkpoint and the log keeps the redone rows."""
+    table = pd.read_csv(train_log)
+    steps = table["step"].to_numpy()
+    if not np.array_equal(steps, np.arange(1, len(steps) + 1)):
+        raise ValueError(f"{train_log}: the steps are not 1, 2, ..., {len(steps)}: cannot sum the run's cost")
+    if not launches:
+        raise ValueError(f"no launches recorded for the run of {train_log}: cannot say what device trained it")
+    launch_of_step = np.zeros(len(steps), dtype=int)
+    for i, launch in enumerate(launches):
+        launch_of_step[steps > launch["from_step"]] = i
+    processes = np.array([launches[i]["processes"] for i in launch_of_step])
+    return pd.DataFrame({"step": steps, "device_seconds": table["step_time"].to_numpy() * processes,
+                         "device": [device_label(launches[i]) for i in launch_of_step]})
+
+
+def model_step_costs(model_dir: str | Path) -> pd.DataFrame:
+    """`step_costs` of an exported run folder: its train_log.csv, and the launches of its run.json (copied into
+    config.json on export; a joint row's are in the run.json of the tuning run that trained it, which it costs)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if "launches" in config:
+        launches = config["launches"]
+    else:
+        tuning = json.loads((Path(config["joint"]) / "config.json").read_text())
+        launches = json.loads((Path(tuning["run_state"]) / "run.json").read_text())["launches"]
+    return step_costs(model_dir / "train_log.csv", launches)
+
+
+def cost_to_step(costs: pd.DataFrame, step: float) -> float:
+    """Device-seconds spent up to `step` (0 at step 0), linear within a step for an interpolated one."""
+    if step > len(costs):
+        raise ValueError(f"step {step} is past the {len(costs)} steps the run logged")
+    cumulative = np.concatenate([[0.0], np.cumsum(costs["device_seconds"].to_numpy())])
+    return float(np.interp(step, np.arange(len(cumulative)), cumulative))
+
+
+def _cost_to_reach(costs: pd.DataFrame, reach: dict | None) -> float | None:
+    """Device-seconds to a `steps_to_target` result's step; None where there is no step."""
+    return None if reach is None or reach["step"] is None else cost_to_step(costs, reach["step"])
+
+
+def training_cost(costs: dict[int, pd.DataFrame]) -> dict:
+    """fid.json's `training_cost` of one ablation from `costs[seed]` (`step_costs`): each run's device-seconds,
+    steps and hardware, and the device-seconds' mean ± std over seeds."""
+    runs = {f"seed-{seed}": {"device_seconds": float(c["device_seconds"].sum()), "steps": len(c),
+                             "device_seconds_per_step": float(c["device_seconds"].mean()),
+                             "device": " + ".join(dict.fromkeys(c["device"]))}
+            for seed, c in sorted(costs.items())}
+    return {"device_seconds": spread([r["device_seconds"] for r in runs.values()]),
+            "device": " + ".join(dict.fromkeys(r["device"] for r in runs.values())), "runs": runs}
+
+
+def speedup(baseline: dict, run: dict, baseline_amount: float | None, run_amount: float | None) -> dict:
+    """The baseline's steps (or cost) to a target over a run's: {"ratio", "bound"}, from both `steps_to_target`
+    results. A curve already at the target at its first point reached it then or earlier, so its amount is an upper
+    bound: the ratio is "at least" (the run's), "at most" (the baseline's), "undetermined" (both, no ratio) or
+    "exact"; none when either never reaches it, or the run's pretrained step 0 already does."""
+    if "not_reached" in (baseline["how"], run["how"]):
+        return {"ratio": None, "bound": "not reached"}
+    if run_amount == 0:
+        return {"ratio": None, "bound": "pretrained at target"}
+    bound = {(False, False): "exact", (False, True): "at least", (True, False): "at most",
+             (True, True): "undetermined"}[baseline["how"] == "first_point", run["how"] == "first_point"]
+    return {"ratio": None if bound == "undetermined" else baseline_amount / run_amount, "bound": bound}
+
+
+def _ratio_spread(entries: list[tuple[int, dict]]) -> dict | None:
+    """Mean ± std of the seed pairs' speed-ups that have a ratio, the seeds they come from, and their bound (one
+    kind for all, else "mixed"); None when no pair has one."""
+    kept = [(seed, entry) for seed, entry in entries if entry["ratio"] is not None]
+    if not kept:
+        return None
+    bounds = {entry["bound"] for _, entry in kept}
+    return {**spread([entry["ratio"] for _, entry in kept]), "seeds": [seed for seed, _ in kept],
+            "bound": bounds.pop() if len(bounds) == 1 else "mixed"}
+
+
+def convergence(curves: dict[str, dict[int, dict]], costs: dict[str, dict[int, pd.DataFrame]],
+                target_fid: float | None) -> dict[str, dict]:
+    """fid.json's additions per ablation, from `curves[ablation][seed]` (fid_curve.json) and `costs[ablation][seed]`
+    (`step_costs`): `training_cost`, and `convergence`: the target (`evaluate.curve_target`), FID at every curve
+    step (mean ± std over seeds) and its difference to the baseline paired by seed, each run's interpolated step
+    and device-seconds to the target, and its speed-up against the baseline of the same seed, in steps and in
+    device-seconds. A pair's target is the configured one, else that seed's baseline's own final curve FID, so
+    the baseline always reaches it (at its final point at the latest)."""
+    target = add_targets(curves, target_fid)
+    steps = sorted({p["step"] for by_seed in curves.values() for c in by_seed.values() for p in c["points"]})
+    fids = {a: {seed: {p["step"]: p["fid"] for p in c["points"]} for seed, c in by_seed.items()}
+            for a, by_seed in curves.items()}
+    baseline = curves.get("baseline", {})
+    out = {}
+    for ablation, by_seed in curves.items():
+        runs, pairs = {}, []
+        for seed, curve in sorted(by_seed.items()):
+            reach = curve["steps_to_target"]
+            run = {"fid_at_step": {str(s): f for s, f in fids[ablation][seed].items()}, "steps_to_target": reach,
+                   "device_seconds_to_target": _cost_to_reach(costs[ablation][seed], reach)}
+            if ablation != "baseline" and seed in baseline and baseline[seed]["points"]:
+                pair_target = target_fid if target_fid is not None else baseline[seed]["points"][-1]["fid"]
+                base_reach = steps_to_target(baseline[seed]["points"], pair_target)
+                run_reach = steps_to_target(curve["points"], pair_target)
+                base_cost = _cost_to_reach(costs["baseline"][seed], base_reach)
+                run_cost = _cost_to_reach(costs[ablation][seed], run_reach)
+                run["vs_baseline"] = {
+                    "target_fid": pair_target, "baseline_steps_to_target": base_reach, "steps_to_target": run_reach,
+                    "speedup": speedup(base_reach, run_reach, base_reach["step"], run_reach["step"]),
+                    "compute_speedup": speedup(base_reach, run_reach, base_cost, run_cost)}
+                pairs.append((seed, run["vs_baseline"]))
+            runs[f"seed-{seed}"] = run
+        at_step = {str(s): spread(values) for s in steps
+                   if (values := [f[s] for f in fids[ablation].values() if s in f])}
+        summary = {"target_fid": target, "steps": steps, "fid_at_step": at_step, "runs": runs}
+        reached = [r["steps_to_target"]["step"] for r in runs.values()
+                   if r["steps_to_target"] and r["steps_to_target"]["step"] is not None]
+        summary["steps_to_target"] = spread(reached) if reached else None
+        if ablation != "baseline" and baseline:
+            summary["fid_vs_baseline_at_step"] = {}
+            for s in steps:
+                paired = sorted(seed for seed in fids[ablation] if s in fids[ablation][seed]
+                                and s in fids.get("baseline", {}).get(seed, {}))
+                if paired:
+                    summary["fid_vs_baseline_at_step"][str(s)] = {
+                        **spread([fids[ablation][seed][s] - fids["baseline"][seed][s] for seed in paired]),
+                        "seeds": paired}
+            summary["speedup"] = _ratio_spread([(seed, pair["speedup"]) for seed, pair in pairs])
+            summary["compute_speedup"] = _ratio_spread([(seed, pair["compute_speedup"]) for seed, pair in pairs])
+        out[ablation] = {"convergence": summary, "training_cost": training_cost(costs[ablation])}
+    return out
+
+
+def _reach_text(reach: dict | None) -> str:
+    """A `steps_to_target` result as a table cell."""
+    if reach is None:
+        return "–"
+    return {"interpolated": f"{reach['step']:.4g}", "at_point": f"{reach['step']:g} (a point)",
+            "first_point": f"≤ {reach['step']:g} (first point)", "not_reached": "not reached"}[reach["how"]]
+
+
+BOUND_SIGNS = {"exact": "", "at least": "≥ ", "at most": "≤ ", "mixed": ""}
+
+
+def _speedup_text(entry: dict | None) -> str:
+    """A pair's `speedup`, or their `_ratio_spread`, as a table cell: "≥" where the run was already at the target at
+    its first point, "≤" where the baseline was."""
+    if entry is None:
+        return "–"
+    if "mean" in entry:
+        mixed = " (bounds mixed)" if entry["bound"] == "mixed" else ""
+        return f"{BOUND_SIGNS[entry['bound']]}{_mean_std(entry)}×{mixed}"
+    if entry["ratio"] is None:
+        return entry["bound"]
+    return f"{BOUND_SIGNS[entry['bound']]}{entry['ratio']:.4g}×"
+
+
+def _hours(summary: dict) -> dict:
+    """A device-seconds `spread` in device-hours."""
+    return {**summary, "mean": summary["mean"] / 3600, "std": None if summary["std"] is None else summary["std"] / 3600}
+
+
+def cost_cells(fid: dict, ablation: str) -> dict:
+    """The Ablations table's training-cost cell of one ablation (mean ± std over seeds, with the hardware)."""
+    cost = fid[ablation]["training_cost"]
+    return {"training cost (device-h)": f"{_mean_std(_hours(cost['device_seconds']))} ({cost['device']})"}
+
+
+def convergence_section(fid: dict) -> list[str]:
+    """The report's "Speed-up to the target" section from fid.json's `convergence` and `training_cost`."""
+    conv = {a: entry["convergence"] for a, entry in fid.items()}
+    several = any(len(c["runs"]) > 1 for c in conv.values())
+    rows = []
+    for ablation, c in conv.items():
+        reaches = [r["steps_to_target"] for r in c["runs"].values()]
+        costs = [r["device_seconds_to_target"] for r in c["runs"].values() if r["device_seconds_to_target"] is not None]
+        if c["target_fid"] is None:
+            at_target = "–"
+        elif len(reaches) == 1:
+            at_target = _reach_text(reaches[0])
+        elif c["steps_to_target"]:
+            at_target = f"{_mean_std(c['steps_to_target'])} ({c['steps_to_target']['n']} of {len(reaches)} reached)"
+        else:
+            at_target = "not reached"
+        row = {"ablation": ablation, "seeds": len(c["runs"]), "target FID": c["target_fid"],
+               "step at target": at_target, "device-h to target": _mean_std(_hours(spread(costs))) if costs else "–"}
+        if ablation != "baseline":
+            row["speed-up (steps)"] = _speedup_text(c.get("speedup"))
+            row["speed-up (device-s)"] = _speedup_text(c.get("compute_speedup"))
+        rows.append(row)
+    steps = next(iter(conv.values()))["steps"]
+    at_step = [{"ablation": a, **{str(s): _mean_std(c["fid_at_step"][str(s)]) if str(s) in c["fid_at_step"] else "–"
+                                  for s in steps}} for a, c in conv.items()]
+    deltas = [{"ablation": a, **{str(s): _mean_std(c["fid_vs_baseline_at_step"][str(s)])
+                                 if str(s) in c["fid_vs_baseline_at_step"] else "–" for s in steps}}
+              for a, c in conv.items() if "fid_vs_baseline_at_step" in c]
+    sections = [
+        "<h2>Speed-up to the target</h2>",
+        "<p>Read the speed-up as how many times fewer training steps (or device-seconds) a run needs than the "
+        "baseline of the same seed to reach that baseline's final FID-vs-step FID (or <code>evaluate.target_fid</code>"
+        " when set): each step is interpolated linearly between the two curve points around the first crossing, "
+        "≥ marks a run already at the target at its first point (so it got there then or sooner), and 2× means "
+        "half the steps. The target FID and step-at-target columns use the tier's one target (the mean over the "
+        "baseline's seeds); device-seconds are each step's measured time times its processes (training steps "
+        "only: snapshots, checkpoints and sampling are not counted).</p>",
+        _table(pd.DataFrame(rows))]
+    if several:
+        pair_rows = [{"run": f"{a} · {seed.replace('-', ' ')}", "target FID": p["target_fid"],
+                      "baseline step": _reach_text(p["baseline_steps_to_target"]),
+                      "step": _reach_text(p["steps_to_target"]), "speed-up (steps)": _speedup_text(p["speedup"]),
+                      "speed-up (device-s)": _speedup_text(p["compute_speedup"])}
+                     for a, c in conv.items() for seed, r in c["runs"].items() if (p := r.get("vs_baseline"))]
+        sections += ["<h3>Seed pairs</h3>", _table(pd.DataFrame(pair_rows))]
+    sections += ["<h3>FID at matched steps</h3>",
+                 "<p>FID-vs-step FID at each curve step (columns; mean ± std over seeds): read a column down to "
+                 "compare the ablations after the same number of steps.</p>", _table(pd.DataFrame(at_step))]
+    if deltas:
+        sections += ["<h3>ΔFID vs baseline at matched steps</h3>",
+                     "<p>Each ablation's FID minus the baseline's at the same step, paired by seed (mean ± std over "
+                     "the pairs); negative is better.</p>", _table(pd.DataFrame(deltas))]
+    return sections

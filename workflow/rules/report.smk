@@ -3,11 +3,13 @@
 
 rule fid_summary:
     input:
-        lambda w: run_files(w.tier, "metrics", "cfg_sweep"),
+        # "loss_curve" is the run's model folder: its train_log.csv and launches give the training cost.
+        lambda w: run_files(w.tier, "metrics", "cfg_sweep", "curve", "loss_curve"),
     output:
         "results/{tier}/fid.json",
     params:
         runs=lambda w: run_outputs(w.tier),
+        target_fid=config["evaluate"]["target_fid"],
     log:
         "results/{tier}/logs/fid_summary.log",
     conda:

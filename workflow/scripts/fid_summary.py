@@ -1,8 +1,9 @@
-"""Stage 6: results/<tier>/fid.json, the headline metrics of every compared run, and their spread over seeds."""
+"""Stage 6: results/<tier>/fid.json, the headline metrics of every compared run, and their spread over seeds; how
+soon each reaches the target FID, and its training cost."""
 import json
 from pathlib import Path
 
-from urepa.report import fid_summary
+from urepa.report import convergence, fid_summary, model_step_costs
 from urepa.runtime import setup_logging
 
 setup_logging(snakemake.log[0])
@@ -15,4 +16,9 @@ def read(path):
 runs = snakemake.params.runs
 metrics = {a: {seed: read(p["metrics"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
 sweeps = {a: {seed: read(p["cfg_sweep"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
-Path(snakemake.output[0]).write_text(json.dumps(fid_summary(metrics, sweeps), indent=2))
+curves = {a: {seed: read(p["curve"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
+costs = {a: {seed: model_step_costs(p["loss_curve"]) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
+summary = fid_summary(metrics, sweeps)
+for ablation, additions in convergence(curves, costs, snakemake.params.target_fid).items():
+    summary[ablation].update(additions)
+Path(snakemake.output[0]).write_text(json.dumps(summary, indent=2))
