@@ -203,6 +203,7 @@ def run_outputs(tier):
                 "curve": f"results/{tier}/{a}/seed-{seed}/fid_curve.json",
                 "cfg_sweep": f"results/{tier}/{a}/seed-{seed}/cfg_sweep.json",
                 "alignment": f"results/{tier}/{a}/seed-{seed}/alignment.json",
+                "probe": f"results/{tier}/{a}/seed-{seed}/probe.json",
                 "loss_curve": f"results/{tier}/{a}/seed-{seed}/model",
                 "tsne": f"results/{tier}/{a}/seed-{seed}/tsne.png",
                 "grid": f"results/{tier}/{a}/seed-{seed}/sample_grid.png",
