@@ -17,7 +17,6 @@ from urepa.probe import (
     fit_and_score,
     image_noise,
     noise_seed,
-    pooled_unet_features,
     probe_dinov2,
     probe_rows,
     probe_unet,

@@ -122,3 +122,27 @@ def test_report_puts_each_vaes_reconstruction_beside_the_runs_on_it(run_files, t
     rows = [row for row in rows if row]
     assert [[row[header.index(k)] for k in ("VAE", "runs", "images", "PSNR (dB)", "rFID")] for row in rows] == [
         ["sd15", "baseline", "32", "11.23", "301.5"], ["e2e", "urepa", "32", "9.5", "350"]]
+
+
+def test_report_gives_the_linear_probe_between_chance_and_dinov2(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    add_targets(curves, None)
+    plot_fid_curves(by_label(curves), tmp_path / "curves.png")
+    plot_cfg_sweeps(by_label(sweeps), tmp_path / "sweep.png")
+
+    def result(top1, layer="mid", timestep=250):
+        return {"layer": layer, "timestep": timestep, "top1": top1, "train_top1": 1.0, "train_images": 64,
+                "val_images": 32, "converged": True, "classes": 4, "chance": 0.25, "C": 1.0}
+
+    probes = {"urepa": result(0.5), "baseline": result(0.375), "pretrained": result(0.3125),
+              "DINOv2 (ceiling)": result(0.875, "pooled patch tokens", None)}
+    render_report("smoke", runs, curves, sweeps, tmp_path / "curves.png", tmp_path / "sweep.png",
+                  tmp_path / "report.html", dict.fromkeys(runs, "sd15"), {"sd15": RECONSTRUCTION}, probes)
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Linear probe</h2>" in page and "C = 1)" in page
+    table = next(t for t in re.findall(r"<table.*?</table>", page, re.S) if "train top-1" in t)
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert [row[:3] for row in rows if row] == [
+        ["urepa", "mid, t = 250", "0.5"], ["baseline", "mid, t = 250", "0.375"],
+        ["pretrained", "mid, t = 250", "0.3125"],
+        ["DINOv2 (ceiling)", "pooled patch tokens", "0.875"], ["chance", "1 / 4 classes", "0.25"]]

@@ -173,7 +173,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
 
 def _probe_section(probes: dict[str, dict]) -> list[str]:
     """The "Linear probe" table: a row per probe.json (each run, the pretrained U-Net, DINOv2), then chance."""
-    rows = [{"row": label, "features": f"{p['layer']}, t = {p['timestep']}" if p["timestep"] is not None else p["layer"],
+    rows = [{"row": label, "features": p["layer"] if p["timestep"] is None else f"{p['layer']}, t = {p['timestep']}",
              "top-1": p["top1"], "train top-1": p["train_top1"], "probe images": p["train_images"],
              "validation images": p["val_images"], "converged": "yes" if p["converged"] else "no"}
             for label, p in probes.items()]

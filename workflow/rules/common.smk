@@ -262,6 +262,11 @@ def cache_settings(tier):
     return {**config["cache"], **urepa_config.tier_settings(config, tier).get("cache", {})}
 
 
+def probe_settings(wildcards):
+    """config's `probe`, with the tier's own `probe` keys over it."""
+    return {**config["probe"], **tier_of(wildcards).get("probe", {})}
+
+
 _cache = cache_settings(urepa_config.data_tier(config, TIER))
 check_shard_rows(_cache["shard_rows"], _cache["batch_size"])  # a shard size that splits a batch: before any job
 

@@ -166,11 +166,6 @@ rule recon_eval:
 from urepa.analysis import analysis_layer
 
 
-def probe_settings(wildcards):
-    """config's `probe`, with the tier's own `probe` keys over it."""
-    return {**config["probe"], **tier_of(wildcards).get("probe", {})}
-
-
 rule probe:
     input:
         model="results/{tier}/{ablation}/seed-{seed}/model",
