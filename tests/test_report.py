@@ -62,7 +62,7 @@ def uniform_costs(folder, curves, step_time=0.5):
                                  [CPU]) for seed, c in by_seed.items()} for a, by_seed in curves.items()}
 
 
-def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None) -> str:
+def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None) -> str:
     """The report page as the rules make it: fid.json (the final set's summary and the curves' convergence), then
     targets, both plots and the page (every run on SD-1.5's VAE unless `run_vaes` says otherwise)."""
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
@@ -74,7 +74,7 @@ def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None) -
     plot_fid_curves(by_label(curves), folder / "curves.png")
     plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
     render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html",
-                  run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid)
+                  run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid, probes)
     return (folder / "report.html").read_text()
 
 
@@ -306,3 +306,22 @@ def test_report_gives_the_speed_up_per_seed_pair(tmp_path):
     assert rows[0] == ["urepa", "13 ± 0.5", "11.75 ± 0.5"]
     delta = page.split("ΔFID vs baseline at matched steps")[1]
     assert re.findall(r"<td>([^<]*)</td>", delta)[:3] == ["urepa", "-2 ± 1", "-2 ± 1"]
+
+
+def test_report_gives_the_linear_probe_between_chance_and_dinov2(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+
+    def result(top1, layer="mid", timestep=250):
+        return {"layer": layer, "timestep": timestep, "top1": top1, "train_top1": 1.0, "train_images": 64,
+                "val_images": 32, "converged": True, "classes": 4, "chance": 0.25, "C": 1.0}
+
+    probes = {"urepa": result(0.5), "baseline": result(0.375), "pretrained": result(0.3125),
+              "DINOv2 (ceiling)": result(0.875, "pooled patch tokens", None)}
+    page = _render(runs, curves, sweeps, tmp_path, probes=probes)
+    assert "<h2>Linear probe</h2>" in page and "C = 1)" in page
+    table = next(t for t in re.findall(r"<table.*?</table>", page, re.S) if "train top-1" in t)
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert [row[:3] for row in rows if row] == [
+        ["urepa", "mid, t = 250", "0.5"], ["baseline", "mid, t = 250", "0.375"],
+        ["pretrained", "mid, t = 250", "0.3125"],
+        ["DINOv2 (ceiling)", "pooled patch tokens", "0.875"], ["chance", "1 / 4 classes", "0.25"]]

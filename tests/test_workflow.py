@@ -166,7 +166,7 @@ def rule_settings(tmp_path: Path, monkeypatch, config_overrides: dict) -> dict:
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
                                 workdir=tmp_path)._workflow
         for name in ("cache_vae_part", "cache_dino_part", "cache_clip", "train_unet", "sample_shard", "reference_stats",
-                     "metrics", "point_metrics", "alignment", "recon_eval"):
+                     "metrics", "point_metrics", "alignment", "recon_eval", "probe", "probe_references"):
             rule = workflow.get_rule(name)
             params = {key: value(wildcards) if callable(value) else value for key, value in rule.params.items()}
             resources = {key: value.evaluate(wildcards).value for key, value in rule.resources.items()
@@ -192,7 +192,7 @@ def test_how_a_job_runs_is_in_its_resources_and_changes_no_params(tmp_path, monk
                                       "report_to": "none"}
     batch = rule_settings(tmp_path / "batch", monkeypatch, {"sample": {"batch_size": 3}, "evaluate": {"batch_size": 5}})
     assert batch["sample_shard"][0]["batch_size"] == 3
-    evaluating = ("reference_stats", "metrics", "point_metrics", "alignment")
+    evaluating = ("reference_stats", "metrics", "point_metrics", "alignment", "probe", "probe_references")
     assert {batch[name][0]["batch_size"] for name in evaluating} == {5}
     for script in (REPO / "workflow" / "scripts").glob("*.py"):
         assert "snakemake.config" not in script.read_text(), script.name

@@ -89,12 +89,13 @@ def _mean_std(summary: dict) -> str:
 
 def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
-                  out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict) -> None:
+                  out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict,
+                  probes: dict[str, dict] | None = None) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
     `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
-    `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json. Headline scores are mean ± std over
-    the seeds present."""
+    `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json; `probes[row label]` a probe.json
+    (`_probe_section`). Headline scores are mean ± std over the seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -159,6 +160,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         _table(pd.DataFrame(align_rows)),
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in flat_runs.items()),
         *_reconstruction_section(run_vaes, reconstructions),
+        *(_probe_section(probes) if probes else []),
         "<h2>Samples</h2>",
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in flat_runs.items()),
     ]
@@ -169,6 +171,23 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
     log.info("report of tier %s (%s) written to %s", tier, ", ".join(f"{a}: {len(by_seed)} seed(s)"
                                                                      for a, by_seed in runs.items()), out_html)
+
+
+def _probe_section(probes: dict[str, dict]) -> list[str]:
+    """The "Linear probe" table: a row per probe.json (each run, the pretrained U-Net, DINOv2), then chance."""
+    rows = [{"row": label, "features": p["layer"] if p["timestep"] is None else f"{p['layer']}, t = {p['timestep']}",
+             "top-1": p["top1"], "train top-1": p["train_top1"], "probe images": p["train_images"],
+             "validation images": p["val_images"], "converged": "yes" if p["converged"] else "no"}
+            for label, p in probes.items()]
+    first = next(iter(probes.values()))
+    rows.append({"row": "chance", "features": f"1 / {first['classes']} classes", "top-1": first["chance"]})
+    text = ("<p>Top-1 accuracy on the validation subset of a logistic regression (standardised features, "
+            f"C = {first['C']:g}) fitted on a class-balanced probe set of train images: the U-Net's features of "
+            "the aligned layer, pooled over space, for each image's latents noised to the timestep shown with the same "
+            "seeded noise for every model, under the empty prompt. Read each row between chance (features that carry "
+            "no class) and DINOv2's own pooled tokens (the ceiling alignment pulls towards), and each run against the "
+            "pretrained U-Net it started from.</p>")
+    return ["<h2>Linear probe</h2>", _table(pd.DataFrame(rows)), text]
 
 
 RECONSTRUCTION_COLUMNS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("rfid", "rFID"))

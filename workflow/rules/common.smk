@@ -203,6 +203,7 @@ def run_outputs(tier):
                 "curve": f"results/{tier}/{a}/seed-{seed}/fid_curve.json",
                 "cfg_sweep": f"results/{tier}/{a}/seed-{seed}/cfg_sweep.json",
                 "alignment": f"results/{tier}/{a}/seed-{seed}/alignment.json",
+                "probe": f"results/{tier}/{a}/seed-{seed}/probe.json",
                 "loss_curve": f"results/{tier}/{a}/seed-{seed}/model",
                 "tsne": f"results/{tier}/{a}/seed-{seed}/tsne.png",
                 "grid": f"results/{tier}/{a}/seed-{seed}/sample_grid.png",
@@ -259,6 +260,11 @@ def job_resources(rule_name):
 def cache_settings(tier):
     """config's `cache`, with the tier's own `cache` keys over it."""
     return {**config["cache"], **urepa_config.tier_settings(config, tier).get("cache", {})}
+
+
+def probe_settings(wildcards):
+    """config's `probe`, with the tier's own `probe` keys over it."""
+    return {**config["probe"], **tier_of(wildcards).get("probe", {})}
 
 
 _cache = cache_settings(urepa_config.data_tier(config, TIER))

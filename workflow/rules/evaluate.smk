@@ -159,3 +159,72 @@ rule recon_eval:
         "../../environment.yml"
     script:
         "../scripts/recon_eval.py"
+
+
+# The linear probe (urepa/probe.py): each run's EMA weights, and once per tier the references: SD-1.5's U-Net as it is
+# (no fine-tuned weights) and DINOv2's own features (the ceiling).
+from urepa.analysis import analysis_layer
+
+
+rule probe:
+    input:
+        model="results/{tier}/{ablation}/seed-{seed}/model",
+        csv=lambda w: cache_paths(w.tier)["csv"],
+        val_csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
+        latents=lambda w: latent_cache(w.tier, run_vae(w)),
+        dino=lambda w: cache_paths(w.tier)["dino"],
+        clip=lambda w: cache_paths(w.tier)["clip"],
+        sd15=sd15_dir,
+        vae_model=lambda w: vae_model(w, run_vae(w)),
+    output:
+        "results/{tier}/{ablation}/seed-{seed}/probe.json",
+    params:
+        settings=probe_settings,
+        image_size=lambda w: tier_of(w)["image_size"],
+        data_seed=config["data_seed"],
+        batch_size=config["evaluate"]["batch_size"],
+        vae_subfolder=lambda w: vae_subfolder(run_vae(w)),
+    threads: job_threads("probe")
+    resources:
+        **job_resources("probe"),
+    log:
+        "results/{tier}/{ablation}/seed-{seed}/logs/probe.log",
+    benchmark:
+        "results/{tier}/{ablation}/seed-{seed}/benchmarks/probe.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/probe.py"
+
+
+rule probe_references:
+    input:
+        csv=lambda w: cache_paths(w.tier)["csv"],
+        val_csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
+        latents=lambda w: latent_cache(w.tier, urepa_config.SD15_VAE),
+        dino=lambda w: cache_paths(w.tier)["dino"],
+        clip=lambda w: cache_paths(w.tier)["clip"],
+        sd15=sd15_dir,
+        dinov2=dinov2_path,
+    output:
+        pretrained="results/{tier}/pretrained/probe.json",
+        dinov2="results/{tier}/dinov2/probe.json",
+    params:
+        settings=probe_settings,
+        # the layer the chosen ablation is analysed at (`mid` by default), so the rows compare one layer
+        layer=lambda w: analysis_layer(urepa_config.train_settings(config, w.tier, config["ablation"])["align_layers"]),
+        image_size=lambda w: tier_of(w)["image_size"],
+        dino_size=lambda w: tier_of(w)["dino_size"],
+        data_seed=config["data_seed"],
+        batch_size=config["evaluate"]["batch_size"],
+    threads: job_threads("probe")
+    resources:
+        **job_resources("probe"),
+    log:
+        "results/{tier}/logs/probe_references.log",
+    benchmark:
+        "results/{tier}/benchmarks/probe_references.tsv"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/probe.py"

@@ -23,6 +23,8 @@ rule report:
         fid="results/{tier}/fid.json",
         runs=lambda w: run_files(w.tier),
         recon=lambda w: [f"results/{w.tier}/vae/{vae}/recon.json" for vae in urepa_config.tier_vaes(config, w.tier)],
+        probe_pretrained="results/{tier}/pretrained/probe.json",
+        probe_dinov2="results/{tier}/dinov2/probe.json",
     output:
         html=report("results/{tier}/report.html", caption="../report/report_page.rst", category="Summary"),
         curves=report("results/{tier}/fid_curve.png", caption="../report/fid_curve.rst", category="FID vs step"),

@@ -17,6 +17,9 @@ add_targets(curves, snakemake.params.target_fid)
 plot_fid_curves(by_label(curves), snakemake.output.curves)
 plot_cfg_sweeps(by_label(sweeps), snakemake.output.sweep)
 reconstructions = {Path(path).parent.name: json.loads(Path(path).read_text()) for path in snakemake.input.recon}
+probes = {label: json.loads(Path(paths["probe"]).read_text()) for label, paths in by_label(runs).items()}
+probes["pretrained"] = json.loads(Path(snakemake.input.probe_pretrained).read_text())
+probes["DINOv2 (ceiling)"] = json.loads(Path(snakemake.input.probe_dinov2).read_text())
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
               snakemake.output.html, snakemake.params.vaes, reconstructions,
-              json.loads(Path(snakemake.input.fid).read_text()))
+              json.loads(Path(snakemake.input.fid).read_text()), probes)
