@@ -230,6 +230,11 @@ def test_convergence_interpolates_steps_and_cost_to_the_baselines_final_fid(tmp_
     # already below at its first point (step 40): reached at step 40 or sooner, so at least 80 / 40 = 2x
     assert early["runs"]["seed-0"]["steps_to_target"] == {"step": 40.0, "how": "first_point"}
     assert early["speedup"]["mean"] == 2.0 and early["speedup"]["bound"] == "at least"
+    # the baseline also below the target at its first point: neither says when, so no ratio
+    late_baseline = {"baseline": {0: curve((40, 10.0), (80, 20.0))}, "early": curves["early"]}
+    early = convergence(late_baseline, costs, None)["early"]["convergence"]
+    assert early["runs"]["seed-0"]["vs_baseline"]["speedup"] == {"ratio": None, "bound": "undetermined"}
+    assert early["speedup"] is None
     assert "0" not in early["fid_at_step"] and "0" not in early["fid_vs_baseline_at_step"]
     # a configured target replaces the baseline's final FID; the pretrained point reaching it gives no ratio
     result = convergence(curves, costs, 55.0)["urepa"]["convergence"]
@@ -288,6 +293,11 @@ def test_report_shows_the_speed_up_and_the_training_cost(run_files, tmp_path):
     header, rows = table_with(page, "80")
     assert header == ["ablation", "40", "80"] and rows == [["urepa", "12.5", "11.25"], ["baseline", "13.5", "12.25"]]
     assert "<h3>Seed pairs</h3>" not in page
+    # where no pair has a ratio, the table says why
+    curves["urepa"][0]["points"][0]["fid"] = 12.0  # urepa now below the target at its first point, as the baseline
+    curves["baseline"][0]["points"][0]["fid"] = 12.0
+    header, rows = table_with(_render(runs, curves, sweeps, tmp_path), "speed-up (steps)")
+    assert rows[0][header.index("speed-up (steps)")] == "undetermined"
 
 
 def test_report_gives_the_speed_up_per_seed_pair(tmp_path):

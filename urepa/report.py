@@ -390,6 +390,14 @@ def _speedup_text(entry: dict | None) -> str:
     return f"{BOUND_SIGNS[entry['bound']]}{entry['ratio']:.4g}×"
 
 
+def _speedup_cell(conv: dict, key: str) -> str:
+    """An ablation's speed-up over its seed pairs; where no pair has a ratio, why not (the pairs' bounds)."""
+    if conv.get(key):
+        return _speedup_text(conv[key])
+    bounds = {run["vs_baseline"][key]["bound"] for run in conv["runs"].values() if "vs_baseline" in run}
+    return ", ".join(sorted(bounds)) or "–"
+
+
 def _hours(summary: dict) -> dict:
     """A device-seconds `spread` in device-hours."""
     return {**summary, "mean": summary["mean"] / 3600, "std": None if summary["std"] is None else summary["std"] / 3600}
@@ -420,8 +428,8 @@ def convergence_section(fid: dict) -> list[str]:
         row = {"ablation": ablation, "seeds": len(c["runs"]), "target FID": c["target_fid"],
                "step at target": at_target, "device-h to target": _mean_std(_hours(spread(costs))) if costs else "–"}
         if ablation != "baseline":
-            row["speed-up (steps)"] = _speedup_text(c.get("speedup"))
-            row["speed-up (device-s)"] = _speedup_text(c.get("compute_speedup"))
+            row["speed-up (steps)"] = _speedup_cell(c, "speedup")
+            row["speed-up (device-s)"] = _speedup_cell(c, "compute_speedup")
         rows.append(row)
     steps = next(iter(conv.values()))["steps"]
     at_step = [{"ablation": a, **{str(s): _mean_std(c["fid_at_step"][str(s)]) if str(s) in c["fid_at_step"] else "–"
@@ -434,10 +442,10 @@ def convergence_section(fid: dict) -> list[str]:
         "<p>Read the speed-up as how many times fewer training steps (or device-seconds) a run needs than the "
         "baseline of the same seed to reach that baseline's final FID-vs-step FID (or <code>evaluate.target_fid</code>"
         " when set): each step is interpolated linearly between the two curve points around the first crossing, "
-        "≥ marks a run already at the target at its first point (so it got there then or sooner), and 2× means "
-        "half the steps. The target FID and step-at-target columns use the tier's one target (the mean over the "
-        "baseline's seeds); device-seconds are each step's measured time times its processes (training steps "
-        "only: snapshots, checkpoints and sampling are not counted).</p>",
+        "≥ marks a run already at the target at its first point (so it got there then or sooner; <i>undetermined</i>"
+        " when the baseline was too), and 2× means half the steps. The target FID and step-at-target columns use the "
+        "tier's one target (the mean over the baseline's seeds); device-seconds are each step's measured time "
+        "times its processes (training steps only: snapshots, checkpoints and sampling are not counted).</p>",
         _table(pd.DataFrame(rows))]
     if several:
         pair_rows = [{"run": f"{a} · {seed.replace('-', ' ')}", "target FID": p["target_fid"],
