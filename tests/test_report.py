@@ -3,10 +3,11 @@ import re
 
 import pytest
 
-from conftest import make_runs
+from conftest import REPO, make_runs
+from urepa import config as urepa_config
 from urepa.evaluate import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
-from urepa.report import by_label, fid_summary, render_report
+from urepa.report import by_label, fid_summary, objective_text, render_report
 
 
 def test_fid_summary_keeps_the_headline_numbers(run_files):
@@ -122,3 +123,38 @@ def test_report_puts_each_vaes_reconstruction_beside_the_runs_on_it(run_files, t
     rows = [row for row in rows if row]
     assert [[row[header.index(k)] for k in ("VAE", "runs", "images", "PSNR (dB)", "rFID")] for row in rows] == [
         ["sd15", "baseline", "32", "11.23", "301.5"], ["e2e", "urepa", "32", "9.5", "350"]]
+
+
+def test_each_rows_objective_is_named_from_its_settings(run_files, tmp_path):
+    """The objective column, from each run's settings (not its name): λ and the terms, projector, target
+    normalisation, cutoff as a share of the run, layers and fine-tune mode."""
+    config = urepa_config.load_yaml(REPO / "config" / "config.yaml")
+    text = {a: objective_text(urepa_config.train_settings(config, "smoke", a))
+            for a in ("urepa", "baseline", "irepa", "haste", "token_manifold", "token_only", "multi_layer", "partial")}
+    assert text == {
+        "urepa": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, LoRA",
+        "baseline": "diffusion loss only (no alignment), LoRA",
+        "irepa": "λ=0.8 · (token + 3 × manifold (sample Gram)), 3x3 conv projector, spatially normalised targets "
+                 "(α=0.6), LoRA",
+        "haste": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, alignment off after 50% "
+                 "(from step 60 of 120), LoRA",
+        "token_manifold": "λ=0.8 · (token + 3 × manifold (token Gram)), MLP projector, LoRA",
+        "token_only": "λ=0.8 · (token), MLP projector, LoRA",
+        "multi_layer": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, layers enc_last + mid + "
+                       "dec_first, LoRA",
+        "partial": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, partial blocks"}
+    decaying = urepa_config.train_settings(config, "smoke", "urepa")
+    decaying["align_schedule"].update(kind="cosine", warmup_steps=10, decay_steps=50, end=0.1)
+    assert "λ warm-up 10 steps, λ cosine decay to 0.1 over 50 steps" in objective_text(decaying)
+
+    runs, curves, sweeps, _ = run_files
+    add_targets(curves, None)
+    plot_fid_curves(by_label(curves), tmp_path / "curves.png")
+    plot_cfg_sweeps(by_label(sweeps), tmp_path / "sweep.png")
+    settings = {a: urepa_config.train_settings(config, "smoke", a) for a in runs}
+    render_report("smoke", runs, curves, sweeps, tmp_path / "curves.png", tmp_path / "sweep.png",
+                  tmp_path / "report.html", dict.fromkeys(runs, "sd15"), {"sd15": RECONSTRUCTION}, settings)
+    table = re.findall(r"<table.*?</table>", (tmp_path / "report.html").read_text(), re.S)[0]
+    header = re.findall(r"<th>([^<]*)</th>", table)
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert [row[header.index("objective")] for row in rows if row] == [text["urepa"], text["baseline"]]

@@ -18,4 +18,4 @@ plot_fid_curves(by_label(curves), snakemake.output.curves)
 plot_cfg_sweeps(by_label(sweeps), snakemake.output.sweep)
 reconstructions = {Path(path).parent.name: json.loads(Path(path).read_text()) for path in snakemake.input.recon}
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
-              snakemake.output.html, snakemake.params.vaes, reconstructions)
+              snakemake.output.html, snakemake.params.vaes, reconstructions, snakemake.params.settings)
