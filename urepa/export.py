@@ -49,7 +49,8 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
             first = next(iter(model.heads.values()))
             (out_dir / "align_heads.json").write_text(json.dumps({
                 "layers": list(model.heads), "grid": first.grid, "projector": settings["projector"],
-                "projector_hidden": settings["projector_hidden"], "target_spatial_norm": settings["target_spatial_norm"],
+                "projector_hidden": settings["projector_hidden"],
+                "target_spatial_norm": settings["target_spatial_norm"],  # what the analyses score the heads against
                 "dim": token_dim,
             }, indent=2))
         (out_dir / DESCRIPTION).write_text(json.dumps({
