@@ -455,3 +455,35 @@ def test_alignment_analysis_of_the_run_does_not_depend_on_the_batch_size(smoke_r
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     assert (tmp_path / "tsne-32.png").stat().st_size > 0
+
+
+def test_an_irepa_head_is_scored_against_the_spatially_normalised_tokens_it_was_trained_towards(data, smoke_inputs,
+                                                                                              tmp_path):
+    """The same irepa weights analysed twice: as exported (alpha 0.6 in align_heads.json) and with alpha removed.
+    Only the head's token cosine and its chance level move; the head-free scores and the head's CKNNA (on pooled
+    tokens) are the same numbers."""
+    import json
+    import shutil
+
+    from conftest import batch_of, make_trainer, settings_for
+
+    trainer = make_trainer(data, settings_for("irepa", steps=8), tmp_path / "run")
+    trainer.step(batch_of(trainer, data))
+    trainer.save_weights(tmp_path / "irepa")
+    shutil.copytree(tmp_path / "irepa", tmp_path / "raw")
+    heads = json.loads((tmp_path / "raw" / "align_heads.json").read_text())
+    assert heads.pop("target_spatial_norm") == 0.6
+    (tmp_path / "raw" / "align_heads.json").write_text(json.dumps(heads))
+    val_csv = tmp_path / "val_subset.csv"
+    build_subset(smoke_inputs["imagenet"], images_per_class=4, seed=0, split="val").to_csv(val_csv, index=False)
+
+    def analyse(name: str) -> dict:
+        result = alignment_analysis(val_csv, data["sd15"], data["dinov2"], tmp_path / name, data["clip"],
+                                    SMOKE_IMAGE_SIZE, DINO_SIZE, 8, [500], SEED, CPU, tmp_path / f"{name}.png")
+        return result["timesteps"][0]
+
+    normalised, raw = analyse("irepa"), analyse("raw")
+    for key in ("cknna", "cknna_chance", "cca", "cca_chance", "head_cknna", "head_cknna_chance"):
+        assert normalised[key] == pytest.approx(raw[key], rel=1e-6, abs=1e-9), key
+    assert abs(normalised["head_token_cosine"] - raw["head_token_cosine"]) > 1e-3
+    assert -1 <= normalised["head_token_cosine"] <= 1

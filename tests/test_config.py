@@ -330,3 +330,78 @@ def test_the_repae_rows_plan_two_tunings_two_latent_caches_and_nothing_else_twic
     for path in ("results/smoke/vae/repae/tuned", "results/smoke/vae/recon/tuned",
                  "results/smoke/cache/repae/vae_latents.zarr", "results/smoke/vae/recon/recon.json"):
         assert path in result.stdout
+
+
+# -- the REPA family's variants as presets ----------------------------------------------------------------------
+
+
+def differing(config, tier: str, ablation: str) -> dict:
+    """The settings in which `ablation` differs from `urepa` on `tier`, as (urepa's, the ablation's)."""
+    urepa, other = (urepa_config.train_settings(config, tier, name) for name in ("urepa", ablation))
+    flat = lambda s: {**{k: v for k, v in s.items() if k != "align_schedule"},  # noqa: E731
+                      **{f"align_schedule.{k}": v for k, v in s["align_schedule"].items()}}
+    urepa, other = flat(urepa), flat(other)
+    return {key: (urepa[key], other[key]) for key in urepa if urepa[key] != other[key]}
+
+
+def test_each_variant_changes_only_what_its_method_changes(config):
+    urepa_config.validate(config, SCHEMA)
+    assert differing(config, "smoke", "irepa") == {"projector": ("mlp", "conv3x3"), "target_spatial_norm": (None, 0.6)}
+    assert differing(config, "smoke", "haste") == {"align_schedule.cutoff_step": (None, 60)}  # half of smoke's 120
+    assert differing(config, "smoke", "token_manifold") == {"manifold_mode": ("sample", "token")}
+    assert "cutoff_fraction" not in urepa_config.train_settings(config, "smoke", "haste")["align_schedule"]
+
+
+@pytest.mark.parametrize("tier, cutoff", [("smoke", 60), ("rehearsal", 1), ("tierA", 30000), ("tierB", 60000),
+                                          ("tierC", 100000)])
+def test_the_haste_cutoff_is_a_share_of_each_tiers_own_steps(config, tier, cutoff):
+    assert urepa_config.train_settings(config, tier, "haste")["align_schedule"]["cutoff_step"] == cutoff
+    config["ablations"]["haste"]["align_schedule"]["cutoff_fraction"] = 0.4  # round(0.4 x 60000): 24000, not 24001
+    assert urepa_config.train_settings(config, "tierA", "haste")["align_schedule"]["cutoff_step"] == 24000
+
+
+def test_a_cutoff_by_step_and_by_share_at_once_is_refused_naming_both(config):
+    config["tiers"]["smoke"]["train"]["align_schedule"] = {"cutoff_step": 30}
+    with pytest.raises(urepa_config.ConfigError, match=r"'train.align_schedule.cutoff_step' \(30\) and "
+                                                       r"'train.align_schedule.cutoff_fraction' \(0.5\) are both set "
+                                                       r"for ablation 'haste' on tier 'smoke'"):
+        urepa_config.train_settings(config, "smoke", "haste")
+    assert urepa_config.train_settings(config, "smoke", "urepa")["align_schedule"]["cutoff_step"] == 30
+
+
+def test_full_spatial_normalisation_with_the_sample_gram_is_refused(config):
+    """alpha = 1 zeroes each channel's mean over the image: the sample-mode Gram of pooled targets is noise."""
+    config["ablations"]["irepa"]["target_spatial_norm"] = 1.0
+    with pytest.raises(urepa_config.ConfigError, match="'train.target_spatial_norm' is 1 with manifold_mode 'sample'"):
+        urepa_config.train_settings(config, "smoke", "irepa")
+    config["ablations"]["irepa"]["manifold_mode"] = "token"
+    assert urepa_config.train_settings(config, "smoke", "irepa")["target_spatial_norm"] == 1.0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["ablations"]["irepa"].update(projector="conv5x5"), "'ablations.irepa.projector'"),
+    (lambda c: c["ablations"]["irepa"].update(target_spatial_norm=1.5), "'ablations.irepa.target_spatial_norm'"),
+    (lambda c: c["ablations"]["haste"]["align_schedule"].update(cutoff_fraction=0),
+     "'ablations.haste.align_schedule.cutoff_fraction'"),
+])
+def test_variant_settings_out_of_range_are_named(config, mutate, message):
+    mutate(config)
+    with pytest.raises(urepa_config.ConfigError, match=re.escape(message)):
+        urepa_config.validate(config, SCHEMA)
+
+
+def test_the_variants_plan_one_training_each_on_the_shared_caches(tmp_path):
+    """`compare=[urepa,baseline,irepa,haste,token_manifold]`: five trainings, each with its sample set, curve,
+    analyses and report row; one set of caches for all."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
+                             "-s", str(REPO / "Snakefile"), "--config",
+                             "compare=[urepa,baseline,irepa,haste,token_manifold]"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    assert {k: counts[k] for k in ("train_unet", "metrics", "alignment", "cache_dino", "cache_clip", "report")} == {
+        "train_unet": "5", "metrics": "5", "alignment": "5", "cache_dino": "1", "cache_clip": "1", "report": "1"}
+    for ablation in ("irepa", "haste", "token_manifold"):
+        assert f"results/smoke/{ablation}/seed-0/model" in result.stdout

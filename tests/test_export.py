@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import (CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction,
                       write_description, write_partial_weights)
-from urepa.export import (DESCRIPTION, inference_dtype, load_finetuned_pipeline, read_description,
-                          trained_scheduler)
+from urepa.export import (DESCRIPTION, head_target_norm, inference_dtype, load_align_head, load_finetuned_pipeline,
+                          read_description, trained_scheduler)
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.train import Trainer
 from urepa.vae import VaeMismatchError, load_autoencoder, vae_record
@@ -64,7 +64,7 @@ def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path,
     meta = json.loads((tmp_path / "out" / "align_heads.json").read_text())
     assert meta == {"layers": settings["align_layers"], "grid": data["dino"].attrs["grid"],
                     "projector": settings["projector"], "projector_hidden": settings["projector_hidden"],
-                    "dim": data["dino"].attrs["dim"]}
+                    "target_spatial_norm": None, "dim": data["dino"].attrs["dim"]}
 
 
 def test_the_baseline_exports_no_align_heads(data, tmp_path):
@@ -72,6 +72,22 @@ def test_the_baseline_exports_no_align_heads(data, tmp_path):
     trainer.save_weights(tmp_path / "out")
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert not list((tmp_path / "out").glob("align_heads.*"))
+    assert head_target_norm(tmp_path / "out") is None
+
+
+def test_an_irepa_folder_rebuilds_its_conv_head_and_names_its_targets_normalisation(data, tmp_path):
+    """The 3x3 conv head reloads to the trained one's tokens, and the folder says its targets were spatially
+    normalised (alpha), so that the analyses score the head against the same targets."""
+    settings = settings_for("irepa", steps=8)
+    trainer = make_trainer(data, settings, tmp_path / "run")
+    trainer.step(batch_of(trainer, data))
+    trainer.save_weights(tmp_path / "out")
+    assert head_target_norm(tmp_path / "out") == 0.6
+    head = load_align_head(tmp_path / "out", "mid", CPU)
+    trained = trainer.accelerator.unwrap_model(trainer.model).heads["mid"]
+    assert head.proj[0].kernel_size == (3, 3)
+    features = torch.randn(2, head.proj[0].in_channels, 2, 2)
+    torch.testing.assert_close(head(features), trained(features))
 
 
 @pytest.mark.parametrize("finetune, align_coeff", [("lora", 0.8), ("partial", 0.0)])

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from urepa.losses import (AlignSchedule, Objective, alignment_loss, diffusion_loss, diffusion_target, manifold_loss,
-                          token_loss)
+                          spatial_normalise, token_loss)
 
 
 def unit(*v):
@@ -119,6 +119,57 @@ def test_align_schedule_warmup_decay_and_cutoff():
     assert AlignSchedule(0.8, cutoff_step=100)(100) == 0.0
 
 
+def test_a_cutoff_leaves_lambda_zero_from_that_step_to_the_end():
+    """HASTE's termination: lambda as set before the cutoff step, 0 at it and at every step after, also where a
+    warm-up or decay would still be under way."""
+    steps = range(120)
+    haste = AlignSchedule(0.8, cutoff_step=60)
+    assert [haste(s) for s in steps] == [0.8] * 60 + [0.0] * 60
+    decaying = AlignSchedule(1.0, kind="linear", warmup_steps=10, decay_steps=100, end=0.5, cutoff_step=30)
+    assert decaying(29) == pytest.approx(1 - 0.5 * 19 / 100) and all(decaying(s) == 0.0 for s in range(30, 120))
+
+
+# -- iREPA's spatial normalisation of the targets ----------------------------------------------------------------
+
+
+def test_spatial_normalisation_matches_a_hand_computation():
+    """One image, three tokens, two channels. Channel 0 holds 1, 2, 3: mean 2, unbiased std 1, so with alpha 0.6
+    (x - 1.2) / (1 + 1e-6). Channel 1 holds 0, 0, 6: mean 2, unbiased std sqrt((4 + 4 + 16) / 2) = sqrt(12)."""
+    tokens = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [3.0, 6.0]]])
+    expected = torch.tensor([[[-0.2 / (1 + 1e-6), -1.2 / (math.sqrt(12) + 1e-6)],
+                              [0.8 / (1 + 1e-6), -1.2 / (math.sqrt(12) + 1e-6)],
+                              [1.8 / (1 + 1e-6), 4.8 / (math.sqrt(12) + 1e-6)]]])
+    torch.testing.assert_close(spatial_normalise(tokens, 0.6), expected)
+    # alpha = 1 is a z-score over the image's tokens: zero mean and unit (unbiased) std per image and channel
+    z = spatial_normalise(torch.randn(3, 16, 5), 1.0)
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(3, 5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(dim=1), torch.ones(3, 5), atol=1e-5, rtol=0)
+    # each image is normalised over its own tokens, not the batch's
+    pair = torch.stack([tokens[0], 10 * tokens[0] + 3])
+    torch.testing.assert_close(spatial_normalise(pair, 1.0)[1], spatial_normalise(pair, 1.0)[0], atol=1e-5, rtol=0)
+
+
+def spatially_normalised_by_hand(tokens: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The formula of iREPA written out: sums over the token axis for the mean and the (n - 1) variance."""
+    n = tokens.shape[1]
+    mean = tokens.sum(dim=1, keepdim=True) / n
+    std = (((tokens - mean) ** 2).sum(dim=1, keepdim=True) / (n - 1)).sqrt()
+    return (tokens - alpha * mean) / (std + 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_alignment_loss_normalises_the_targets_of_both_terms(mode):
+    generator = torch.Generator().manual_seed(3)
+    pred = {"mid": torch.randn(4, 6, 8, generator=generator)}
+    target = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=generator) + 0.5, dim=-1)
+    normalised = spatially_normalised_by_hand(target, 0.6)
+    total, tok, man = alignment_loss(pred, target, 3.0, mode, target_spatial_norm=0.6)
+    torch.testing.assert_close(tok, token_loss(pred["mid"], normalised), rtol=1e-5, atol=0)
+    torch.testing.assert_close(man, manifold_loss(pred["mid"], normalised, mode), rtol=1e-5, atol=0)
+    _, plain_tok, _ = alignment_loss(pred, target, 3.0, mode)
+    assert plain_tok.item() != pytest.approx(tok.item(), rel=1e-3)  # the option acts
+
+
 # -- each parameter acts -------------------------------------------------------------------------------
 
 
@@ -212,18 +263,22 @@ def by_hand(inputs: dict, scheduler, prediction: str, snr_gamma, mode: str, uppe
     return loss_diff, loss_token, loss_manifold
 
 
-@pytest.mark.parametrize("mode, upper_only, mask_diag, prediction, snr_gamma", [
-    ("sample", False, True, "epsilon", None), ("token", True, False, "v", 5.0)])
+@pytest.mark.parametrize("mode, upper_only, mask_diag, prediction, snr_gamma, target_spatial_norm", [
+    ("sample", False, True, "epsilon", None, None), ("token", True, False, "v", 5.0, None),
+    ("sample", False, False, "epsilon", None, 0.6)])
 def test_objective_sums_the_terms_once_and_divides_for_accumulation(scheduler, mode, upper_only, mask_diag,
-                                                                    prediction, snr_gamma):
+                                                                    prediction, snr_gamma, target_spatial_norm):
     """terms = (L_diff + lambda (L_token + w L_manifold), L_diff, L_token, L_manifold), detached; the loss to
     back-propagate is L / accumulate, in the graph; every setting reaches its term."""
     inputs = objective_inputs()
     inputs["model_pred"].requires_grad_(True)
     objective = Objective.from_settings(scheduler, {"prediction": prediction, "snr_gamma": snr_gamma,
                                                     "manifold_coeff": 2.5, "manifold_mode": mode,
-                                                    "manifold_upper_only": upper_only, "manifold_mask_diag": mask_diag})
-    loss_diff, loss_token, loss_manifold = by_hand(inputs, scheduler, prediction, snr_gamma, mode, upper_only,
+                                                    "manifold_upper_only": upper_only, "manifold_mask_diag": mask_diag,
+                                                    "target_spatial_norm": target_spatial_norm})
+    normalised = inputs if target_spatial_norm is None else {
+        **inputs, "target_tokens": spatially_normalised_by_hand(inputs["target_tokens"], target_spatial_norm)}
+    loss_diff, loss_token, loss_manifold = by_hand(normalised, scheduler, prediction, snr_gamma, mode, upper_only,
                                                    mask_diag)
     expected = loss_diff + 0.7 * (loss_token + 2.5 * loss_manifold)
     terms, loss = objective(**inputs, align_coeff=0.7, accumulate=4)
@@ -273,7 +328,7 @@ def test_objective_charges_the_alignment_terms_to_the_alignment_phase(scheduler)
     timer = lambda phase: phases.append(phase) or contextlib.nullcontext()  # noqa: E731
     objective = Objective.from_settings(scheduler, {"prediction": "epsilon", "snr_gamma": None, "manifold_coeff": 3.0,
                                                     "manifold_mode": "sample", "manifold_upper_only": False,
-                                                    "manifold_mask_diag": False}, timer)
+                                                    "manifold_mask_diag": False, "target_spatial_norm": None}, timer)
     objective(**objective_inputs(), align_coeff=0.5)
     objective(**{**objective_inputs(), "pred_tokens": {}}, align_coeff=0.5)
     assert phases == ["alignment"]

@@ -22,7 +22,7 @@ def sd15_meta_unet():
         return UNet2DConditionModel(**SD15_UNET_CONFIG)
 
 
-@pytest.mark.parametrize("projector", ["conv", "mlp"])
+@pytest.mark.parametrize("projector", ["conv", "conv3x3", "mlp"])
 def test_align_head_projects_then_upsamples_to_unit_tokens(projector):
     head = AlignHead(in_channels=64, dim=32, grid=8, projector=projector, hidden=48)
     tokens = head(torch.randn(3, 64, 2, 2))
@@ -44,7 +44,7 @@ def test_align_head_full_scale_shapes():
 
 
 def test_unknown_projector_is_rejected_by_name():
-    with pytest.raises(ValueError, match="projector must be 'conv' or 'mlp', got 'linear'"):
+    with pytest.raises(ValueError, match="projector must be 'conv', 'conv3x3' or 'mlp', got 'linear'"):
         AlignHead(in_channels=64, dim=32, grid=8, projector="linear", hidden=48)
 
 
@@ -154,19 +154,21 @@ def test_partial_and_full_finetuning_open_the_right_parameters(tiny_unet, mode):
         assert len(trainable) == len(list(tiny_unet.parameters()))
 
 
-def _forward_aligned(unet, layers):
+def _forward_aligned(unet, layers, projector="conv"):
     torch.manual_seed(0)
-    model = AlignedUNet(unet, layers, dim=32, grid=8, projector="conv", hidden=48)
+    model = AlignedUNet(unet, layers, dim=32, grid=8, projector=projector, hidden=48)
     sample = torch.randn(2, 4, 16, 16)
     prediction, tokens = model(sample, torch.tensor([10, 500]), torch.randn(2, 77, 32))
     target = torch.nn.functional.normalize(torch.randn(2, 64, 32), dim=-1)
     return model, prediction, tokens, target
 
 
-def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet):
+@pytest.mark.parametrize("projector, target_spatial_norm", [("conv", None), ("conv3x3", 0.6)])
+def test_alignment_loss_alone_reaches_lora_upstream_of_the_hook(tiny_unet, projector, target_spatial_norm):
     make_trainable(tiny_unet, "lora", lora_rank=4, lora_targets="attn+conv")
-    model, _, tokens, target = _forward_aligned(tiny_unet, ["mid"])
-    loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0)
+    model, _, tokens, target = _forward_aligned(tiny_unet, ["mid"], projector)
+    assert tokens["mid"].shape == (2, 64, 32)
+    loss_align, _, _ = alignment_loss(tokens, target, manifold_coeff=3.0, target_spatial_norm=target_spatial_norm)
     loss_align.backward()
     grads = {n: p.grad for n, p in tiny_unet.named_parameters() if ".lora_" in n}
 
@@ -240,8 +242,25 @@ def conv1x1(x: np.ndarray, conv: torch.nn.Conv2d) -> np.ndarray:
     return out if conv.bias is None else out + conv.bias.detach().double().numpy()[None, :, None, None]
 
 
+def conv3x3(x: np.ndarray, conv: torch.nn.Conv2d) -> np.ndarray:
+    """A 3x3 convolution (cross-correlation) over the zero-padded map: each output position sums the weighted
+    3x3 neighbourhood centred on it, plus the bias."""
+    weight = conv.weight.detach().double().numpy()
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h, w = x.shape[2:]
+    out = np.zeros((x.shape[0], weight.shape[0], h, w))
+    for i in range(h):
+        for j in range(w):
+            out[:, :, i, j] = np.einsum("ocyx,bcyx->bo", weight, padded[:, :, i:i + 3, j:j + 3])
+    return out + conv.bias.detach().double().numpy()[None, :, None, None]
+
+
 def project_by_hand(head: AlignHead, projector: str, x: np.ndarray) -> np.ndarray:
-    """The documented projectors: 1x1 conv -> GroupNorm(32) -> GELU, or three 1x1 layers with SiLU between."""
+    """The documented projectors: 1x1 conv -> GroupNorm(32) -> GELU, iREPA's one 3x3 conv, or three 1x1 layers
+    with SiLU between."""
+    if projector == "conv3x3":
+        assert len(head.proj) == 1
+        return conv3x3(x, head.proj[0])
     if projector == "conv":
         y = conv1x1(x, head.proj[0])
         b, c, h, w = y.shape
@@ -277,7 +296,7 @@ def randomised(head: AlignHead) -> AlignHead:
     return head
 
 
-@pytest.mark.parametrize("projector", ["conv", "mlp"])
+@pytest.mark.parametrize("projector", ["conv", "conv3x3", "mlp"])
 @pytest.mark.parametrize("side", [2, GRID])
 def test_head_projects_at_the_unets_resolution_then_upsamples_then_normalises(projector, side):
     torch.manual_seed(0)
@@ -289,6 +308,22 @@ def test_head_projects_at_the_unets_resolution_then_upsamples_then_normalises(pr
     assert seen == [(3, 64, side, side)], "the projector must see the U-Net's own feature map"
     assert tokens.shape == (3, GRID * GRID, DIM)
     np.testing.assert_allclose(tokens.detach().double().numpy(), tokens_by_hand(head, projector, features), atol=2e-5)
+
+
+def test_irepa_projector_sums_each_positions_3x3_neighbourhood():
+    """One input channel holding 1..9 on a 3x3 map; output channel 0 sums the neighbourhood (all-ones kernel),
+    channel 1 is the bias alone (1). Centre: 1 + ... + 9 = 45; corner (0, 0): 1 + 2 + 4 + 5 = 12; edge (0, 1):
+    1 + 2 + 3 + 4 + 5 + 6 = 21. Tokens are then L2-normalised."""
+    head = AlignHead(in_channels=1, dim=2, grid=3, projector="conv3x3", hidden=1)
+    with torch.no_grad():
+        head.proj[0].weight.zero_()
+        head.proj[0].weight[0] = 1.0
+        head.proj[0].bias.copy_(torch.tensor([0.0, 1.0]))
+    tokens = head(torch.arange(1.0, 10.0).reshape(1, 1, 3, 3))
+    assert tokens.shape == (1, 9, 2)
+    for position, total in [(4, 45.0), (0, 12.0), (1, 21.0), (8, 5 + 6 + 8 + 9.0)]:
+        expected = torch.tensor([total, 1.0]) / math.hypot(total, 1.0)
+        torch.testing.assert_close(tokens[0, position], expected)
 
 
 LAYER_MODULES = {  # by hand, from the design: where each alignment layer reads the U-Net

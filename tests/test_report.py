@@ -6,10 +6,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_runs
+from conftest import REPO, make_runs
+from urepa import config as urepa_config
 from urepa.evaluate import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
-from urepa.report import by_label, convergence, cost_to_step, fid_summary, model_step_costs, render_report, step_costs
+from urepa.report import (by_label, convergence, cost_to_step, fid_summary, model_step_costs, objective_text,
+                          render_report, step_costs)
 from urepa.train import LOG_COLUMNS
 
 
@@ -62,7 +64,7 @@ def uniform_costs(folder, curves, step_time=0.5):
                                  [CPU]) for seed, c in by_seed.items()} for a, by_seed in curves.items()}
 
 
-def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None) -> str:
+def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None, settings=None) -> str:
     """The report page as the rules make it: fid.json (the final set's summary and the curves' convergence), then
     targets, both plots and the page (every run on SD-1.5's VAE unless `run_vaes` says otherwise)."""
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
@@ -74,7 +76,8 @@ def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, p
     plot_fid_curves(by_label(curves), folder / "curves.png")
     plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
     render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html",
-                  run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid, probes)
+                  run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid, probes,
+                  settings)
     return (folder / "report.html").read_text()
 
 
@@ -335,3 +338,33 @@ def test_report_gives_the_linear_probe_between_chance_and_dinov2(run_files, tmp_
         ["urepa", "mid, t = 250", "0.5"], ["baseline", "mid, t = 250", "0.375"],
         ["pretrained", "mid, t = 250", "0.3125"],
         ["DINOv2 (ceiling)", "pooled patch tokens", "0.875"], ["chance", "1 / 4 classes", "0.25"]]
+
+
+def test_each_rows_objective_is_named_from_its_settings(run_files, tmp_path):
+    """The objective column, from each run's settings (not its name): λ and the terms, projector, target
+    normalisation, cutoff as a share of the run, layers and fine-tune mode."""
+    config = urepa_config.load_yaml(REPO / "config" / "config.yaml")
+    text = {a: objective_text(urepa_config.train_settings(config, "smoke", a))
+            for a in ("urepa", "baseline", "irepa", "haste", "token_manifold", "token_only", "multi_layer", "partial")}
+    assert text == {
+        "urepa": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, LoRA",
+        "baseline": "diffusion loss only (no alignment), LoRA",
+        "irepa": "λ=0.8 · (token + 3 × manifold (sample Gram)), 3x3 conv projector, spatially normalised targets "
+                 "(α=0.6), LoRA",
+        "haste": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, alignment off after 50% "
+                 "(from step 60 of 120), LoRA",
+        "token_manifold": "λ=0.8 · (token + 3 × manifold (token Gram)), MLP projector, LoRA",
+        "token_only": "λ=0.8 · (token), MLP projector, LoRA",
+        "multi_layer": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, layers enc_last + mid + "
+                       "dec_first, LoRA",
+        "partial": "λ=0.8 · (token + 3 × manifold (sample Gram)), MLP projector, partial blocks"}
+    decaying = urepa_config.train_settings(config, "smoke", "urepa")
+    decaying["align_schedule"].update(kind="cosine", warmup_steps=10, decay_steps=50, end=0.1)
+    assert "λ warm-up 10 steps, λ cosine decay to 0.1 over 50 steps" in objective_text(decaying)
+
+    runs, curves, sweeps, _ = run_files
+    settings = {a: urepa_config.train_settings(config, "smoke", a) for a in runs}
+    table = re.findall(r"<table.*?</table>", _render(runs, curves, sweeps, tmp_path, settings=settings), re.S)[0]
+    header = re.findall(r"<th>([^<]*)</th>", table)
+    rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert [row[header.index("objective")] for row in rows if row] == [text["urepa"], text["baseline"]]

@@ -214,7 +214,8 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     so the scores do not depend on the batch size.
     """
     from .dinov2 import load_dinov2
-    from .export import load_align_head, load_finetuned_pipeline, read_description
+    from .export import head_target_norm, load_align_head, load_finetuned_pipeline, read_description
+    from .losses import spatial_normalise
     from .models import FeatureCapture
     from .sd15 import load_noise_scheduler
 
@@ -244,6 +245,10 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).float()
     layer = analysis_layer(read_description(weights_dir)["align_layers"])
     head = load_align_head(weights_dir, layer, device)
+    # a head is scored against the targets it was trained towards: iREPA's spatially normalised tokens, unit length
+    alpha = head_target_norm(weights_dir)
+    head_targets = dino_tokens if alpha is None else \
+        torch.nn.functional.normalize(spatial_normalise(dino_tokens, alpha), dim=-1)
     capture = FeatureCapture(pipe.unet, [layer])
     scheduler = load_noise_scheduler(sd15_dir)
     middle = timesteps[len(timesteps) // 2]
@@ -261,8 +266,8 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
             if head is not None:
                 tokens = head(features).cpu()
                 head_pooled.append(tokens.mean(dim=1))
-                head_cosine.append((tokens * dino_tokens[part]).sum(-1).mean(dim=1))
-                head_cosine_chance.append(torch.stack([(tokens * dino_tokens[perm[part]]).sum(-1).mean(dim=1)
+                head_cosine.append((tokens * head_targets[part]).sum(-1).mean(dim=1))
+                head_cosine_chance.append(torch.stack([(tokens * head_targets[perm[part]]).sum(-1).mean(dim=1)
                                                        for perm in pairings]))
         pooled = torch.cat(pooled)
         entry = {"timestep": t, **alignment_scores(pooled, dino_pooled, pairings, seed)}

@@ -206,8 +206,8 @@ def tune_unet_settings(config: dict, tier: str, name: str) -> dict[str, Any]:
     starts from), on the tier's `train.processes` processes without accumulation, for the tuning run's steps and
     batch."""
     tune = tune_settings(config, tier, name)
-    return {**train_settings(config, tier, "urepa"), "vae": SD15_VAE, "grad_accum": 1,
-            "max_steps": tune["max_steps"], "batch_size": tune["batch_size"]}
+    return _resolved({**_merged_train(config, tier, "urepa"), "vae": SD15_VAE, "grad_accum": 1,
+                      "max_steps": tune["max_steps"], "batch_size": tune["batch_size"]}, tier, "urepa")
 
 
 def compared(config: dict, tier: str) -> list[str]:
@@ -367,7 +367,12 @@ def without_launch(settings: dict) -> dict:
 
 
 def train_settings(config: dict, tier: str, ablation: str) -> dict[str, Any]:
-    """Training settings of one run: defaults, then the tier's overrides, then the ablation's."""
+    """Training settings of one run: defaults, then the tier's overrides, then the ablation's; a cutoff given as a
+    share of the run (`align_schedule.cutoff_fraction`) resolved to its step."""
+    return _resolved(_merged_train(config, tier, ablation), tier, ablation)
+
+
+def _merged_train(config: dict, tier: str, ablation: str) -> dict[str, Any]:
     if ablation not in config["ablations"]:
         raise ConfigError(f"config key 'ablation': unknown ablation '{ablation}'; "
                           f"defined ablations: {', '.join(config['ablations'])}")
@@ -376,3 +381,25 @@ def train_settings(config: dict, tier: str, ablation: str) -> dict[str, Any]:
     if settings["learning_rate"] is None:
         settings["learning_rate"] = 2e-4 if settings["finetune"] == "lora" else 1e-4
     return settings
+
+
+def _resolved(settings: dict, tier: str, ablation: str) -> dict[str, Any]:
+    """`cutoff_fraction` as `cutoff_step` = round(fraction x max_steps), against the run's own max_steps (so a
+    HASTE-style cutoff holds on every tier, and a run set by step or by share of the same step is the same run);
+    and the combinations that cannot mean what they say refused, naming the keys."""
+    where = f"ablation '{ablation}' on tier '{tier}'"
+    schedule = dict(settings["align_schedule"])
+    fraction = schedule.pop("cutoff_fraction", None)
+    if fraction is not None:
+        if schedule.get("cutoff_step") is not None:
+            raise ConfigError(f"config keys 'train.align_schedule.cutoff_step' ({schedule['cutoff_step']}) and "
+                              f"'train.align_schedule.cutoff_fraction' ({fraction}) are both set for {where}: "
+                              f"set one (null the other)")
+        schedule["cutoff_step"] = round(fraction * settings["max_steps"])
+    if (settings["target_spatial_norm"] == 1 and settings["manifold_mode"] == "sample"
+            and settings["manifold_coeff"] > 0):
+        # alpha = 1 removes each channel's mean over the image: every pooled target row is zero
+        raise ConfigError(f"config key 'train.target_spatial_norm' is 1 with manifold_mode 'sample' for {where}: "
+                          f"the sample-mode Gram compares mean-pooled tokens, and alpha = 1 makes every pooled target "
+                          f"zero; use alpha < 1, manifold_mode 'token', or manifold_coeff 0")
+    return {**settings, "align_schedule": schedule}

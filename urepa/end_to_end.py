@@ -158,7 +158,8 @@ class EndToEnd(nn.Module):
         pred_tokens = {layer: head(features[layer]) for layer, head in self.model.heads.items()}
         manifold = self.objective.manifold_coeff if self.weights.align_terms == "token+manifold" else 0.0
         loss, loss_token, _ = alignment_loss(pred_tokens, target_tokens, manifold, self.objective.manifold_mode,
-                                             self.objective.upper_only, self.objective.mask_diag, gather)
+                                             self.objective.upper_only, self.objective.mask_diag, gather,
+                                             self.objective.target_spatial_norm)
         return loss if manifold else loss_token
 
     def discriminator_loss(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:

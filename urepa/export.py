@@ -50,6 +50,7 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
             (out_dir / "align_heads.json").write_text(json.dumps({
                 "layers": list(model.heads), "grid": first.grid, "projector": settings["projector"],
                 "projector_hidden": settings["projector_hidden"],
+                "target_spatial_norm": settings["target_spatial_norm"],  # what the analyses score the heads against
                 "dim": token_dim,
             }, indent=2))
         (out_dir / DESCRIPTION).write_text(json.dumps({
@@ -135,6 +136,13 @@ def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):
                      head_config["projector"], head_config["projector_hidden"])
     head.load_state_dict(state)
     return head.to(device).eval()
+
+
+def head_target_norm(weights_dir: str | Path) -> float | None:
+    """alpha of the spatial normalisation (iREPA) of the DINOv2 tokens the align heads were trained towards; None
+    for the tokens as cached, for a folder without heads, and for one exported before the setting existed."""
+    path = Path(weights_dir) / "align_heads.json"
+    return json.loads(path.read_text()).get("target_spatial_norm") if path.is_file() else None
 
 
 def link_tree(source: Path, destination: Path) -> None:

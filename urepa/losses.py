@@ -30,6 +30,20 @@ def _masked_mse(gram_pred: torch.Tensor, gram_target: torch.Tensor, upper_only: 
     return ((gram_pred - gram_target) ** 2)[..., mask].mean()
 
 
+def spatial_normalise(tokens: torch.Tensor, alpha: float) -> torch.Tensor:
+    """iREPA's spatial normalisation of the teacher's tokens, [B, N, D] -> [B, N, D]: per image and channel,
+    subtract alpha times the channel's mean over the N tokens, then divide by its standard deviation over them
+    (unbiased, as torch's `std`) plus 1e-6. alpha = 1 is a z-score over the image; at alpha < 1 part of the image's
+    global mean stays. It takes the component every token shares out of the target, so that the tokens' spatial
+    contrast is what the head is aligned to (Singh et al. 2025, "What matters for representation alignment: global
+    information or spatial structure?", arXiv 2512.10794; read from End2End-Diffusion/iREPA, ldm/utils.py
+    `spatial_zscore`, default alpha 0.6 in ldm/train.py `--zscore-alpha`; SimpleTuner's
+    `irepa_spatial_norm_alpha`, simpletuner/helpers/training/crepa.py, normalises the targets of U-REPA's token
+    and manifold terms alike, as here)."""
+    tokens = tokens.float()
+    return (tokens - alpha * tokens.mean(dim=1, keepdim=True)) / (tokens.std(dim=1, keepdim=True) + 1e-6)
+
+
 def pooled_samples(tokens: torch.Tensor) -> torch.Tensor:
     """Each image's tokens mean-pooled and L2-normalised, [B, N, D] -> [B, D]: the rows of the sample-mode Gram."""
     return F.normalize(tokens.float().mean(dim=1), dim=-1)
@@ -114,9 +128,13 @@ class AlignSchedule:
 
 def alignment_loss(pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Tensor, manifold_coeff: float,
                    manifold_mode: str = "sample", upper_only: bool = False, mask_diag: bool = False,
-                   gather=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   gather=None, target_spatial_norm: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_token + w * L_manifold, L_token, L_manifold), each averaged over the aligned layers.
-    `gather(layer, pred_rows, target_rows)`: manifold_loss's `gather`, per aligned layer."""
+    `gather(layer, pred_rows, target_rows)`: manifold_loss's `gather`, per aligned layer.
+    `target_spatial_norm` (alpha): both terms' targets are `spatial_normalise`d first (iREPA)."""
+    if target_spatial_norm is not None:
+        target_tokens = spatial_normalise(target_tokens, target_spatial_norm)
     token_terms = [token_loss(tokens, target_tokens) for tokens in pred_tokens.values()]
     manifold_terms = [manifold_loss(tokens, target_tokens, manifold_mode, upper_only, mask_diag,
                                     functools.partial(gather, layer) if gather else None)
@@ -145,11 +163,14 @@ class Objective:
     mask_diag: bool = False
     # a phase timer (urepa.train.PhaseTimer): the alignment terms are charged to "alignment"
     timer: Callable[[str], contextlib.AbstractContextManager] | None = None
+    # alpha of iREPA's spatial normalisation of the target tokens (`spatial_normalise`); None: the tokens as cached
+    target_spatial_norm: float | None = None
 
     @classmethod
     def from_settings(cls, noise_scheduler, settings: dict, timer=None) -> "Objective":
         return cls(noise_scheduler, settings["prediction"], settings["snr_gamma"], settings["manifold_coeff"],
-                   settings["manifold_mode"], settings["manifold_upper_only"], settings["manifold_mask_diag"], timer)
+                   settings["manifold_mode"], settings["manifold_upper_only"], settings["manifold_mask_diag"], timer,
+                   settings["target_spatial_norm"])
 
     def __call__(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                  pred_tokens: dict[str, torch.Tensor], target_tokens: torch.Tensor, align_coeff: float,
@@ -162,7 +183,7 @@ class Objective:
         with self.timer("alignment") if self.timer else contextlib.nullcontext():
             loss_align, loss_token, loss_manifold = alignment_loss(
                 pred_tokens, target_tokens, self.manifold_coeff, self.manifold_mode, self.upper_only, self.mask_diag,
-                gather)
+                gather, self.target_spatial_norm)
         loss = loss_diff + align_coeff * loss_align
         terms = torch.stack([loss, loss_diff, loss_token, loss_manifold]).detach()
         if gather is not None and gather.known is not None:

@@ -72,7 +72,10 @@ class AlignHead(nn.Module):
 
     Projecting before upsampling (the U-REPA paper's finding) keeps the upsampled map in the target
     space instead of interpolating raw U-Net channels. Projector `conv`: 1x1 conv -> GroupNorm(32) ->
-    GELU; `mlp`: REPA's 3-layer SiLU MLP applied per position (as 1x1 convolutions).
+    GELU; `mlp`: REPA's 3-layer SiLU MLP applied per position (as 1x1 convolutions); `conv3x3`: iREPA's
+    projector (Singh et al. 2025, arXiv 2512.10794; End2End-Diffusion/iREPA, ldm/models/sit.py
+    `ProjectionLayer` with `--proj-kwargs-kernel-size 3`): one 3x3 convolution with bias, padded to keep the
+    map's size, so that each token's projection sees its neighbours (spatial structure) rather than itself alone.
     """
 
     def __init__(self, in_channels: int, dim: int, grid: int, projector: str, hidden: int):
@@ -80,6 +83,8 @@ class AlignHead(nn.Module):
         self.grid = grid
         if projector == "conv":
             self.proj = nn.Sequential(nn.Conv2d(in_channels, dim, 1, bias=False), nn.GroupNorm(32, dim), nn.GELU())
+        elif projector == "conv3x3":
+            self.proj = nn.Sequential(nn.Conv2d(in_channels, dim, 3, padding=1))
         elif projector == "mlp":
             self.proj = nn.Sequential(
                 nn.Conv2d(in_channels, hidden, 1), nn.SiLU(),
@@ -87,7 +92,7 @@ class AlignHead(nn.Module):
                 nn.Conv2d(hidden, dim, 1),
             )
         else:
-            raise ValueError(f"projector must be 'conv' or 'mlp', got {projector!r}")
+            raise ValueError(f"projector must be 'conv', 'conv3x3' or 'mlp', got {projector!r}")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.proj(features)

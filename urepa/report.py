@@ -87,15 +87,46 @@ def _mean_std(summary: dict) -> str:
     return f"{summary['mean']:.4g}" if summary["std"] is None else f"{summary['mean']:.4g} ± {summary['std']:.2g}"
 
 
+PROJECTORS = {"mlp": "MLP projector", "conv": "1x1 conv projector", "conv3x3": "3x3 conv projector"}
+FINETUNE_MODES = {"lora": "LoRA", "partial": "partial blocks", "full": "full U-Net"}
+
+
+def objective_text(settings: dict) -> str:
+    """What a run trains on, in one line, from its training settings (urepa.config.train_settings): the terms and
+    their weights, the projector, the target normalisation, λ's schedule and cutoff, the layers and the fine-tune
+    mode; so a row's name is never the only account of what it is."""
+    if settings["align_coeff"] == 0:
+        return f"diffusion loss only (no alignment), {FINETUNE_MODES[settings['finetune']]}"
+    terms = "token"
+    if settings["manifold_coeff"] > 0:
+        terms += f" + {settings['manifold_coeff']:g} × manifold ({settings['manifold_mode']} Gram)"
+    parts = [f"λ={settings['align_coeff']:g} · ({terms})", PROJECTORS[settings["projector"]]]
+    if settings["target_spatial_norm"] is not None:
+        parts.append(f"spatially normalised targets (α={settings['target_spatial_norm']:g})")
+    schedule = settings["align_schedule"]
+    if schedule["warmup_steps"]:
+        parts.append(f"λ warm-up {schedule['warmup_steps']} steps")
+    if schedule["kind"] != "constant" and schedule["decay_steps"]:
+        parts.append(f"λ {schedule['kind']} decay to {schedule['end']:g} over {schedule['decay_steps']} steps")
+    if schedule["cutoff_step"] is not None:
+        parts.append(f"alignment off after {schedule['cutoff_step'] / settings['max_steps']:.0%} "
+                     f"(from step {schedule['cutoff_step']} of {settings['max_steps']})")
+    if settings["align_layers"] != ["mid"]:
+        parts.append("layers " + " + ".join(settings["align_layers"]))
+    parts.append(FINETUNE_MODES[settings["finetune"]])
+    return ", ".join(parts)
+
+
 def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
                   out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict,
-                  probes: dict[str, dict] | None = None) -> None:
+                  probes: dict[str, dict] | None = None, settings: dict[str, dict] | None = None) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
     `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
     `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json; `probes[row label]` a probe.json
-    (`_probe_section`). Headline scores are mean ± std over the seeds present."""
+    (`_probe_section`); `settings[ablation]` its training settings, which name each row's objective. Headline
+    scores are mean ± std over the seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -106,6 +137,8 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
     rows = []
     for ablation, by_seed in metrics.items():
         row = {"ablation": ablation, "seeds": len(by_seed)}
+        if settings and ablation in settings:
+            row["objective"] = objective_text(settings[ablation])
         row.update({label: _mean_std(spread([m[key] for m in by_seed.values()])) for key, label in METRIC_COLUMNS})
         if "fid_vs_baseline" in summary[ablation]:
             row["ΔFID vs baseline"] = _mean_std(summary[ablation]["fid_vs_baseline"])
@@ -141,6 +174,10 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "deviation over the seeds present (each seed: its own training run and its own sample set); ΔFID is against "
         "the baseline, paired by seed (negative: better). Best-CFG FID is the lowest FID of each run's CFG sweep "
         "(curve sampler, fewer samples): compare it across ablations, not with the FID column.</p>",
+        "<p>Objective: what each row trains on, read from its training settings: λ weighs the alignment terms "
+        "(token: 1 − cosine to DINOv2's tokens; manifold: the squared difference of the similarity Grams, between "
+        "images (sample) or between one image's tokens (token)), then the align head's projector, the DINOv2 "
+        "targets' normalisation, λ's schedule and the fine-tuned parameters.</p>",
         *(["<h3>Runs</h3>", _table(pd.DataFrame(run_rows))] if len(run_rows) > len(rows) else []),
         "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
         _table(pd.DataFrame(_sweep_rows(flat_sweeps))),

@@ -32,6 +32,8 @@ rule report:
     params:
         runs=lambda w: run_outputs(w.tier),
         vaes=lambda w: {a: urepa_config.train_settings(config, w.tier, a)["vae"] for a in compared(w.tier)},
+        settings=lambda w: {a: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, a))
+                            for a in compared(w.tier)},
         target_fid=config["evaluate"]["target_fid"],
     log:
         "results/{tier}/logs/report.log",

@@ -22,4 +22,4 @@ probes["pretrained"] = json.loads(Path(snakemake.input.probe_pretrained).read_te
 probes["DINOv2 (ceiling)"] = json.loads(Path(snakemake.input.probe_dinov2).read_text())
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
               snakemake.output.html, snakemake.params.vaes, reconstructions,
-              json.loads(Path(snakemake.input.fid).read_text()), probes)
+              json.loads(Path(snakemake.input.fid).read_text()), probes=probes, settings=snakemake.params.settings)
