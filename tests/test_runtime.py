@@ -1,5 +1,6 @@
 """Process set-up shared by the stages: a rule's log explains a failure and shows how far the job got."""
 import errno
+import json
 import logging
 import subprocess
 import sys
@@ -110,3 +111,42 @@ def test_the_rule_log_survives_a_full_disk(tmp_path, monkeypatch, capfd):
     logging.getLogger("urepa").warning("still running")
     assert "still running" in capfd.readouterr().err
     file_handler.close()
+
+
+THREAD_REPORT = ("import json, numpy, scipy.linalg, sklearn.decomposition, torch; "
+                 "from threadpoolctl import threadpool_info; "
+                 "print(json.dumps({'torch': torch.get_num_threads(), 'pools': threadpool_info()}))")
+
+JOB_START = textwrap.dedent(f"""
+    import subprocess, sys
+    import numpy, torch  # loaded before the job sets its threads, as a script's imports are
+    from urepa.runtime import set_threads, setup_logging
+    setup_logging(sys.argv[1])
+    set_threads(int(sys.argv[2]))
+    exec({THREAD_REPORT!r})  # loads scipy's OpenBLAS and scikit-learn's OpenMP only now
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-c", {THREAD_REPORT!r}], check=True)  # a process the job starts
+""")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_runs_torch_and_every_blas_and_openmp_pool_on_its_threads(threads, tmp_path):
+    """A job started with wider pools than its share (a launched training process inherits its whole job's
+    OMP_NUM_THREADS and MKL_NUM_THREADS): after set_threads, torch, the BLAS and OpenMP pools loaded before and
+    after, and those of a process it starts, all run on its threads."""
+    from urepa.runtime import THREAD_VARIABLES
+
+    script, log = tmp_path / "job.py", tmp_path / "logs" / "job.log"
+    script.write_text(JOB_START)
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **{name: "3" for name in THREAD_VARIABLES}}
+    result = subprocess.run([sys.executable, str(script), str(log), str(threads)], capture_output=True, text=True,
+                            cwd=REPO, env=env, check=True)
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(reports) == 2  # the job's and its child's
+    for report in reports:
+        assert report["torch"] == threads
+        assert {pool["user_api"] for pool in report["pools"]} == {"blas", "openmp"}
+        assert {pool["filepath"]: pool["num_threads"] for pool in report["pools"]} == \
+            {pool["filepath"]: threads for pool in report["pools"]}
+    assert f"threads: {threads} (torch {threads}; BLAS and OpenMP pools: " in log.read_text()
+

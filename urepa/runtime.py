@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm import tqdm
 
 
@@ -96,8 +97,27 @@ def provenance(device: torch.device | str, **settings) -> dict:
     return record
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """The variables that the BLAS and OpenMP libraries read when they load, set to `threads`."""
+    return {name: str(max(1, threads)) for name in THREAD_VARIABLES}
+
+
 def set_threads(threads: int) -> None:
-    torch.set_num_threads(max(1, threads))
+    """Run this process on the job's `threads` (its rule's `threads`): torch's intra-op pool, every BLAS and
+    OpenMP pool loaded so far (numpy's and scipy's OpenBLAS, torch's and scikit-learn's OpenMP: threadpoolctl),
+    and, through the environment, those of libraries loaded later and of child processes. A pool wider than the
+    job's cores oversubscribes them: on a loaded machine BLAS-heavy steps ran 10x slower."""
+    threads = max(1, threads)
+    os.environ.update(thread_environment(threads))
+    threadpool_limits(threads)
+    torch.set_num_threads(threads)
+    pools = ", ".join(f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info())
+    logging.getLogger(__name__).info("threads: %d (torch %d; BLAS and OpenMP pools: %s)", threads,
+                                     torch.get_num_threads(), pools)
 
 
 class DiskFullError(OSError):
