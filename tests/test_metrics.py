@@ -62,6 +62,23 @@ def test_frechet_distance_survives_rank_deficient_covariances():
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-4)
 
 
+def test_a_feature_dead_in_both_sets_changes_nothing_and_warns_of_nothing():
+    """A ReLU unit that never fires (zero for every image of both sets, as the smoke tier's random networks have)
+    makes both covariances exactly singular; the distance is the one without that feature, and scipy's "Matrix is
+    singular" warning does not fire."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    live_a, live_b = rng.normal(size=(64, 12)), rng.normal(size=(64, 12)) + 0.5
+    dead = np.zeros((64, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_dead = frechet_distance(*feature_statistics(np.hstack([live_a[:, :5], dead, live_a[:, 5:]])),
+                                     *feature_statistics(np.hstack([live_b[:, :5], dead, live_b[:, 5:]])))
+    assert with_dead == pytest.approx(frechet_distance(*feature_statistics(live_a), *feature_statistics(live_b)),
+                                      rel=1e-12)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     for mu2, sigma1, sigma2 in [(np.zeros(4), np.eye(3), np.eye(3)),  # means differ
                                 (np.zeros(3), np.eye(3), np.eye(4)),  # covariances differ
