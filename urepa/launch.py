@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import set_threads, setup_logging, thread_environment
+from .runtime import set_threads, setup_logging, start_log_file, thread_environment
 from .batches import process_share
 from .train import train_run
 
@@ -74,9 +74,7 @@ def train(run_args: dict, threads: int, log_path: str | Path, stage: str = "trai
     # Each process's BLAS and OpenMP pools start at its share of the job's threads (set_threads sets them again).
     env = {**os.environ, "TQDM_MININTERVAL": "30",  # progress lines in the log file every 30 s, not every step
            **thread_environment(process_threads)}
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
+    with open(start_log_file(log_path), "a") as log_file:
         log_file.write(f"launching {processes} {stage} processes: {subprocess.list2cmdline(command)}\n")
         log_file.flush()
         returncode, stopped_by = run_forwarding_stop_signals(command, log_file, env)
