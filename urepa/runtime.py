@@ -31,9 +31,9 @@ def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(f"%(asctime)s {job_label(log_path)}%(levelname)s %(name)s: %(message)s"
                                            if log_path else FORMAT))
-    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     handlers: list[logging.Handler] = [console]
-    if log_path:
+    if log_path:  # without one (a launched training process), stderr is the log file
+        console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
         handlers.append(logging.FileHandler(start_log_file(log_path), mode="a"))
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
     logging.captureWarnings(True)
