@@ -62,6 +62,30 @@ def test_frechet_distance_survives_rank_deficient_covariances():
     assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-4)
 
 
+def test_features_dead_in_a_set_change_nothing_and_warn_of_nothing():
+    """ReLU units that never fire (zero for every image of a set, as the smoke tier's random networks have) make
+    the covariances exactly singular. The distance is what an independent computation of the root's trace gives
+    (the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1), by symmetric eigendecompositions), and scipy's "Matrix is
+    singular" warning does not fire."""
+    import warnings
+
+    def psd_root(sigma):
+        values, vectors = np.linalg.eigh(sigma)
+        return vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(64, 12)), rng.normal(size=(64, 12)) + 0.5
+    a[:, 4] = b[:, 4] = 0  # dead in both sets
+    a[:, 7] = 0  # dead in one
+    (mu_a, sigma_a), (mu_b, sigma_b) = feature_statistics(a), feature_statistics(b)
+    root_a = psd_root(sigma_a)
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sigma_b @ root_a), 0, None)).sum()
+    expected = np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert frechet_distance(mu_a, sigma_a, mu_b, sigma_b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     for mu2, sigma1, sigma2 in [(np.zeros(4), np.eye(3), np.eye(3)),  # means differ
                                 (np.zeros(3), np.eye(3), np.eye(4)),  # covariances differ

@@ -1,5 +1,6 @@
 """Process set-up shared by the stages: a rule's log explains a failure and shows how far the job got."""
 import errno
+import json
 import logging
 import subprocess
 import sys
@@ -110,3 +111,115 @@ def test_the_rule_log_survives_a_full_disk(tmp_path, monkeypatch, capfd):
     logging.getLogger("urepa").warning("still running")
     assert "still running" in capfd.readouterr().err
     file_handler.close()
+
+
+THREAD_REPORT = ("import json, numpy, scipy.linalg, sklearn.decomposition, torch; "
+                 "from threadpoolctl import threadpool_info; "
+                 "print(json.dumps({'torch': torch.get_num_threads(), 'pools': threadpool_info()}))")
+
+JOB_START = textwrap.dedent(f"""
+    import subprocess, sys
+    import numpy, torch  # loaded before the job sets its threads, as a script's imports are
+    from urepa.runtime import set_threads, setup_logging
+    setup_logging(sys.argv[1])
+    set_threads(int(sys.argv[2]))
+    exec({THREAD_REPORT!r})  # loads scipy's OpenBLAS and scikit-learn's OpenMP only now
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-c", {THREAD_REPORT!r}], check=True)  # a process the job starts
+""")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_job_runs_torch_and_every_blas_and_openmp_pool_on_its_threads(threads, tmp_path):
+    """A job started with wider pools than its share (a launched training process inherits its whole job's
+    OMP_NUM_THREADS and MKL_NUM_THREADS): after set_threads, torch, the BLAS and OpenMP pools loaded before and
+    after, and those of a process it starts, all run on its threads."""
+    from urepa.runtime import THREAD_VARIABLES
+
+    script, log = tmp_path / "job.py", tmp_path / "logs" / "job.log"
+    script.write_text(JOB_START)
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **{name: "3" for name in THREAD_VARIABLES}}
+    result = subprocess.run([sys.executable, str(script), str(log), str(threads)], capture_output=True, text=True,
+                            cwd=REPO, env=env, check=True)
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(reports) == 2  # the job's and its child's
+    for report in reports:
+        assert report["torch"] == threads
+        assert {pool["user_api"] for pool in report["pools"]} == {"blas", "openmp"}
+        assert {pool["filepath"]: pool["num_threads"] for pool in report["pools"]} == \
+            {pool["filepath"]: threads for pool in report["pools"]}
+    assert f"threads: {threads} (torch {threads}; BLAS and OpenMP pools: " in log.read_text()
+
+
+def test_every_runs_log_is_kept_when_a_rerun_replaces_it(tmp_path):
+    from urepa.runtime import start_log_file
+
+    log = tmp_path / "logs" / "train_unet.log"
+    log.parent.mkdir()
+    log.write_text("a log written before logs were kept\n")
+    start_log_file(log).write_text("first run\n")
+    log.unlink()  # what Snakemake does before it reruns a job
+    with open(start_log_file(log), "a") as second:
+        second.write("second run\n")
+    assert log.read_text() == "second run\n"
+    kept = {path.read_text(): path for path in (log.parent / "history").iterdir()}
+    assert sorted(kept) == ["a log written before logs were kept\n", "first run\n", "second run\n"]
+    assert all(path.name.startswith("train_unet.") and path.suffix == ".log" for path in kept.values())
+    assert kept["second run\n"].samefile(log)  # the running job's log is one file with two names: no copy
+    start_log_file(log)  # a rerun outside Snakemake, which leaves the log in place
+    assert log.read_text() == "" and kept["second run\n"].read_text() == "second run\n"
+    assert len(list((log.parent / "history").iterdir())) == 4
+
+
+TERMINAL_CLAIM = textwrap.dedent("""
+    import sys
+    from urepa.runtime import holds_terminal
+    print(holds_terminal(), flush=True)
+    sys.stdin.readline()  # hold on until told to end
+""")
+
+
+def test_one_of_the_jobs_sharing_a_terminal_draws_the_bars(tmp_path):
+    """Jobs that Snakemake runs side by side share its terminal: the first to ask draws its bars and holds the
+    terminal until it ends, the others log whole lines instead; a job whose stderr is no terminal draws none."""
+    import os
+    import pty
+
+    script = tmp_path / "claim.py"
+    script.write_text(TERMINAL_CLAIM)
+    controller, terminal = pty.openpty()
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+
+    def job(stderr) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, cwd=REPO, env=env)
+
+    side_by_side = [job(terminal) for _ in range(2)]
+    claims = [running.stdout.readline().strip() for running in side_by_side]  # both alive: both have asked
+    for running in side_by_side:
+        running.communicate("\n", timeout=60)
+    assert sorted(claims) == ["False", "True"]
+    assert job(terminal).communicate("\n", timeout=60)[0].strip() == "True"  # the holder ended: free again
+    os.close(terminal), os.close(controller)
+    assert job(subprocess.PIPE).communicate("\n", timeout=60)[0].strip() == "False"
+
+
+SAMPLE_SHARD = textwrap.dedent("""
+    from urepa.runtime import progress, set_threads, setup_logging
+    setup_logging("results/smoke/urepa/seed-0/logs/sample/final/0-of-4.log")
+    set_threads(1)
+    for _ in progress(range(3), desc="sample", unit="batch"):
+        pass
+""")
+
+
+def test_a_job_without_the_terminal_reports_progress_in_whole_lines_that_name_it(tmp_path):
+    """Jobs side by side on one terminal: a job that does not draw bars (here its stderr is a pipe) shows its
+    progress as log lines headed by its name; the log file has the same lines, and those meant for it alone."""
+    result = subprocess.run([sys.executable, "-c", SAMPLE_SHARD], capture_output=True, text=True, cwd=tmp_path,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, check=True)
+    assert "\r" not in result.stderr
+    assert "[urepa/seed-0/sample/final/0-of-4] INFO urepa.progress: sample: 100%" in result.stderr
+    assert "threads: 1" not in result.stderr
+    log = (tmp_path / "results/smoke/urepa/seed-0/logs/sample/final/0-of-4.log").read_text()
+    assert "INFO urepa.progress: sample: 100%" in log and "3/3" in log and "threads: 1 (torch 1" in log

@@ -115,7 +115,10 @@ def test_two_processes_give_the_one_process_losses_and_ema_weights(one_process, 
     assert state_of(one_process).name == state_of(two_processes).name
     run = json.loads((state_of(two_processes) / "run.json").read_text())
     assert [how(launch) for launch in run["launches"]] == [{"processes": 2, "grad_accum": 1, "from_step": 0}]
-    assert run["launches"][0]["threads"] >= 1 and run["launches"][0]["device"] == "cpu"  # provenance
+    assert run["launches"][0]["device"] == "cpu"  # provenance
+    # The job's 2 threads shared by its 2 processes, in torch and in every BLAS and OpenMP pool.
+    assert run["launches"][0]["threads"] == 1
+    assert "threads: 1 (torch 1; BLAS and OpenMP pools: " in (two_processes / "train.log").read_text()
     assert "processes" not in run["settings"] and "grad_accum" not in run["settings"]
 
 

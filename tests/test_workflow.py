@@ -196,3 +196,11 @@ def test_how_a_job_runs_is_in_its_resources_and_changes_no_params(tmp_path, monk
     assert {batch[name][0]["batch_size"] for name in evaluating} == {5}
     for script in (REPO / "workflow" / "scripts").glob("*.py"):
         assert "snakemake.config" not in script.read_text(), script.name
+
+
+def test_every_script_runs_on_its_rules_threads():
+    """Each job sets torch's, the BLAS and the OpenMP threads to its rule's `threads` (urepa.runtime.set_threads;
+    tests/test_runtime.py), or hands them to the launcher, which shares them out among its processes."""
+    for script in (REPO / "workflow" / "scripts").glob("*.py"):
+        text = script.read_text()
+        assert "set_threads(snakemake.threads)" in text or "snakemake.threads, snakemake.log[0]" in text, script.name

@@ -111,13 +111,24 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
                                 f"parameterisation they were trained for; re-export them with this version")
     pipe.scheduler = DDPMScheduler.from_pretrained(weights_dir, subfolder="scheduler", local_files_only=True)
     if description["finetune"] == "lora":
-        pipe.load_lora_weights(weights_dir)
+        # The exported LoRA adapts the U-Net alone; load_lora_weights looks for text-encoder keys too and warns that
+        # it found none. Expected: that one message of diffusers' LoRA loader, during this call, is left out.
+        lora_loader_log = logging.getLogger("diffusers.loaders.lora_base")
+        lora_loader_log.addFilter(_no_text_encoder_keys)
+        try:
+            pipe.load_lora_weights(weights_dir)
+        finally:
+            lora_loader_log.removeFilter(_no_text_encoder_keys)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
     pipe.vae_record = decode_vae  # what sampling records of the VAE it decodes with
     return pipe.to(device)
+
+
+def _no_text_encoder_keys(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
 
 
 def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):

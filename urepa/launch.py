@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import set_threads, setup_logging
+from .runtime import set_threads, setup_logging, start_log_file, thread_environment
 from .batches import process_share
 from .train import train_run
 
@@ -69,11 +69,12 @@ def train(run_args: dict, threads: int, log_path: str | Path, stage: str = "trai
         if torch.cuda.device_count() < processes:
             raise ValueError(f"train.processes is {processes} but {torch.cuda.device_count()} CUDA device(s) are "
                              f"visible")
-    command = launch_command(stage, run_args, processes, max(1, threads // processes), free_port())
-    env = {**os.environ, "TQDM_MININTERVAL": "30"}  # progress lines in the log file every 30 s, not every step
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
+    process_threads = max(1, threads // processes)
+    command = launch_command(stage, run_args, processes, process_threads, free_port())
+    # Each process's BLAS and OpenMP pools start at its share of the job's threads (set_threads sets them again).
+    env = {**os.environ, "TQDM_MININTERVAL": "30",  # progress lines in the log file every 30 s, not every step
+           **thread_environment(process_threads)}
+    with open(start_log_file(log_path), "a") as log_file:
         log_file.write(f"launching {processes} {stage} processes: {subprocess.list2cmdline(command)}\n")
         log_file.flush()
         returncode, stopped_by = run_forwarding_stop_signals(command, log_file, env)
@@ -127,12 +128,13 @@ def free_port() -> int:
 def main(argv: list[str]) -> None:
     """One launched process: the stage's run function with the arguments the launcher passed."""
     stage, threads, run_args = argv[0], int(argv[1]), json.loads(argv[2])
-    # The job's threads shared out. Set here, not by environment: Snakemake exports MKL_NUM_THREADS (and
-    # others) = the job's threads, which let each process's MKL run as many threads as the whole job has
-    # cores (measured on the smoke tier, 2 processes on 2 contended cores: 7-22 s a step instead of ~0.7 s).
-    set_threads(threads)
     # Every process logs its warnings; only the main process (RANK 0) tells the story.
     setup_logging(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    # The job's threads shared out, in torch and in every BLAS and OpenMP pool: Snakemake exports
+    # MKL_NUM_THREADS (and others) = the job's threads, which let each process's MKL run as many threads as the
+    # whole job has cores (measured on the smoke tier, 2 processes on 2 contended cores: 7-22 s a step instead
+    # of ~0.7 s).
+    set_threads(threads)
     run_function(stage)(**{**run_args, "device": torch.device(run_args["device"])})
 
 

@@ -145,11 +145,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    # A feature constant in a set (a ReLU unit that never fires on its images: the smoke tier's random networks have
+    # several) has a zero row and column in that set's covariance and makes the product exactly singular (scipy's
+    # sqrtm then warns "Matrix is singular"). The root's trace depends only on the features alive in both sets (the
+    # eigenvalues of sigma1 sigma2 are those of sqrt(sigma1) sigma2 sqrt(sigma1), whose other rows are zero): it is
+    # taken over those, the other terms over all. The same distance.
+    alive = (np.diagonal(sigma1) > 0) & (np.diagonal(sigma2) > 0)
+    live = np.ix_(alive, alive)
+    covmean = linalg.sqrtm(sigma1[live] @ sigma2[live])
     if not np.isfinite(covmean).all():
         warnings.warn(f"Frechet distance: singular covariance product; adding {eps} to the diagonals")
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        offset = np.eye(len(covmean)) * eps
+        covmean = linalg.sqrtm((sigma1[live] + offset) @ (sigma2[live] + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Frechet distance: imaginary component {np.abs(covmean.imag).max()} in sqrtm")

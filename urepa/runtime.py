@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import importlib
+import io
 import logging
 import os
 import shutil
@@ -15,20 +17,86 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm import tqdm
 
 
 def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr and, when given, to the stage's log file (created with its folder). Python warnings and
-    an uncaught exception's traceback go to the log too: Snakemake points at the log file when a rule fails."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    """Log to stderr and, when given, to the stage's log file (created with its folder; every run's log is kept:
+    `start_log_file`). Python warnings and an uncaught exception's traceback go to the log too: Snakemake points at
+    the log file when a rule fails. On stderr, which the jobs Snakemake runs side by side share, each line names
+    its job (`job_label`), and only the job that holds the terminal draws progress bars (`holds_terminal`)."""
+    if log_path and not holds_terminal():
+        _quiet_library_bars()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"%(asctime)s {job_label(log_path)}%(levelname)s %(name)s: %(message)s"
+                                           if log_path else FORMAT))
+    handlers: list[logging.Handler] = [console]
+    if log_path:  # without one (a launched training process), stderr is the log file
+        console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
+        handlers.append(logging.FileHandler(start_log_file(log_path), mode="a"))
+    logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+def _quiet_library_bars() -> None:
+    """Turn off the libraries' own progress bars (loading weights, downloads): in those loaded already, and through
+    the environment in huggingface_hub and transformers when they load later."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    switches = {"huggingface_hub": ("huggingface_hub.utils", "disable_progress_bars"),
+                "transformers": ("transformers.utils.logging", "disable_progress_bar"),
+                "diffusers": ("diffusers.utils.logging", "disable_progress_bar")}
+    for library, (module, switch) in switches.items():
+        if library in sys.modules:
+            getattr(importlib.import_module(module), switch)()
+
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FILE_ONLY = "file_only"  # a record with this attribute true goes to the log file, not to the terminal
+
+
+def job_label(log_path: str | Path | None) -> str:
+    """`[<job>] `, the job a log file belongs to, from its path: the part under `results/<tier>/` without the `logs`
+    folders and the suffix (`[urepa/seed-0/sample/final/0-of-4] `); empty without a log file."""
+    if not log_path:
+        return ""
+    parts = Path(log_path).with_suffix("").parts
+    if "results" in parts[:-2]:
+        parts = parts[parts.index("results") + 2:]
+    return f"[{'/'.join(part for part in parts if part != 'logs')}] "
+
+
+LOG_HISTORY = "history"
+
+
+def start_log_file(log_path: str | Path) -> Path:
+    """Create a job's log file, new and empty, and keep every run's log: the file is also linked (a hard link: one
+    file, two names) as `history/<name>.<start time>.log` beside it, which stays when a rerun replaces the log
+    (Snakemake deletes a job's log before it runs it again; a log left by a run outside Snakemake is moved there).
+    Where the file system has no hard links, the log is kept under its own name only."""
+    log_path = Path(log_path)
+    history = log_path.parent / LOG_HISTORY
+    history.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        started = time.localtime(log_path.stat().st_mtime)
+        if log_path.stat().st_nlink > 1:  # already in the history
+            log_path.unlink()
+        else:
+            log_path.rename(_free_name(history / f"{log_path.stem}.{time.strftime('%Y%m%d-%H%M%S', started)}"
+                                       f"{log_path.suffix}"))
+    log_path.touch()
+    with contextlib.suppress(OSError):
+        os.link(log_path, _free_name(history / f"{log_path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{log_path.suffix}"))
+    return log_path
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path` with `-1`, `-2`, ... before its suffix where that name is taken."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate, number = path.with_name(f"{path.stem}-{number}{path.suffix}"), number + 1
+    return candidate
 
 
 def _log_uncaught(kind, error, trace) -> None:
@@ -40,9 +108,14 @@ def _log_uncaught(kind, error, trace) -> None:
 
 class progress(tqdm):
     """A tqdm bar that also logs its state (done/total, rate, ETA) every `log_every` seconds and when it
-    closes, so a rule's log file shows how far a job got; the bar itself goes to the terminal only."""
+    closes, so a rule's log file shows how far a job got. The bar itself is drawn only by the job that holds the
+    terminal (`holds_terminal`): jobs that Snakemake runs side by side share one, and their bars would overwrite
+    each other on one line. The other jobs' progress reaches the terminal as those logged lines."""
 
     def __init__(self, *args, log_every: float = 30.0, **kwargs):
+        self._drawn = holds_terminal()
+        if not self._drawn:
+            kwargs["file"] = _Nowhere()
         super().__init__(*args, **kwargs)
         self._log_every, self._logged_at = log_every, time.monotonic()
 
@@ -60,7 +133,40 @@ class progress(tqdm):
 
     def _log_state(self) -> None:
         self._logged_at = time.monotonic()
-        logging.getLogger("urepa.progress").info("%s", self.format_meter(**self.format_dict))
+        # The log file gets every state; the terminal only those of a bar it does not show.
+        logging.getLogger("urepa.progress").info("%s", self.format_meter(**self.format_dict),
+                                                 extra={FILE_ONLY: self._drawn})
+
+
+class _Nowhere(io.TextIOBase):
+    """Where an undrawn bar writes."""
+    encoding = "utf-8"  # as the terminal's: the logged states keep their block characters
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_terminal_lock: list[int] = []  # the descriptor whose flock says this process draws the bars
+
+
+def holds_terminal() -> bool:
+    """Whether this process draws progress bars: its stderr is a terminal and it holds that terminal, the first of
+    the processes sharing it to ask (an exclusive flock on the terminal device, held until the process ends)."""
+    if _terminal_lock:
+        return True
+    try:
+        if not sys.stderr.isatty():
+            return False
+        terminal = os.open(os.ttyname(sys.stderr.fileno()), os.O_RDONLY | os.O_NOCTTY)
+    except (OSError, ValueError):  # no file descriptor behind sys.stderr (a test's capture)
+        return False
+    try:
+        fcntl.flock(terminal, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(terminal)
+        return False
+    _terminal_lock.append(terminal)
+    return True
 
 
 class NoGPUError(RuntimeError):
@@ -96,8 +202,27 @@ def provenance(device: torch.device | str, **settings) -> dict:
     return record
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """The variables that the BLAS and OpenMP libraries read when they load, set to `threads`."""
+    return {name: str(max(1, threads)) for name in THREAD_VARIABLES}
+
+
 def set_threads(threads: int) -> None:
-    torch.set_num_threads(max(1, threads))
+    """Run this process on the job's `threads` (its rule's `threads`): torch's intra-op pool, every BLAS and
+    OpenMP pool loaded so far (numpy's and scipy's OpenBLAS, torch's and scikit-learn's OpenMP: threadpoolctl),
+    and, through the environment, those of libraries loaded later and of child processes. A pool wider than the
+    job's cores oversubscribes them: on a loaded machine BLAS-heavy steps ran 10x slower."""
+    threads = max(1, threads)
+    os.environ.update(thread_environment(threads))
+    threadpool_limits(threads)
+    torch.set_num_threads(threads)
+    pools = ", ".join(f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info())
+    logging.getLogger(__name__).info("threads: %d (torch %d; BLAS and OpenMP pools: %s)", threads,
+                                     torch.get_num_threads(), pools, extra={FILE_ONLY: True})
 
 
 class DiskFullError(OSError):

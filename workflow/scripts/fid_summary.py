@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 
 from urepa.report import convergence, fid_summary, model_step_costs
-from urepa.runtime import setup_logging
+from urepa.runtime import set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
+set_threads(snakemake.threads)
 
 
 def read(path):

@@ -5,9 +5,10 @@ from pathlib import Path
 from urepa.evaluate import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
 from urepa.report import by_label, render_report
-from urepa.runtime import setup_logging
+from urepa.runtime import set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
+set_threads(snakemake.threads)
 runs = {a: {seed: {**paths, "loss_curve": f"{paths['loss_curve']}/loss_curve.png"} for seed, paths in by_seed.items()}
         for a, by_seed in snakemake.params.runs.items()}
 curves = {a: {seed: json.loads(Path(p["curve"]).read_text()) for seed, p in by_seed.items()} for a, by_seed in runs.items()}

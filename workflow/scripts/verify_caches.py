@@ -3,9 +3,10 @@ import json
 from pathlib import Path
 
 from urepa.rowstore import verify_cache
-from urepa.runtime import setup_logging
+from urepa.runtime import set_threads, setup_logging
 
 setup_logging(snakemake.log[0])
+set_threads(snakemake.threads)
 caches = [*snakemake.input.vae, snakemake.input.dino, snakemake.input.clip]
 for cache in caches:
     verify_cache(cache)
