@@ -13,9 +13,12 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch is imported where used: the light jobs (subsets, gathering, summaries) never need it
+    import torch
 
 
 def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
@@ -71,6 +74,8 @@ def resolve_device(device: str, gpus: int = 0) -> torch.device:
     """'auto' means CUDA when present; the CPU only for a job that asked for no GPU (`gpus`, the rule's `gpu`
     resource: 0 on the smoke and rehearsal tiers). A real-tier job on a node without a usable GPU stops instead
     of running for days on the CPU; `device: cpu` runs it there anyway."""
+    import torch
+
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -87,6 +92,8 @@ def resolve_device(device: str, gpus: int = 0) -> torch.device:
 def provenance(device: torch.device | str, **settings) -> dict:
     """What changes an output's bytes beyond its inputs and settings (the last bits of floating-point sums follow
     the thread count, the batch size, the device and the library build), recorded beside the output."""
+    import torch
+
     device = torch.device(device)
     record = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
               "cuda": torch.version.cuda, "host": socket.gethostname(), **settings}
@@ -97,6 +104,8 @@ def provenance(device: torch.device | str, **settings) -> dict:
 
 
 def set_threads(threads: int) -> None:
+    import torch
+
     torch.set_num_threads(max(1, threads))
 
 
@@ -198,6 +207,8 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
