@@ -376,3 +376,10 @@ def train_settings(config: dict, tier: str, ablation: str) -> dict[str, Any]:
     if settings["learning_rate"] is None:
         settings["learning_rate"] = 2e-4 if settings["finetune"] == "lora" else 1e-4
     return settings
+
+
+def check_shard_rows(shard_rows: int, batch_size: int) -> None:
+    """Batches must not span two shards, so that every row is encoded in the same batch whatever the shard size."""
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise ValueError(f"cache.shard_rows ({shard_rows}) must be a positive multiple of cache.batch_size "
+                         f"({batch_size}): batches must not span two shards")
