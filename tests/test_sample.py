@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from urepa import sample as sample_module
+from urepa import sample_sets as sample_sets_module
 from urepa.sample import generate_samples, initial_noise, make_sampler, sample_latents
 from urepa.sample_sets import class_of, gather_samples, sample_grid, sample_paths, shard_count, shard_indices
 from urepa.sd15 import SD15_SCHEDULER_CONFIG
@@ -121,7 +122,7 @@ def test_gathering_copies_across_file_systems_and_replaces_stale_output(pipeline
     def no_hard_links(source, destination):
         raise OSError("Invalid cross-device link")
 
-    monkeypatch.setattr(sample_module.os, "link", no_hard_links)
+    monkeypatch.setattr(sample_sets_module.os, "link", no_hard_links)
     copied = gather_samples(shards, out)
     assert sorted(p.name for p in copied.iterdir()) == [f"{i:06d}.png" for i in range(6)] + [
         "provenance.json", "sampling.json"]
