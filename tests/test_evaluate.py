@@ -11,7 +11,7 @@ from conftest import write_png
 from urepa.evaluate import SquareImages, add_targets, reference_statistics, score_samples, steps_to_target
 from urepa.feature_networks import StandInFeatures
 from urepa.metrics import extract_features, load_statistics
-from urepa.sample import SampleSetError
+from urepa.sample_sets import SampleSetError
 
 
 def test_steps_to_target_interpolates_the_first_crossing():

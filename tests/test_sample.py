@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from urepa import sample as sample_module
-from urepa.sample import (gather_samples, generate_samples, initial_noise, make_sampler, sample_grid, sample_latents,
-                          shard_count, shard_indices)
+from urepa import sample_sets as sample_sets_module
+from urepa.sample import generate_samples, initial_noise, make_sampler, sample_latents
+from urepa.sample_sets import class_of, gather_samples, sample_grid, sample_paths, shard_count, shard_indices
 from urepa.sd15 import SD15_SCHEDULER_CONFIG
 
 
@@ -121,7 +122,7 @@ def test_gathering_copies_across_file_systems_and_replaces_stale_output(pipeline
     def no_hard_links(source, destination):
         raise OSError("Invalid cross-device link")
 
-    monkeypatch.setattr(sample_module.os, "link", no_hard_links)
+    monkeypatch.setattr(sample_sets_module.os, "link", no_hard_links)
     copied = gather_samples(shards, out)
     assert sorted(p.name for p in copied.iterdir()) == [f"{i:06d}.png" for i in range(6)] + [
         "provenance.json", "sampling.json"]
@@ -133,8 +134,8 @@ def test_gathering_copies_across_file_systems_and_replaces_stale_output(pipeline
 
 
 def test_class_of_an_image_is_its_index_divided_by_the_images_per_class():
-    assert [sample_module.class_of(i, 3) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
-    assert all(type(sample_module.class_of(i, 3)) is int for i in range(7))
+    assert [class_of(i, 3) for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert all(type(class_of(i, 3)) is int for i in range(7))
 
 
 def test_the_guidance_interval_ends_at_the_schedules_last_noise_level():
@@ -153,7 +154,7 @@ def test_a_set_of_one_shard_is_gathered(pipeline, clip, tmp_path):
     whole = generate_samples(pipeline, clip, 3, 3, 2, tmp_path / "whole", SETTINGS, seed=5, batch_size=8,
                              weights_digest=WEIGHTS, shards=1, shard=0)
     out = gather_samples([whole], tmp_path / "out")
-    assert [p.name for p in sample_module.sample_paths(out)] == [f"{i:06d}.png" for i in range(6)]
+    assert [p.name for p in sample_paths(out)] == [f"{i:06d}.png" for i in range(6)]
     assert json.loads((out / "sampling.json").read_text())["shards"] == 1
 
 
@@ -291,7 +292,7 @@ def test_sample_grid_has_a_row_per_class(pipeline, clip, tmp_path):
 def test_sample_paths_are_the_numbered_pngs_in_index_order(tmp_path):
     for name in ("000002.png", "000000.png", "000001.png", "grid.png", "sampling.json", "provenance.json"):
         (tmp_path / name).write_bytes(b"")
-    assert [p.name for p in sample_module.sample_paths(tmp_path)] == ["000000.png", "000001.png", "000002.png"]
+    assert [p.name for p in sample_paths(tmp_path)] == ["000000.png", "000001.png", "000002.png"]
 
 
 def test_sample_grid_shows_the_first_six_images_of_the_first_sixteen_classes_under_black_labels(tmp_path):

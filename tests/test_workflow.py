@@ -75,12 +75,12 @@ def test_the_workflow_passes_snakemakes_linter(tmp_path):
 
 
 def test_a_nested_command_line_setting_wins_over_the_tiers(tmp_path):
-    """`--config 'train={max_steps: 50}'` (Snakemake refuses dotted keys) reaches every run although the smoke
-    tier sets max_steps: 120: the FID-vs-step points are steps 40 and 50."""
+    """`--config 'train={max_steps: 70}'` (Snakemake refuses dotted keys) reaches every run although the smoke
+    tier sets max_steps: 120: the FID-vs-step points are steps 60 (its eval_interval) and 70."""
     shutil.copytree(REPO / "config", tmp_path / "config")
-    planned = _planned_outputs(tmp_path, "--config", "train={max_steps: 50}")
+    planned = _planned_outputs(tmp_path, "--config", "train={max_steps: 70}")
     steps = {o.split("/curve/")[1].split("/")[0] for o in planned if "/curve/step-" in o}
-    assert steps == {"step-0000040", "step-0000050"}
+    assert steps == {"step-0000060", "step-0000070"}
 
 
 # -- the cache rules ------------------------------------------------------------------------------------

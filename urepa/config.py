@@ -403,3 +403,10 @@ def _resolved(settings: dict, tier: str, ablation: str) -> dict[str, Any]:
                           f"the sample-mode Gram compares mean-pooled tokens, and alpha = 1 makes every pooled target "
                           f"zero; use alpha < 1, manifold_mode 'token', or manifold_coeff 0")
     return {**settings, "align_schedule": schedule}
+
+
+def check_shard_rows(shard_rows: int, batch_size: int) -> None:
+    """Batches must not span two shards, so that every row is encoded in the same batch whatever the shard size."""
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise ValueError(f"cache.shard_rows ({shard_rows}) must be a positive multiple of cache.batch_size "
+                         f"({batch_size}): batches must not span two shards")

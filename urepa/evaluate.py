@@ -14,7 +14,7 @@ from torchvision import transforms
 from . import metrics
 from .images import open_rgb
 from .runtime import provenance, set_aside
-from .sample import SampleSetError, check_sample_set
+from .sample_sets import SampleSetError, check_sample_set
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 
+from .config import check_shard_rows
 from .digests import file_digest
 from .images import open_rgb
 from .runtime import disk_full_named, progress, provenance, set_aside
@@ -192,13 +193,6 @@ def _write_shard(group: zarr.Group, folder: Path, shard: int, start: int, stop: 
     temporary.write_text(json.dumps({"shard": shard, "rows": [start, stop], "build": build, "invalid": invalid,
                                      "provenance": made_by}))
     os.replace(temporary, record)  # last: a shard counts as finished only once its data is on disk
-
-
-def check_shard_rows(shard_rows: int, batch_size: int) -> None:
-    """Batches must not span two shards, so that every row is encoded in the same batch whatever the shard size."""
-    if shard_rows < 1 or shard_rows % batch_size:
-        raise ValueError(f"cache.shard_rows ({shard_rows}) must be a positive multiple of cache.batch_size "
-                         f"({batch_size}): batches must not span two shards")
 
 
 def build_image_cache(csv_path: str | Path, out_path: str | Path, arrays: dict[str, tuple[tuple[int, ...], str]],

@@ -15,10 +15,13 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch is imported where used: the light jobs (subsets, gathering, summaries) never need it
+    import torch
 
 
 def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO) -> None:
@@ -177,6 +180,8 @@ def resolve_device(device: str, gpus: int = 0) -> torch.device:
     """'auto' means CUDA when present; the CPU only for a job that asked for no GPU (`gpus`, the rule's `gpu`
     resource: 0 on the smoke and rehearsal tiers). A real-tier job on a node without a usable GPU stops instead
     of running for days on the CPU; `device: cpu` runs it there anyway."""
+    import torch
+
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -193,6 +198,8 @@ def resolve_device(device: str, gpus: int = 0) -> torch.device:
 def provenance(device: torch.device | str, **settings) -> dict:
     """What changes an output's bytes beyond its inputs and settings (the last bits of floating-point sums follow
     the thread count, the batch size, the device and the library build), recorded beside the output."""
+    import torch
+
     device = torch.device(device)
     record = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__,
               "cuda": torch.version.cuda, "host": socket.gethostname(), **settings}
@@ -215,14 +222,19 @@ def set_threads(threads: int) -> None:
     """Run this process on the job's `threads` (its rule's `threads`): torch's intra-op pool, every BLAS and
     OpenMP pool loaded so far (numpy's and scipy's OpenBLAS, torch's and scikit-learn's OpenMP: threadpoolctl),
     and, through the environment, those of libraries loaded later and of child processes. A pool wider than the
-    job's cores oversubscribes them: on a loaded machine BLAS-heavy steps ran 10x slower."""
+    job's cores oversubscribes them: on a loaded machine BLAS-heavy steps ran 10x slower. A job that has not
+    imported torch does not import it here (light jobs start without it): torch reads OMP_NUM_THREADS when it
+    loads."""
     threads = max(1, threads)
     os.environ.update(thread_environment(threads))
     threadpool_limits(threads)
-    torch.set_num_threads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
     pools = ", ".join(f"{pool['internal_api']} {pool['num_threads']}" for pool in threadpool_info())
-    logging.getLogger(__name__).info("threads: %d (torch %d; BLAS and OpenMP pools: %s)", threads,
-                                     torch.get_num_threads(), pools, extra={FILE_ONLY: True})
+    logging.getLogger(__name__).info("threads: %d (torch %s; BLAS and OpenMP pools: %s)", threads,
+                                     torch.get_num_threads() if torch is not None else "not loaded", pools,
+                                     extra={FILE_ONLY: True})
 
 
 class DiskFullError(OSError):
@@ -323,6 +335,8 @@ class PhaseTimer:
         if not self.enabled:
             yield
             return
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()

@@ -6,8 +6,8 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)  # the urepa package beside the Snakefile
 from urepa import config as urepa_config
 from urepa import runtime as urepa_runtime
-from urepa.rowstore import check_shard_rows
-from urepa.sample import shard_count
+from urepa.config import check_shard_rows
+from urepa.sample_sets import shard_count
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 urepa_config.apply_command_line(config, workflow.config_settings.config, SCHEMA)  # typed; the command line wins

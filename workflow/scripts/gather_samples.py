@@ -2,7 +2,7 @@
 import pandas as pd
 
 from urepa.runtime import set_threads, setup_logging
-from urepa.sample import gather_samples, sample_grid
+from urepa.sample_sets import gather_samples, sample_grid
 
 setup_logging(snakemake.log[0])
 set_threads(snakemake.threads)
