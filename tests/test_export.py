@@ -3,6 +3,7 @@ scheduler with the trained parameterisation, the align heads, weights.json) and 
 read back from it."""
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from PIL import Image
 
 from conftest import (CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction,
                       write_description, write_partial_weights)
-from urepa.export import (DESCRIPTION, head_target_norm, inference_dtype, load_align_head, load_finetuned_pipeline,
-                          read_description, trained_scheduler)
+from urepa.export import (DESCRIPTION, TRAINED_UNET, BaseUnetMismatchError, base_unet_record, head_target_norm,
+                          inference_dtype, load_align_head, load_finetuned_pipeline, read_description,
+                          trained_scheduler)
+from urepa.models import TRAINABLE_BLOCKS
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.train import Trainer
 from urepa.vae import VaeMismatchError, load_autoencoder, vae_record
@@ -65,6 +68,66 @@ def test_save_weights_exports_what_was_trained_in_diffusers_form(data, tmp_path,
     assert meta == {"layers": settings["align_layers"], "grid": data["dino"].attrs["grid"],
                     "projector": settings["projector"], "projector_hidden": settings["projector_hidden"],
                     "target_spatial_norm": None, "dim": data["dino"].attrs["dim"]}
+
+
+def test_a_snapshot_of_the_trained_parameters_samples_the_images_of_the_whole_unet(data, tmp_path):
+    """A partial fine-tune's snapshot (`trained_only`) holds the trained parameters alone and records the base
+    U-Net; loaded, the pipeline's U-Net equals the whole exported U-Net's tensor for tensor, and samples the same
+    images, in a fraction of the bytes."""
+    from safetensors.torch import load_file
+
+    from urepa.sample import generate_samples
+
+    trainer = make_trainer(data, settings_for(steps=8, finetune="partial", learning_rate=1e-2), tmp_path / "run")
+    trainer.step(batch_of(trainer, data))
+    base = base_unet_record(data["sd15"])
+    whole, snapshot = tmp_path / "whole", tmp_path / "snapshot"
+    trainer.save_weights(whole, base)
+    trainer.save_weights(snapshot, base, trained_only=True)
+
+    assert (whole / "unet").is_dir() and not (snapshot / "unet").exists()
+    unet = trainer.accelerator.unwrap_model(trainer.model).unet
+    trained = load_file(snapshot / TRAINED_UNET)
+    assert trained.keys() == {name for name, p in unet.named_parameters() if p.requires_grad}
+    assert all(name.startswith(tuple(block + "." for block in TRAINABLE_BLOCKS)) for name in trained)
+    assert read_description(snapshot)["base_unet"] == base and base["path"] == str(data["sd15"] / "unet")
+    size = {folder: sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) for folder in (whole, snapshot)}
+    assert size[snapshot] < 0.8 * size[whole]
+
+    pipes = {folder: load_finetuned_pipeline(data["sd15"], folder, CPU) for folder in (whole, snapshot)}
+    loaded = {folder: pipe.unet.state_dict() for folder, pipe in pipes.items()}
+    assert loaded[whole].keys() == loaded[snapshot].keys()
+    for name, tensor in loaded[whole].items():
+        assert torch.equal(loaded[snapshot][name], tensor), name
+    frozen = load_unet(data["sd15"]).state_dict()
+    assert any(not torch.equal(loaded[snapshot][name], frozen[name]) for name in trained)  # trained: not the base
+    settings = {"sampler": "ddim", "steps": 3, "cfg_scale": 2.0, "guidance_low": 0.0, "guidance_high": 1.0}
+    images = {folder: generate_samples(pipe, data["clip"], data["null_index"], num_classes=1, images_per_class=2,
+                                       out_dir=tmp_path / f"samples-{folder.name}", settings=settings, seed=3,
+                                       batch_size=2, weights_digest="w", vae=pipe.vae_record)
+              for folder, pipe in pipes.items()}
+    for i in range(2):
+        pixels = [np.asarray(Image.open(images[folder] / f"{i:06d}.png")) for folder in (whole, snapshot)]
+        assert np.array_equal(*pixels)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "partial"])
+def test_trained_parameters_go_only_into_the_base_unet_they_were_trained_from(data, tmp_path, finetune):
+    """LoRA and a snapshot's trained parameters hold only what training changed: loaded with SD-1.5's folder in
+    another place they are accepted, with another U-Net in it refused, naming both."""
+    trainer = make_trainer(data, settings_for(steps=8, finetune=finetune), tmp_path / "run")
+    trainer.save_weights(tmp_path / "snapshot", base_unet_record(data["sd15"]), trained_only=True)
+    elsewhere = tmp_path / "sd15"
+    shutil.copytree(data["sd15"], elsewhere)
+    load_finetuned_pipeline(elsewhere, tmp_path / "snapshot", CPU)  # the same base: accepted
+
+    other = load_unet(elsewhere)
+    with torch.no_grad():
+        other.conv_in.weight.add_(0.01)
+    other.save_pretrained(elsewhere / "unet")
+    with pytest.raises(BaseUnetMismatchError, match=rf"trained from the U-Net in {data['sd15'] / 'unet'} "
+                                                    rf"\(fingerprint \w+\), not from {elsewhere / 'unet'}"):
+        load_finetuned_pipeline(elsewhere, tmp_path / "snapshot", CPU)
 
 
 def test_the_baseline_exports_no_align_heads(data, tmp_path):

@@ -11,9 +11,11 @@ import torch
 
 import urepa
 from urepa.batches import TrainState
-from urepa.runstate import (CHECKSUMS, TRAINING_CODE, CheckpointError, StopSignals, claim_run_state,
-                            complete_checkpoints, load_newest_checkpoint, run_state_dir, save_checkpoint,
-                            training_code_digest)
+from safetensors.torch import load_file
+
+from urepa.runstate import (CHECKSUMS, TRAINING_CODE, CheckpointError, StopSignals, checkpoint_trained_state,
+                            claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
+                            save_checkpoint, training_code_digest)
 
 
 def test_a_run_state_is_named_by_its_identity_whatever_the_key_order(tmp_path):
@@ -65,18 +67,25 @@ def test_the_training_code_is_the_packages_own_modules_and_its_digest_follows_th
 
 
 class TinyRun:
-    """A model, its optimiser and the step state in an Accelerator, as a training run holds them."""
+    """A model, its optimiser and the step state in an Accelerator, as a training run holds them: a frozen layer
+    (the base weights, seeded alike in every run), a trained one and a BatchNorm (trained, with running statistics)."""
 
     def __init__(self, run_dir: Path):
         from accelerate import Accelerator
 
         self.run_dir = run_dir
         self.accelerator = Accelerator(cpu=True)
-        self.model = torch.nn.Linear(64, 64)
-        self.optimizer = torch.optim.AdamW(self.model.parameters())
+        self.model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+        base = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in self.model[0].parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=base))
+        self.model[0].requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad])
         self.state = TrainState(torch.Generator().manual_seed(0))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.state)
+        checkpoint_trained_state(self.accelerator)
 
     def train_to(self, step: int) -> None:
         """Steps up to `step`, checkpointing each (keeping 3)."""
@@ -93,6 +102,40 @@ def flip_bytes(path: Path, count: int = 32) -> None:
     middle = len(data) - 200  # inside the last tensor's data, past the safetensors header
     data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
     path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_holds_the_trained_state_only_and_resumes_it_into_the_frozen_base(tmp_path):
+    """model.safetensors: the trained layer and the BatchNorm's weights and running statistics, not the frozen
+    layer; a new run with the same base resumes with every tensor of the model equal to the saved run's."""
+    run = TinyRun(tmp_path)
+    run.train_to(2)
+    saved = load_file(tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert sorted(saved) == ["1.bias", "1.weight", "2.bias", "2.num_batches_tracked", "2.running_mean",
+                             "2.running_var", "2.weight"]
+    assert int(saved["2.num_batches_tracked"]) == 2 and not torch.equal(saved["2.running_mean"], torch.zeros(64))
+
+    resumed = TinyRun(tmp_path)
+    trained_before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    assert load_newest_checkpoint(resumed.accelerator, tmp_path, resumed.state) == 2
+    state = resumed.model.state_dict()
+    for name, tensor in run.model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(trained_before["1.weight"], state["1.weight"])  # loaded, not just equal from the start
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"],
+                       run.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_checkpoint_that_holds_other_tensors_than_the_trained_ones_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    run = TinyRun(tmp_path)
+    run.train_to(1)
+    model_file = tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors"
+    whole = {k: v.contiguous() for k, v in run.model.state_dict().items()}  # as accelerate alone would write it
+    save_file(whole, model_file)
+    resumed = TinyRun(tmp_path)
+    with pytest.raises(CheckpointError, match=r"holds 9 tensors, not the 7 this run trains \(2 others, 0 missing\)"):
+        resumed.accelerator.load_state(str(model_file.parent))
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "no checksums"])

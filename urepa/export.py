@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .digests import weights_fingerprint
 from .runtime import disk_full_named
 from .vae import check_same_vae, load_autoencoder, vae_record
 
@@ -20,17 +21,35 @@ log = logging.getLogger(__name__)
 # `train.prediction` -> diffusers' `prediction_type`.
 PREDICTION_TYPES = {"epsilon": "epsilon", "v": "v_prediction"}
 DESCRIPTION = "weights.json"
+# A snapshot's partial or full fine-tune: the U-Net's trained parameters only, by their state-dict names, to be put
+# into the base U-Net that weights.json's `base_unet` records (a partial snapshot is 1.3 GB instead of 3.4 GB).
+TRAINED_UNET = "unet_trained_parameters.safetensors"
 
 
-def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, token_dim: int, vae: dict) -> None:
+class BaseUnetMismatchError(ValueError):
+    """Weights that apply to one base U-Net were to be put into another."""
+
+
+def base_unet_record(sd15_dir: str | Path) -> dict:
+    """The U-Net a run starts from, as weights folders record it: SD-1.5's unet/ folder and its fingerprint."""
+    unet_dir = Path(sd15_dir) / "unet"
+    return {"path": str(unet_dir), "fingerprint": weights_fingerprint(unet_dir)}
+
+
+def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, token_dim: int, vae: dict,
+                 base_unet: dict | None = None, trained_only: bool = False) -> None:
     """`model`'s (an unwrapped urepa.models.AlignedUNet) current trainable weights in diffusers form (LoRA:
     pytorch_lora_weights.safetensors, loadable by StableDiffusionPipeline.load_lora_weights; otherwise a unet/
-    folder), the scheduler config they were trained for (scheduler/, with its prediction_type), the heads, and
-    the folder's description (`vae`: name, path and fingerprint of the VAE the training latents came from)."""
+    folder, or with `trained_only` (snapshots) the trained parameters alone, TRAINED_UNET), the scheduler config
+    they were trained for (scheduler/, with its prediction_type), the heads, and the folder's description (`vae`:
+    name, path and fingerprint of the VAE the training latents came from; `base_unet`, `base_unet_record`: the
+    U-Net the run started from, which LoRA and TRAINED_UNET apply to; required with `trained_only`)."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    if trained_only and base_unet is None:
+        raise ValueError("trained_only weights need base_unet: the U-Net they are to be put into")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with disk_full_named(out_dir):
@@ -40,6 +59,9 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
             # key alone: a conv key first (lora_A) made it silently drop every attention LoRA.
             lora = get_peft_model_state_dict(model.unet)
             StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora, safe_serialization=True)
+        elif trained_only:
+            save_file({name: p.detach().cpu().contiguous() for name, p in model.unet.named_parameters()
+                       if p.requires_grad}, out_dir / TRAINED_UNET)
         else:
             model.unet.save_pretrained(out_dir / "unet")
         trained_scheduler(noise_scheduler, settings["prediction"]).save_pretrained(out_dir / "scheduler")
@@ -55,7 +77,8 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
             }, indent=2))
         (out_dir / DESCRIPTION).write_text(json.dumps({
             "finetune": settings["finetune"], "prediction": settings["prediction"],
-            "align_layers": settings["align_layers"], "align_coeff": settings["align_coeff"], "vae": vae}, indent=2))
+            "align_layers": settings["align_layers"], "align_coeff": settings["align_coeff"], "vae": vae,
+            **({"base_unet": base_unet} if base_unet else {})}, indent=2))
 
 
 def read_description(weights_dir: str | Path) -> dict:
@@ -83,8 +106,11 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
                             dtype: torch.dtype | None = None, vae_dir: str | Path | None = None,
                             vae_name: str | None = None, allow_other_vae: bool = False):
     """SD-1.5 from its local folder with the fine-tuned weights in, as the folder describes them: LoRA through
-    `load_lora_weights` (then fused), or the saved unet/ folder for partial / full fine-tuning; the scheduler
-    config the weights were trained for (their scheduler/ folder: the prediction type); and, as `pipe.vae`, the VAE
+    `load_lora_weights` (then fused), the saved unet/ folder for partial / full fine-tuning, or a snapshot's
+    trained parameters (TRAINED_UNET) put into SD-1.5's U-Net; LoRA and trained parameters only into the base
+    U-Net they were trained from (weights.json's `base_unet`, where recorded), refusing another with
+    `BaseUnetMismatchError`; the scheduler config the weights were trained for (their scheduler/ folder: the
+    prediction type); and, as `pipe.vae`, the VAE
     whose latents they were trained on: `vae_dir` (default: the folder weights.json records), refused with
     `VaeMismatchError` when it is another VAE unless `allow_other_vae` (then only warned).
     `dtype`: default `inference_dtype(device)`."""
@@ -102,6 +128,9 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
     elif decode_vae["fingerprint"] != trained_vae["fingerprint"]:
         log.warning("decoding weights %s, trained on the latents of VAE %r, with VAE %r (%s), as configured",
                     weights_dir, trained_vae["name"], decode_vae["name"], decode_vae["path"])
+    trained_only = (weights_dir / TRAINED_UNET).is_file()
+    if trained_only or description["finetune"] == "lora":
+        check_same_base_unet(description, sd15_dir, weights_dir, required=trained_only)
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    vae=load_autoencoder(decode_vae["path"], dtype=dtype),
@@ -121,6 +150,8 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
             lora_loader_log.removeFilter(_no_text_encoder_keys)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    elif trained_only:
+        load_trained_parameters(pipe.unet, weights_dir / TRAINED_UNET)
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
     pipe.vae_record = decode_vae  # what sampling records of the VAE it decodes with
@@ -129,6 +160,35 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
 
 def _no_text_encoder_keys(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
+def check_same_base_unet(description: dict, sd15_dir: str | Path, weights_dir: Path, required: bool) -> None:
+    """Refuse to put weights into another U-Net than the base they were trained from (`description["base_unet"]`;
+    a folder that does not record it passes unless it is `required`)."""
+    recorded = description.get("base_unet")
+    if recorded is None:
+        if required:
+            raise FileNotFoundError(f"{weights_dir / DESCRIPTION} does not record the base U-Net that "
+                                    f"{TRAINED_UNET} applies to; re-export the weights with this version")
+        return
+    fingerprint = weights_fingerprint(Path(sd15_dir) / "unet")
+    if fingerprint != recorded["fingerprint"]:
+        raise BaseUnetMismatchError(
+            f"weights {weights_dir} were trained from the U-Net in {recorded['path']} (fingerprint "
+            f"{recorded['fingerprint']}), not from {Path(sd15_dir) / 'unet'} (fingerprint {fingerprint}): they hold "
+            f"only what training changed, so sample them with the SD-1.5 folder they were trained from")
+
+
+def load_trained_parameters(unet, path: Path) -> None:
+    """Put TRAINED_UNET's parameters into `unet` (cast to its dtype), refusing names the U-Net does not have."""
+    from safetensors.torch import load_file
+
+    trained = load_file(path)
+    unknown = trained.keys() - unet.state_dict().keys()
+    if unknown:
+        raise ValueError(f"{path} holds {len(unknown)} tensors the U-Net does not have (e.g. {sorted(unknown)[0]}): "
+                         f"trained on another U-Net architecture")
+    unet.load_state_dict(trained, strict=False)
 
 
 def load_align_head(weights_dir: str | Path, layer: str, device: torch.device):

@@ -125,6 +125,46 @@ def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
     return None, moved
 
 
+def trained_state_names(model: torch.nn.Module) -> set[str]:
+    """The entries of `model`'s state dict that training changes: parameters that require gradients, and buffers
+    (running statistics, as a BatchNorm's)."""
+    return ({name for name, p in model.named_parameters() if p.requires_grad}
+            | {name for name, _ in model.named_buffers()})
+
+
+def checkpoint_trained_state(accelerator) -> None:
+    """From now on, `accelerator`'s checkpoints hold each model's trained state only (`trained_state_names`), not
+    its frozen weights: a partial fine-tune's frozen two thirds of the 3.4 GB U-Net, or the whole U-Net under
+    LoRA, would otherwise be written into every checkpoint. The frozen weights come back from where the run loaded
+    them (its identity includes their fingerprint); a checkpoint that holds other entries than the model's trained
+    ones is refused."""
+    accelerator.register_save_state_pre_hook(_keep_trained_state)
+    accelerator.register_load_state_pre_hook(_load_trained_state)
+
+
+def _keep_trained_state(models: list, weights: list, output_dir: str) -> None:
+    for index, (model, state) in enumerate(zip(models, weights)):
+        kept = trained_state_names(model)
+        weights[index] = {name: tensor for name, tensor in state.items() if name in kept}
+
+
+def _load_trained_state(models: list, input_dir: str) -> None:
+    from accelerate.utils import SAFE_MODEL_NAME
+    from safetensors.torch import load_file
+
+    for index, model in enumerate(models):
+        path = Path(input_dir) / f"{SAFE_MODEL_NAME}{'' if index == 0 else f'_{index}'}.safetensors"
+        state = load_file(path)
+        expected = trained_state_names(model)
+        if state.keys() != expected:
+            raise CheckpointError(
+                f"{path} holds {len(state)} tensors, not the {len(expected)} this run trains ("
+                f"{len(state.keys() - expected)} others, {len(expected - state.keys())} missing): a checkpoint "
+                f"of another model or fine-tune mode, or of the whole model as this version no longer writes")
+        model.load_state_dict(state, strict=False)
+    models.clear()  # loaded here: accelerate loads none of them again
+
+
 def load_newest_checkpoint(accelerator, run_dir: Path, state) -> int:
     """Load the newest intact checkpoint of `run_dir` (`newest_intact_checkpoint`, chosen by the main process for
     all) into what `accelerator` holds, if there is one; the step to continue from (`state.step`, restored with

@@ -37,8 +37,8 @@ from .losses import AlignSchedule, Objective, diffusion_target, pooled_samples
 from .models import AlignedUNet, ema_swapped, make_trainable
 from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
-                       save_checkpoint, training_code_digest)
+from .runstate import (StopSignals, checkpoint_trained_state, claim_run_state, complete_checkpoints,
+                       load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import LatentNormalisation, check_same_vae, vae_record
 
@@ -119,6 +119,7 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.lr_scheduler)
         self.accelerator.register_for_checkpointing(self.ema, self.state)
+        checkpoint_trained_state(self.accelerator)  # not the frozen weights
 
         self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
         self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
@@ -285,10 +286,11 @@ class Trainer:
         """Temporarily swap the EMA weights into the trainable parameters."""
         return ema_swapped(self.ema, self.trainable)
 
-    def save_weights(self, out_dir: str | Path) -> None:
-        """The current trainable weights as an exported model folder (urepa.export.save_weights)."""
+    def save_weights(self, out_dir: str | Path, base_unet: dict | None = None, trained_only: bool = False) -> None:
+        """The current trainable weights as an exported model folder (urepa.export.save_weights: `base_unet`, the
+        U-Net training started from; `trained_only`, the trained parameters without the frozen ones)."""
         export.save_weights(out_dir, self.accelerator.unwrap_model(self.model), self.noise_scheduler, self.settings,
-                            self.token_dim, self.vae)
+                            self.token_dim, self.vae, base_unet, trained_only)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -337,8 +339,11 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
         raise ValueError(f"CLIP cache dim {clip.attrs['dim']} does not match the U-Net's cross-attention dim "
                          f"{unet.config.cross_attention_dim}")
     model_dir = Path(model_dir)
+    # Checkpoints and snapshots hold the trained parameters only: the frozen ones are this U-Net's.
+    base_unet = export.base_unet_record(sd15_dir)
     identity = {
         "settings": without_launch(settings), "seed": seed, "csv_sha256": csv_sha, "code": training_code_digest(),
+        "base_unet": base_unet["fingerprint"],
         "caches": {"vae": content_digest(vae), "dino": content_digest(dino), "clip": content_digest(clip)}}
     with state.main_process_first():  # the others find the folder the main process has claimed
         # provenance: what changes the weights' last bits without changing the run (threads, device, build)
@@ -355,7 +360,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
     def snapshot(trainer: Trainer, step: int) -> None:
         if trainer.accelerator.is_main_process:
             with trainer.ema_weights():
-                trainer.save_weights(run_dir / "snapshots" / f"step-{step:07d}")
+                trainer.save_weights(run_dir / "snapshots" / f"step-{step:07d}", base_unet, trained_only=True)
 
     trainer.run(on_snapshot=snapshot)
     if not trainer.accelerator.is_main_process:
@@ -363,9 +368,9 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
     if model_dir.exists():  # a previous export of this rule (Snakemake removes it first; direct calls do not)
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
-    trainer.save_weights(model_dir)
+    trainer.save_weights(model_dir, base_unet)  # whole U-Nets: loadable by a stock pipeline
     with trainer.ema_weights():
-        trainer.save_weights(model_dir / "ema")
+        trainer.save_weights(model_dir / "ema", base_unet)
     export.link_tree(run_dir / "snapshots", model_dir / "snapshots")
     shutil.copy(run_dir / "train_log.csv", model_dir / "train_log.csv")
     plot_losses(model_dir / "train_log.csv", model_dir / "loss_curve.png", title)

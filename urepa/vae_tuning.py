@@ -43,8 +43,8 @@ from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
 from .models import AlignedUNet, ema_swapped, make_trainable
 from .rowstore import CachedRows, check_cache, valid_rows
-from .runstate import (StopSignals, claim_run_state, complete_checkpoints, load_newest_checkpoint, run_state_dir,
-                       save_checkpoint, training_code_digest)
+from .runstate import (StopSignals, checkpoint_trained_state, claim_run_state, complete_checkpoints,
+                       load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
 from .runtime import PhaseTimer, progress, provenance
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
 
@@ -176,6 +176,7 @@ class VaeTuner:
             self.accelerator.prepare_model(module, evaluation_mode=True)
         self.accelerator.prepare(*prepared)
         self.accelerator.register_for_checkpointing(pinning, self.ema, self.state)
+        checkpoint_trained_state(self.accelerator)  # not the frozen weights
 
         self.clip = torch.from_numpy(np.asarray(clip_embeddings)).to(self.device, torch.float32)
         self.dataset, self.rows, self.num_workers = dataset, rows, num_workers
@@ -372,9 +373,9 @@ class VaeTuner:
         vae.save_pretrained(out_dir)
         return vae_record(self.vae_name, out_dir)
 
-    def save_unet(self, out_dir: Path, vae: dict) -> None:
+    def save_unet(self, out_dir: Path, vae: dict, base_unet: dict) -> None:
         export.save_weights(out_dir, self.accelerator.unwrap_model(self.e2e.model), self.noise_scheduler,
-                            self.unet_settings, self.token_dim, vae)
+                            self.unet_settings, self.token_dim, vae, base_unet)
 
     def latent_stats(self) -> dict:
         pinning = self.e2e.pinning
@@ -457,7 +458,10 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
     discriminator_state = None
     if tune["disc_ckpt"]:
         discriminator_state = torch.load(tune["disc_ckpt"], map_location="cpu", weights_only=True)
+    # Checkpoints hold the trained parameters only: the frozen ones are this U-Net's.
+    base_unet = export.base_unet_record(sd15_dir)
     identity = {"unet_settings": without_launch(unet_settings), "tune": tune, "seed": seed, "csv_sha256": csv_sha,
+                "base_unet": base_unet["fingerprint"],
                 "code": training_code_digest(TUNING_CODE), "lpips": lpips_name,
                 "vgg16": file_digest(vgg16) if vgg16 else None,
                 "caches": {"vae": content_digest(latents), "dino": content_digest(dino), "clip": content_digest(clip)}}
@@ -481,9 +485,9 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     record = tuner.save_vae(out_dir / "vae")
-    tuner.save_unet(out_dir / "unet", record)
+    tuner.save_unet(out_dir / "unet", record, base_unet)
     with tuner.ema_weights():
-        tuner.save_unet(out_dir / "unet" / "ema", record)
+        tuner.save_unet(out_dir / "unet" / "ema", record, base_unet)
     shutil.copy(run_dir / "train_log.csv", out_dir / "train_log.csv")
     plot_tuning_losses(out_dir / "train_log.csv", out_dir / "losses.png", f"tune_vae {vae_name}")
     (out_dir / "latent_stats.json").write_text(json.dumps(tuner.latent_stats(), indent=2))
