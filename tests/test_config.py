@@ -330,3 +330,18 @@ def test_the_repae_rows_plan_two_tunings_two_latent_caches_and_nothing_else_twic
     for path in ("results/smoke/vae/repae/tuned", "results/smoke/vae/recon/tuned",
                  "results/smoke/cache/repae/vae_latents.zarr", "results/smoke/vae/recon/recon.json"):
         assert path in result.stdout
+
+
+def test_the_speed_options_travel_as_one_resource_and_stay_out_of_the_run_identity():
+    """Every combination of speed options survives the `speed` resource's round trip; an unknown name is refused
+    naming the resource; none of them is in the settings a run's identity and the train rule's params hold."""
+    keys = urepa_config.SPEED_KEYS
+    for mask in range(2 ** len(keys)):
+        settings = {key: bool(mask >> n & 1) for n, key in enumerate(keys)}
+        assert urepa_config.speed_settings(urepa_config.speed_resource(settings)) == settings
+    assert urepa_config.speed_resource(dict.fromkeys(keys, False)) == "none"
+    with pytest.raises(urepa_config.ConfigError, match="resource 'speed'.*'turbo'"):
+        urepa_config.speed_settings("tf32+turbo")
+    config = urepa_config.load_yaml(REPO / "config" / "config.yaml")
+    settings = urepa_config.train_settings(config, "tierA", "urepa")
+    assert set(keys) <= set(settings) and not set(keys) & set(urepa_config.without_launch(settings))
