@@ -17,6 +17,7 @@ Device, batch size and workers default to the config's `device`, `cache.batch_si
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import sys
 import tempfile
@@ -107,6 +108,8 @@ def cache_records(csv: Path, classes_csv: Path, sd15_dir: Path, dinov2: Path, im
     from urepa.sd15 import load_text_encoder, load_vae
 
     rows, prompts = len(pd.read_csv(csv)), len(pd.read_csv(classes_csv)) + 1
+    # The CLIP rule, as this call, takes build_clip_cache's own prompt batch.
+    clip_batch = inspect.signature(build_clip_cache).parameters["batch_size"].default
     builds = {
         "vae": ("VAE latents", f"{image_size} px", rows, "images", lambda: load_vae(sd15_dir, device),
                 lambda: build_vae_cache(csv, cache_dir / "vae_latents.zarr", Path(sd15_dir) / "vae", image_size,
@@ -125,7 +128,8 @@ def cache_records(csv: Path, classes_csv: Path, sd15_dir: Path, dinov2: Path, im
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         wall = timed(build)
-        records.append({"cache": cache, "input": size, "items": items, "unit": unit, "batch": batch_size,
+        records.append({"cache": cache, "input": size, "items": items, "unit": unit,
+                        "batch": clip_batch if name == "clip" else batch_size,
                         "wall s": wall, "load s": load_s, "items/s": items / wall,
                         "items/s excl. load": items / max(wall - load_s, 1e-9), "peak GiB": peak_gib(device)})
     return records

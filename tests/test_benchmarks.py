@@ -76,6 +76,8 @@ def test_every_section_runs_at_smoke_scale_and_reports_its_figures(smoke_suite):
     assert set(caches) == {"VAE latents", "DINOv2 tokens", "CLIP embeddings"}
     assert caches["VAE latents"]["items"] == caches["DINOv2 tokens"]["items"] == 64
     assert caches["CLIP embeddings"]["items"] == 17  # 16 class prompts and the empty one
+    assert caches["VAE latents"]["batch"] == caches["DINOv2 tokens"]["batch"] == 32  # config cache.batch_size
+    assert caches["CLIP embeddings"]["batch"] == 64  # build_clip_cache's own, as the rule calls it
     assert all(r["items/s"] > 0 for r in caches.values())
 
     sampling = {r["preset"]: r for r in records(report, "sampling")}
