@@ -375,7 +375,8 @@ def speed_settings(resource: str) -> dict[str, bool]:
     named = set() if resource == "none" else set(resource.split("+"))
     unknown = named - set(SPEED_KEYS)
     if unknown:
-        raise ConfigError(f"resource 'speed': unknown speed option(s) {sorted(unknown)}; known: {', '.join(SPEED_KEYS)}")
+        raise ConfigError(f"resource 'speed': unknown speed option(s) {sorted(unknown)}; "
+                          f"known: {', '.join(SPEED_KEYS)}")
     return {key: key in named for key in SPEED_KEYS}
 
 
