@@ -17,6 +17,7 @@ Device, batch size and workers default to the config's `device`, `cache.batch_si
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import sys
 import tempfile
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ILSVRC root (default: generate the smoke tree)")
     parser.add_argument("--sd15-dir", type=Path, default=None, help="SD-1.5 diffusers folder (default: tiny random)")
     parser.add_argument("--dinov2", type=Path, default=None, help="DINOv2 folder or .pth (default: tiny random)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="random encoders of the real shapes (SD-VAE, CLIP ViT-L/14 text, DINOv2-L) where no "
+                             "folder is given; use with a tier of 512 px images and 224 px DINOv2, e.g. rehearsal")
     parser.add_argument("--images-per-class", type=int, default=None,
                         help="subset size per class (default: the tier's images_per_class)")
     parser.add_argument("--repeat", type=int, default=4,
@@ -70,6 +74,84 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def make_encoders(out_dir: Path, full_size: bool, image_size: int, seed: int = 0) -> tuple[Path, Path]:
+    """Random encoders the cache rules load: an SD-1.5 folder with only vae/, text_encoder/ and tokenizer/ (the
+    U-Net is not needed), and a DINOv2 folder; `full_size`: SD-VAE, CLIP ViT-L/14 text and DINOv2-L shapes."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from urepa.sd15 import SD15_TEXT_ENCODER_CONFIG
+
+    sd15 = out_dir / "sd15"
+    torch.manual_seed(seed)
+    generated.random_vae(image_size, full_size).save_pretrained(sd15 / "vae")
+    tokenizer = generated.tiny_clip_tokenizer()
+    tokenizer.save_pretrained(sd15 / "tokenizer")
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    text = SD15_TEXT_ENCODER_CONFIG if full_size else dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32)
+    CLIPTextModel(CLIPTextConfig(**text, **special)).save_pretrained(sd15 / "text_encoder")
+    return sd15, generated.make_dinov2(out_dir / "dinov2", full_size, seed)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def cache_records(csv: Path, classes_csv: Path, sd15_dir: Path, dinov2: Path, image_size: int, dino_size: int,
+                  batch_size: int, workers: int, device: torch.device, only: list[str], cache_dir: Path) -> list[dict]:
+    """Per cache of `only` ("vae", "dino", "clip"), one record: items/s of the `urepa.caches.build_*` call the rule
+    makes (image decoding, encoding and writing; the model's load included) and excluding a separate warm load of
+    the model, with the peak device memory of the build on CUDA."""
+    from urepa.dinov2 import load_dinov2
+    from urepa.sd15 import load_text_encoder, load_vae
+
+    rows, prompts = len(pd.read_csv(csv)), len(pd.read_csv(classes_csv)) + 1
+    # The CLIP rule, as this call, takes build_clip_cache's own prompt batch.
+    clip_batch = inspect.signature(build_clip_cache).parameters["batch_size"].default
+    builds = {
+        "vae": ("VAE latents", f"{image_size} px", rows, "images", lambda: load_vae(sd15_dir, device),
+                lambda: build_vae_cache(csv, cache_dir / "vae_latents.zarr", Path(sd15_dir) / "vae", image_size,
+                                        batch_size, workers, device)),
+        "dino": ("DINOv2 tokens", f"{dino_size} px", rows, "images", lambda: load_dinov2(dinov2, device),
+                 lambda: build_dino_cache(csv, cache_dir / "dino_tokens.zarr", dinov2, image_size, dino_size,
+                                          batch_size, workers, device)),
+        "clip": ("CLIP embeddings", "77 tokens", prompts, "prompts", lambda: load_text_encoder(sd15_dir, device),
+                 lambda: build_clip_cache(classes_csv, cache_dir / "clip_embeddings.zarr", sd15_dir, device)),
+    }
+    records = []
+    for name in only:
+        cache, size, items, unit, load, build = builds[name]
+        load_s = timed(load)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        wall = timed(build)
+        records.append({"cache": cache, "input": size, "items": items, "unit": unit,
+                        "batch": clip_batch if name == "clip" else batch_size,
+                        "wall s": wall, "load s": load_s, "items/s": items / wall,
+                        "items/s excl. load": items / max(wall - load_s, 1e-9), "peak GiB": peak_gib(device)})
+    return records
+
+
+def write_inputs(work: Path, imagenet: Path, images_per_class: int, repeat: int, clip_classes: int,
+                 seed: int) -> tuple[Path, Path]:
+    """The subset CSV (its rows repeated `repeat` times) and a classes CSV of `clip_classes` prompts."""
+    table = build_subset(imagenet, images_per_class, seed)
+    if repeat > 1:
+        table = pd.concat([table] * repeat, ignore_index=True)
+        table["id"] = [f"{image_id}_{n}" for n, image_id in enumerate(table["id"])]
+    csv = work / "subset.csv"
+    table.to_csv(csv, index=False)
+    classes = list_classes(imagenet)
+    names = [f"{classes['name'][i % len(classes)]} {i}" for i in range(clip_classes)]
+    classes_csv = work / "classes.csv"
+    pd.DataFrame({"class_id": range(len(names)), "synset": [f"n{i:08d}" for i in range(len(names))],
+                  "name": names}).to_csv(classes_csv, index=False)
+    return csv, classes_csv
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(level=30 if args.quiet else 20)
@@ -89,56 +171,23 @@ def main(argv=None) -> None:
         if imagenet is None:
             spec = {"classes": 4, "train_images": 24, **tier.get("generated", {}), "val_images": 0}
             imagenet = generated.make_imagenet_tree(work / "imagenet", seed=seed, **spec)
-        sd15_dir = args.sd15_dir or generated.make_sd15(work / "sd15", tier["image_size"], seed=seed)
-        dinov2 = args.dinov2 or generated.make_dinov2(work / "dinov2", seed=seed)
-
-        table = build_subset(imagenet, args.images_per_class or tier["images_per_class"], seed)
-        if args.repeat > 1:
-            table = pd.concat([table] * args.repeat, ignore_index=True)
-            table["id"] = [f"{image_id}_{n}" for n, image_id in enumerate(table["id"])]
-        csv = work / "subset.csv"
-        table.to_csv(csv, index=False)
-        classes = list_classes(imagenet)
-        names = [f"{classes['name'][i % len(classes)]} {i}" for i in range(args.clip_classes)]
-        classes_csv = work / "classes.csv"
-        pd.DataFrame({"class_id": range(len(names)), "synset": [f"n{i:08d}" for i in range(len(names))],
-                      "name": names}).to_csv(classes_csv, index=False)
-
-        from urepa.dinov2 import load_dinov2
-        from urepa.sd15 import load_text_encoder, load_vae
-
-        results = []
+        sd15_dir, dinov2 = args.sd15_dir, args.dinov2
+        if sd15_dir is None or dinov2 is None:
+            made_sd15, made_dinov2 = make_encoders(work / "encoders", args.full_size, tier["image_size"], seed)
+            sd15_dir, dinov2 = sd15_dir or made_sd15, dinov2 or made_dinov2
+        csv, classes_csv = write_inputs(work, imagenet, args.images_per_class or tier["images_per_class"],
+                                        args.repeat, args.clip_classes, seed)
         cache_dir = work / "cache"
         shutil.rmtree(cache_dir, ignore_errors=True)
-        if "vae" in args.only:
-            load = timed(load_vae, sd15_dir, device)
-            wall = timed(build_vae_cache, csv, cache_dir / "vae_latents.zarr", Path(sd15_dir) / "vae",
-                         tier["image_size"], batch_size, workers, device)
-            results.append(("VAE latents", f"{tier['image_size']} px", len(table), "images", wall, load))
-        if "dino" in args.only:
-            load = timed(load_dinov2, dinov2, device)
-            wall = timed(build_dino_cache, csv, cache_dir / "dino_tokens.zarr", dinov2, tier["image_size"],
-                         tier["dino_size"], batch_size, workers, device)
-            results.append(("DINOv2 tokens", f"{tier['dino_size']} px", len(table), "images", wall, load))
-        if "clip" in args.only:
-            load = timed(load_text_encoder, sd15_dir, device)
-            wall = timed(build_clip_cache, classes_csv, cache_dir / "clip_embeddings.zarr", sd15_dir, device)
-            results.append(("CLIP embeddings", "77 tokens", len(names) + 1, "prompts", wall, load))
-
+        results = cache_records(csv, classes_csv, sd15_dir, dinov2, tier["image_size"], tier["dino_size"],
+                                batch_size, workers, device, args.only, cache_dir)
         print()
         print(f"cache-building throughput | tier {tier_name} | device {device} | batch {batch_size} | "
               f"workers {workers} | torch threads {torch.get_num_threads()}")
-        source = "the smoke tier's generated " if args.work_dir is None and not args.imagenet_dir else ""
-        print(f"inputs: {source}images ({len(table) // args.repeat} rows x {args.repeat}), "
-              f"SD-1.5 {'tiny random' if args.sd15_dir is None else sd15_dir}, "
-              f"DINOv2 {'tiny random' if args.dinov2 is None else dinov2}")
-        header = (f"{'cache':<16} {'input':>9} {'items':>7} {'unit':>8} {'wall s':>8} {'load s':>7} {'items/s':>9} "
-                  f"{'excl. load':>11}")
-        print(header)
-        print("-" * len(header))
-        for name, size, items, unit, wall, load in results:
-            print(f"{name:<16} {size:>9} {items:>7} {unit:>8} {wall:>8.2f} {load:>7.2f} {items / wall:>9.1f} "
-                  f"{items / max(wall - load, 1e-9):>11.1f}")
+        random = "full-size random" if args.full_size else "tiny random"
+        print(f"inputs: {'generated ' if args.imagenet_dir is None else ''}images, SD-1.5 encoders "
+              f"{random if args.sd15_dir is None else sd15_dir}, DINOv2 {random if args.dinov2 is None else dinov2}")
+        print(pd.DataFrame(results).to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep=""))
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

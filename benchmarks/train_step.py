@@ -11,6 +11,8 @@ step alone; benchmarks/data_read.py measures the cache reads that feed it.
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +57,9 @@ def build_parts(scale: str, workdir: Path):
         scheduler = load_noise_scheduler(sd15)
         latent, tokens, text = (4, 16, 16), (16, 64), (77, 32)
     else:
-        unet_factory = lambda: UNet2DConditionModel(**SD15_UNET_CONFIG)  # noqa: E731
+        # Drawn once and copied for each measurement, instead of drawing 860M random weights again each time.
+        template = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet_factory = lambda: copy.deepcopy(template)  # noqa: E731
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                   beta_schedule="scaled_linear")
         latent, tokens, text = (4, 64, 64), (256, 1024), (77, 768)
@@ -67,54 +71,77 @@ RANDOM_VAE = {"name": "random latents", "path": None, "fingerprint": None}
 SD15_NORMALISATION = LatentNormalisation.from_config(SD15_VAE_CONFIG)
 
 
-def measure(args, unet_factory, scheduler, latent, tokens, text, ablation: str, finetune: str, batch: int,
-            workdir: Path) -> dict:
+def free_device_memory(device: torch.device) -> None:
+    """Give back what a finished (or failed: out of memory) measurement held, before the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(parts, scale: str, device: torch.device, ablation: str, finetune: str, batch: int, workdir: Path,
+            steps: int, warmup: int, peak_tflops: float, gradient_checkpointing: bool = False,
+            speed: dict | None = None) -> dict:
+    """One training-step record: it/s, images/s, the time per phase, FLOPs per step, achieved TFLOP/s and, on CUDA,
+    peak memory and MFU against `peak_tflops`. `speed`: speed options (config `train`) over the config's."""
     from urepa.train import Trainer
 
+    unet_factory, scheduler, latent, tokens, text = parts
     config = load_yaml(REPO / "config" / "config.yaml")
-    settings = train_settings(config, "smoke" if args.scale == "smoke" else "tierA", ablation)
+    settings = train_settings(config, "smoke" if scale == "smoke" else "tierA", ablation)
     settings.update(batch_size=batch, finetune=finetune, max_steps=10_000, learning_rate=1e-4,
-                    gradient_checkpointing=args.gradient_checkpointing)
-    if args.scale == "full":
+                    gradient_checkpointing=gradient_checkpointing, **(speed or {}))
+    if scale == "full":
         settings["projector_hidden"] = 2048
     rows = max(4 * batch, 64)
-    classes = 1000 if args.scale == "full" else 4
+    classes = 1000 if scale == "full" else 4
     clip = np.random.default_rng(0).standard_normal((classes + 1, *text)).astype(np.float16)
-    device = torch.device(args.device)
     torch.manual_seed(0)
     trainer = Trainer(unet_factory(), scheduler, MemoryRows(rows, latent, tokens, classes), np.arange(rows), clip,
                       classes, tokens[1], int(tokens[0] ** 0.5), SD15_NORMALISATION, RANDOM_VAE, settings,
                       workdir / f"run-{ablation}-{finetune}-{batch}", seed=0, device=device, num_workers=0,
                       time_phases=True, report_to="none")
-    batches = iter(trainer.batches(0))
-    for _ in range(args.warmup):
-        trainer.step(next(batches))
-    # FLOPs of one step (forward and backward), counted on a step outside the timed ones.
-    with FlopCounterMode(display=False) as counter:
-        trainer.step(next(batches))
-    flops = counter.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer.timer.totals.clear()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        with trainer.timer("data"):
-            batch_rows = next(batches)
-        trainer.step(batch_rows)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    step_time = elapsed / args.steps
+    try:
+        batches = iter(trainer.batches(0))
+        for _ in range(warmup):
+            trainer.step(next(batches))
+        # FLOPs of one step (forward and backward), counted on a step outside the timed ones.
+        with FlopCounterMode(display=False) as counter:
+            trainer.step(next(batches))
+        flops = counter.get_total_flops()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.timer.totals.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with trainer.timer("data"):
+                batch_rows = next(batches)
+            trainer.step(batch_rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = (time.perf_counter() - start) / steps
+        phases = dict(trainer.timer.totals)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    finally:
+        trainer.accelerator.free_memory()
+        del trainer
+        free_device_memory(device)
     result = {"ablation": ablation, "finetune": finetune, "batch": batch, "it/s": 1 / step_time,
-              "step ms": 1000 * step_time}
-    result.update({f"{k} ms": 1000 * v / args.steps for k, v in trainer.timer.totals.items()})
+              "images/s": batch / step_time, "step ms": 1000 * step_time}
+    result.update({f"{k} ms": 1000 * v / steps for k, v in phases.items()})
     result["TFLOP/step"] = flops / 1e12
     result["achieved TFLOP/s"] = flops / step_time / 1e12
-    if device.type == "cuda":
-        result["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["MFU %"] = 100 * result["achieved TFLOP/s"] / args.peak_tflops
-    trainer.accelerator.free_memory()
+    if peak is not None:
+        result["peak GiB"] = peak
+        result["MFU %"] = 100 * result["achieved TFLOP/s"] / peak_tflops
     return result
+
+
+def with_overhead(records: list[dict]) -> list[dict]:
+    """Each record with its step time over the baseline's at the same fine-tuning mode and batch (the alignment's
+    cost, in %), where both were measured."""
+    base = {(r["finetune"], r["batch"]): r["step ms"] for r in records if r["ablation"] == "baseline"}
+    return [{**r, "overhead vs baseline %": 100 * (r["step ms"] / base[r["finetune"], r["batch"]] - 1)}
+            if (r["finetune"], r["batch"]) in base else r for r in records]
 
 
 def main() -> None:
@@ -130,19 +157,16 @@ def main() -> None:
                         help="the GPU's dense bf16 peak for MFU (H100 SXM: 989; A100: 312)")
     args = parser.parse_args()
     batch_sizes = args.batch_sizes or ([8] if args.scale == "smoke" else [48, 64])
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         parts = build_parts(args.scale, workdir)
-        results = [measure(args, *parts, ablation, finetune, batch, workdir)
+        results = [measure(parts, args.scale, device, ablation, finetune, batch, workdir, args.steps, args.warmup,
+                           args.peak_tflops, args.gradient_checkpointing)
                    for finetune in args.finetune for batch in batch_sizes for ablation in ("baseline", "urepa")]
-    table = pd.DataFrame(results)
-    for (finetune, batch), group in table.groupby(["finetune", "batch"]):
-        base = group.loc[group["ablation"] == "baseline", "step ms"].item()
-        table.loc[group.index, "overhead vs baseline %"] = 100 * (group["step ms"] / base - 1)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
           f"scale: {args.scale}, {args.steps} timed steps after {args.warmup} warm-up")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-
+    print(pd.DataFrame(with_overhead(results)).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from train_step import MemoryRows, build_parts, measure  # benchmarks/ is the script's folder
+from train_step import MemoryRows, build_parts, free_device_memory, measure  # benchmarks/ is the script's folder
 from urepa.config import load_yaml, tune_settings, tune_unet_settings
 from urepa.reconstruction import load_lpips
 from urepa.sd15 import SD15_VAE_CONFIG
@@ -51,19 +51,20 @@ def build_vae(scale: str, workdir: Path):
     return lambda: AutoencoderKL(**SD15_VAE_CONFIG)
 
 
-def measure_tuning(args, parts, vae_factory, batch: int, workdir: Path) -> dict:
+def measure_tuning(parts, vae_factory, scale: str, device: torch.device, batch: int, workdir: Path, steps: int,
+                   warmup: int, gan: bool, gradient_checkpointing: bool) -> dict:
+    """One tuning-step record: it/s, images/s, the time per pass and, on CUDA, peak memory."""
     unet_factory, scheduler, latent, tokens, text = parts
     config = load_yaml(REPO / "config" / "config.yaml")
-    tier = "smoke" if args.scale == "smoke" else "tierA"
-    tune = tune_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000, "gan": args.gan,
-                                                    "gradient_checkpointing": args.gradient_checkpointing}
+    tier = "smoke" if scale == "smoke" else "tierA"
+    tune = tune_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000, "gan": gan,
+                                                    "gradient_checkpointing": gradient_checkpointing}
     unet = tune_unet_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000}
-    if args.scale == "full":
+    if scale == "full":
         unet["projector_hidden"] = 2048
-    image_size = 128 if args.scale == "smoke" else 512
-    rows, classes = max(4 * batch, 64), (4 if args.scale == "smoke" else 1000)
+    image_size = 128 if scale == "smoke" else 512
+    rows, classes = max(4 * batch, 64), (4 if scale == "smoke" else 1000)
     clip = np.random.default_rng(0).standard_normal((classes + 1, *text)).astype(np.float16)
-    device = torch.device(args.device)
     lpips_model, _ = load_lpips(None, device)
     torch.manual_seed(0)
     reference = (np.zeros(latent[0]), np.full(latent[0], 25.0))
@@ -72,25 +73,45 @@ def measure_tuning(args, parts, vae_factory, batch: int, workdir: Path) -> dict:
                      tokens[1], int(tokens[0] ** 0.5), reference, lpips_model, unet, tune,
                      workdir / f"tune-{batch}", seed=0, device=device, num_workers=0, vae_name="benchmark",
                      time_phases=True)
-    batches = iter(tuner.batches(0))
-    for _ in range(args.warmup):
-        tuner.step(next(batches))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    tuner.timer.totals.clear()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        tuner.step(next(batches))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    step_time = (time.perf_counter() - start) / args.steps
-    result = {"stage": "tune_vae", "batch": batch, "it/s": 1 / step_time, "images/s": batch / step_time,
+    try:
+        batches = iter(tuner.batches(0))
+        for _ in range(warmup):
+            tuner.step(next(batches))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tuner.timer.totals.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            tuner.step(next(batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = (time.perf_counter() - start) / steps
+        phases = dict(tuner.timer.totals)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    finally:
+        tuner.accelerator.free_memory()
+        del tuner, lpips_model
+        free_device_memory(device)
+    result = {"stage": "tune_vae", "gan": gan, "batch": batch, "it/s": 1 / step_time, "images/s": batch / step_time,
               "step ms": 1000 * step_time}
-    result.update({f"{k} ms": 1000 * v / args.steps for k, v in tuner.timer.totals.items()})
-    if device.type == "cuda":
-        result["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    tuner.accelerator.free_memory()
+    result.update({f"{k} ms": 1000 * v / steps for k, v in phases.items()})
+    if peak is not None:
+        result["peak GiB"] = peak
     return result
+
+
+def tuning_records(parts, vae_factory, scale: str, device: torch.device, batch_sizes: list[int], workdir: Path,
+                   steps: int, warmup: int, gan: bool, gradient_checkpointing: bool) -> list[dict]:
+    """Per batch size, the tuning step's record with its ratio to a train_unet step (U-REPA, LoRA) at that batch."""
+    rows = []
+    for batch in batch_sizes:
+        tuning = measure_tuning(parts, vae_factory, scale, device, batch, workdir, steps, warmup, gan,
+                                gradient_checkpointing)
+        unet_step = measure(parts, scale, device, "urepa", "lora", batch, workdir, steps, warmup, peak_tflops=989.0)
+        tuning["train_unet step ms"] = unet_step["step ms"]
+        tuning["ratio to train_unet"] = tuning["step ms"] / unet_step["step ms"]
+        rows.append(tuning)
+    return rows
 
 
 def main() -> None:
@@ -105,25 +126,15 @@ def main() -> None:
                         help="the VAE's (tune_vae's default)")
     args = parser.parse_args()
     batch_sizes = args.batch_sizes or ([4] if args.scale == "smoke" else [8, 16])
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         parts = build_parts(args.scale, workdir)
-        vae_factory = build_vae(args.scale, workdir)
-        for batch in batch_sizes:
-            tuning = measure_tuning(args, parts, vae_factory, batch, workdir)
-            # train_step.measure reads these options too: the U-Net step at the same batch, U-REPA with LoRA.
-            step_args = argparse.Namespace(scale=args.scale, device=args.device, steps=args.steps,
-                                           warmup=args.warmup, gradient_checkpointing=False, peak_tflops=989.0)
-            unet_step = measure(step_args, *parts, "urepa", "lora", batch, workdir)
-            tuning["train_unet step ms"] = unet_step["step ms"]
-            tuning["ratio to train_unet"] = tuning["step ms"] / unet_step["step ms"]
-            rows.append(tuning)
+        rows = tuning_records(parts, build_vae(args.scale, workdir), args.scale, torch.device(args.device),
+                              batch_sizes, workdir, args.steps, args.warmup, args.gan, args.gradient_checkpointing)
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
           f"scale: {args.scale}, GAN {'on' if args.gan else 'off'}, {args.steps} timed steps after {args.warmup} "
           f"warm-up")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-
 
 if __name__ == "__main__":
     main()

@@ -405,3 +405,18 @@ def test_the_variants_plan_one_training_each_on_the_shared_caches(tmp_path):
         "train_unet": "5", "metrics": "5", "alignment": "5", "cache_dino": "1", "cache_clip": "1", "report": "1"}
     for ablation in ("irepa", "haste", "token_manifold"):
         assert f"results/smoke/{ablation}/seed-0/model" in result.stdout
+
+
+def test_the_speed_options_travel_as_one_resource_and_stay_out_of_the_run_identity():
+    """Every combination of speed options survives the `speed` resource's round trip; an unknown name is refused
+    naming the resource; none of them is in the settings a run's identity and the train rule's params hold."""
+    keys = urepa_config.SPEED_KEYS
+    for mask in range(2 ** len(keys)):
+        settings = {key: bool(mask >> n & 1) for n, key in enumerate(keys)}
+        assert urepa_config.speed_settings(urepa_config.speed_resource(settings)) == settings
+    assert urepa_config.speed_resource(dict.fromkeys(keys, False)) == "none"
+    with pytest.raises(urepa_config.ConfigError, match="resource 'speed'.*'turbo'"):
+        urepa_config.speed_settings("tf32+turbo")
+    config = urepa_config.load_yaml(REPO / "config" / "config.yaml")
+    settings = urepa_config.train_settings(config, "tierA", "urepa")
+    assert set(keys) <= set(settings) and not set(keys) & set(urepa_config.without_launch(settings))

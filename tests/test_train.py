@@ -50,7 +50,7 @@ from urepa.rowstore import CacheMismatchError, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset
 from urepa.runstate import complete_checkpoints, trained_state_names
-from urepa.train import LOG_COLUMNS, Trainer, train_run
+from urepa.train import LOG_COLUMNS, LOSS_TERMS, Trainer, train_run
 from urepa.vae import LatentNormalisation, VaeMismatchError
 
 BATCH = TRAIN_BATCH
@@ -1146,3 +1146,69 @@ def test_phase_timing_charges_every_phase_of_a_step_when_enabled(data, tmp_path,
         assert all(seconds > 0 for seconds in totals.values())
     else:
         assert not totals
+
+
+# -- 11. speed options ----------------------------------------------------------------------------------------------
+
+
+def steps_with(data, settings: dict, run_dir: Path, steps: int) -> tuple[list[dict], list[list[torch.Tensor]], list]:
+    """The logged values of a trainer's first `steps` steps, its trainable weights before and after each, and the
+    gradients its first optimiser step stepped with."""
+    trainer = make_trainer(data, settings, run_dir)
+    grads, optimizer_step = [], trainer.optimizer.step
+
+    def spying_step(*args, **kwargs):
+        if not grads:
+            grads.extend(p.grad.detach().clone() for p in trainer.trainable)
+        return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = spying_step
+    weights = [[p.detach().clone() for p in trainer.trainable]]
+    values = []
+    for step in range(steps):
+        values.append(trainer.step(batch_of(trainer, data, first=step * BATCH)))
+        weights.append([p.detach().clone() for p in trainer.trainable])
+    return values, weights, grads
+
+
+SPEED_OFF = {"tf32": False, "fused_adamw": False, "compile": False, "channels_last": False, "pin_memory": False}
+
+
+@pytest.mark.parametrize("finetune", ["lora", "partial"])
+@pytest.mark.parametrize("option", ["fused_adamw", "channels_last",
+                                    pytest.param("compile", marks=pytest.mark.slow)])  # inductor: minutes on a CPU
+def test_a_speed_option_leaves_losses_and_weights_within_float_noise(data, tmp_path, option, finetune):
+    """Three U-REPA steps with the option on log what they log with it off, every term within 1e-5 relative. The
+    model options (channels_last, compile) change the arithmetic of the forward and backward: the first step's
+    gradients agree within 1e-4 relative (1e-5 of the largest). fused_adamw changes the update's: from the same
+    gradients, the first update is within 1e-4 of the largest. Updates after a changed gradient are not compared
+    weight by weight: Adam's first steps move a weight by ~lr x g / (|g| + eps), so a weight whose gradient is near
+    eps moves by a different share of lr on float noise alone (measured with channels_last: 2.5e-1 of lr)."""
+    settings = settings_for(steps=8, finetune=finetune, **SPEED_OFF)
+    off_values, off_weights, off_grads = steps_with(data, settings, tmp_path / "off", 3)
+    on_values, on_weights, on_grads = steps_with(data, {**settings, option: True}, tmp_path / "on", 3)
+    for step, (off, on) in enumerate(zip(off_values, on_values)):
+        for term in LOSS_TERMS:
+            assert on[term] == pytest.approx(off[term], rel=1e-5), (step, term)
+    assert all(torch.equal(a, b) for a, b in zip(on_weights[0], off_weights[0]))
+    assert len(on_grads) == len(off_grads) and any(g.abs().sum() > 0 for g in off_grads)
+    for a, b in zip(on_grads, off_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-12)
+    if option == "fused_adamw":
+        off_update = [after - before for after, before in zip(off_weights[1], off_weights[0])]
+        on_update = [after - before for after, before in zip(on_weights[1], on_weights[0])]
+        largest = max(float(u.abs().max()) for u in off_update)
+        worst = max(float((a - b).abs().max()) for a, b in zip(on_update, off_update))
+        assert largest > 0 and worst <= 1e-4 * largest, (worst, largest)
+
+
+def test_the_cuda_only_speed_options_change_nothing_on_the_cpu_and_say_so(data, tmp_path, caplog):
+    """tf32 and pin_memory on the CPU: the same steps bit for bit, and a log line naming each as CUDA only."""
+    settings = settings_for(steps=8, **SPEED_OFF)
+    off_values, off_weights, _ = steps_with(data, settings, tmp_path / "off", 2)
+    with caplog.at_level(logging.INFO):
+        on_values, on_weights, _ = steps_with(data, {**settings, "tf32": True, "pin_memory": True}, tmp_path / "on", 2)
+    assert on_values == off_values
+    assert all(torch.equal(a, b) for a, b in zip(on_weights[-1], off_weights[-1]))
+    assert "tf32: CUDA only, no effect on cpu" in caplog.text
+    assert "pin_memory: CUDA only, no effect on cpu" in caplog.text

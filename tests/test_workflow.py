@@ -170,7 +170,7 @@ def rule_settings(tmp_path: Path, monkeypatch, config_overrides: dict) -> dict:
             rule = workflow.get_rule(name)
             params = {key: value(wildcards) if callable(value) else value for key, value in rule.params.items()}
             resources = {key: value.evaluate(wildcards).value for key, value in rule.resources.items()
-                         if key in ("device", "data_workers", "processes", "grad_accum", "report_to")}
+                         if key in ("device", "data_workers", "processes", "grad_accum", "report_to", "speed")}
             found[name] = (params, resources)
     return found
 
@@ -181,15 +181,16 @@ def test_how_a_job_runs_is_in_its_resources_and_changes_no_params(tmp_path, monk
     params changed). What a job computes from does change them. No script reads snakemake.config."""
     default = rule_settings(tmp_path / "default", monkeypatch, {})
     moved = rule_settings(tmp_path / "moved", monkeypatch, {"device": "cpu", "num_workers": 0, "report_to": "none",
-                                                            "train": {"processes": 2, "grad_accum": 2}})
+                                                            "train": {"processes": 2, "grad_accum": 2, "compile": True,
+                                                                      "tf32": False}})
     for name, (params, resources) in default.items():
         assert moved[name][0] == params, name
         assert resources["device"] == "auto" and moved[name][1]["device"] == "cpu", name
         assert resources["data_workers"] == 2 and moved[name][1]["data_workers"] == 0, name
     assert default["train_unet"][1] == {"device": "auto", "data_workers": 2, "processes": 1, "grad_accum": 1,
-                                        "report_to": "tensorboard"}
+                                        "report_to": "tensorboard", "speed": "tf32+fused_adamw+pin_memory"}
     assert moved["train_unet"][1] == {"device": "cpu", "data_workers": 0, "processes": 2, "grad_accum": 2,
-                                      "report_to": "none"}
+                                      "report_to": "none", "speed": "fused_adamw+compile+pin_memory"}
     batch = rule_settings(tmp_path / "batch", monkeypatch, {"sample": {"batch_size": 3}, "evaluate": {"batch_size": 5}})
     assert batch["sample_shard"][0]["batch_size"] == 3
     evaluating = ("reference_stats", "metrics", "point_metrics", "alignment", "probe", "probe_references")

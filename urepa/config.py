@@ -359,7 +359,25 @@ def _merge(base: dict, override: dict) -> dict:
 # `train` keys that say how a run is executed, not what it computes (the results agree to floating-point
 # reordering: tests/test_train_distributed.py). They stay out of the run's identity and of the train rule's
 # params, so a run resumes on another number of GPUs, and changing them reruns nothing.
-LAUNCH_KEYS = ("processes", "grad_accum")
+# The speed options (tests/test_train.py: a run with each on ends within float noise of one with it off) are launch
+# keys too: a run resumes with them changed, and the rule hands them over as its `speed` resource.
+SPEED_KEYS = ("tf32", "fused_adamw", "compile", "channels_last", "pin_memory")
+LAUNCH_KEYS = ("processes", "grad_accum") + SPEED_KEYS
+
+
+def speed_resource(settings: dict) -> str:
+    """The speed options that are on, as one resource value ('tf32+pin_memory'; 'none')."""
+    return "+".join(key for key in SPEED_KEYS if settings[key]) or "none"
+
+
+def speed_settings(resource: str) -> dict[str, bool]:
+    """`speed_resource`'s inverse: every speed key, on or off."""
+    named = set() if resource == "none" else set(resource.split("+"))
+    unknown = named - set(SPEED_KEYS)
+    if unknown:
+        raise ConfigError(f"resource 'speed': unknown speed option(s) {sorted(unknown)}; "
+                          f"known: {', '.join(SPEED_KEYS)}")
+    return {key: key in named for key in SPEED_KEYS}
 
 
 def without_launch(settings: dict) -> dict:

@@ -160,6 +160,16 @@ def make_trainable(unet: nn.Module, finetune: str, lora_rank: int, lora_targets:
         raise ValueError(f"finetune must be 'lora', 'partial' or 'full', got {finetune!r}")
 
 
+def speed_up(unet: nn.Module, channels_last: bool, compile: bool) -> None:
+    """The U-Net's speed options, in place: NHWC memory for its convolutions, and `torch.compile` of its forward
+    (`nn.Module.compile`: the parameter names, hence checkpoints and exports, stay those of the plain module; the
+    feature-capture hooks on its blocks run inside the compiled graph)."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile:
+        unet.compile()
+
+
 @contextlib.contextmanager
 def ema_swapped(ema, params: list) -> None:
     """Within the block, `params` hold the EMA weights of diffusers' `EMAModel` `ema`; their own weights after."""

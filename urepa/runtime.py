@@ -237,6 +237,15 @@ def set_threads(threads: int) -> None:
                                      extra={FILE_ONLY: True})
 
 
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later): a 10-bit mantissa where
+    float32 has 23, below the rounding bf16 autocast already applies to the U-Net's own matmuls. Process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if enabled and torch.device(device).type != "cuda":
+        logging.getLogger(__name__).info("tf32: CUDA only, no effect on %s", device)
+
+
 class DiskFullError(OSError):
     """A write that failed for want of space (or quota); the message names the file system and the path."""
 

@@ -30,16 +30,16 @@ from torch.utils.data import DataLoader
 
 from . import export
 from .batches import GlobalBatch, StepBatches, TrainState, process_share
-from .config import without_launch
+from .config import SPEED_KEYS, without_launch
 from .digests import content_digest, file_digest, weights_fingerprint
 from .images import dinov2_view
 from .losses import AlignSchedule, Objective, diffusion_target, pooled_samples
-from .models import AlignedUNet, ema_swapped, make_trainable
+from .models import AlignedUNet, ema_swapped, make_trainable, speed_up
 from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import (StopSignals, checkpoint_trained_state, claim_run_state, complete_checkpoints,
                        load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
-from .runtime import PhaseTimer, progress, provenance
+from .runtime import PhaseTimer, progress, provenance, set_tf32
 from .vae import LatentNormalisation, check_same_vae, vae_record
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,18 @@ class Trainer:
             # Frozen base weights in bf16 halve memory and traffic; LoRA and heads stay fp32 masters.
             unet.to(torch.bfloat16)
             cast_training_params(self.model, dtype=torch.float32)
+        # The speed options (config `train`): how the step runs, not what it computes.
+        set_tf32(settings["tf32"], self.device)
+        speed_up(unet, settings["channels_last"], settings["compile"])
+        self.channels_last = settings["channels_last"]
+        self.pin_memory = settings["pin_memory"] and self.device.type == "cuda"
+        if settings["pin_memory"] and not self.pin_memory:
+            log.info("pin_memory: CUDA only, no effect on %s", self.device)
         self.align_schedule = AlignSchedule(settings["align_coeff"], **settings["align_schedule"])
 
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=settings["learning_rate"], betas=(0.9, 0.999),
-                                           weight_decay=settings["weight_decay"])
+                                           weight_decay=settings["weight_decay"], fused=settings["fused_adamw"])
         self.lr_scheduler = get_scheduler(
             "cosine", self.optimizer, num_warmup_steps=int(settings["warmup_ratio"] * settings["max_steps"]),
             num_training_steps=settings["max_steps"])
@@ -144,7 +151,7 @@ class Trainer:
         sampler = StepBatches(self.rows, self.settings["batch_size"], self.seed, start_step,
                               self.accelerator.process_index, self.accelerator.num_processes, self.grad_accum)
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on this process's share of the step's global batch (`process_share`):
@@ -160,7 +167,10 @@ class Trainer:
         latents = self.latent_normalisation.normalise(mean + std * draws["posterior"][share])
         noise, timesteps = draws["noise"][share], draws["timesteps"][share]
         classes = torch.where(draws["dropped"][share], self.null_index, batch["class_id"].to(device))
-        inputs = {"noisy": self.noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        inputs = {"noisy": noisy, "timesteps": timesteps,
                   "encoder_hidden_states": self.clip[classes], "tokens": target_tokens,
                   "target": diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction)}
         micro_batches = [dict(zip(inputs, part)) for part in zip(*(v.chunk(accumulate) for v in inputs.values()))]
@@ -347,7 +357,7 @@ def train_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vae_dir: 
         "caches": {"vae": content_digest(vae), "dino": content_digest(dino), "clip": content_digest(clip)}}
     with state.main_process_first():  # the others find the folder the main process has claimed
         # provenance: what changes the weights' last bits without changing the run (threads, device, build)
-        launch = {"processes": processes, "grad_accum": settings["grad_accum"],
+        launch = {"processes": processes, "grad_accum": settings["grad_accum"], **{k: settings[k] for k in SPEED_KEYS},
                   **provenance(device, mixed_precision=settings["mixed_precision"])}
         run_dir = (claim_run_state(Path(states_dir), identity, launch)
                    if state.is_main_process else run_state_dir(Path(states_dir), identity))

@@ -16,7 +16,7 @@ rule train_unet:
         model=report(directory("results/{tier}/{ablation}/seed-{seed}/model"), patterns=["loss_curve.png"],
                      caption="../report/loss_curve.rst", category="Training losses", subcategory="{ablation}, seed {seed}"),
     params:
-        # without processes / grad_accum: they change no result, so changing them reruns nothing
+        # without processes / grad_accum / the speed options: they change no result, so changing them reruns nothing
         settings=lambda w: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, w.ablation)),
         states_dir="results/{tier}/{ablation}/seed-{seed}/train_state",
         vae_subfolder=lambda w: vae_subfolder(run_vae(w)),
@@ -28,6 +28,7 @@ rule train_unet:
         # how the run is executed and tracked: neither changes its weights (nor its identity), so no rerun
         processes=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["processes"],
         grad_accum=lambda w: urepa_config.train_settings(config, w.tier, w.ablation)["grad_accum"],
+        speed=lambda w: urepa_config.speed_resource(urepa_config.train_settings(config, w.tier, w.ablation)),
         report_to=config["report_to"],
     wildcard_constraints:
         # the joint rows' U-Nets come from tune_vae (rule joint_unet)
