@@ -240,6 +240,8 @@ def set_threads(threads: int) -> None:
 def set_tf32(enabled: bool, device: torch.device) -> None:
     """TF32 tensor cores for float32 matmuls and convolutions (CUDA, Ampere and later): a 10-bit mantissa where
     float32 has 23, below the rounding bf16 autocast already applies to the U-Net's own matmuls. Process-wide."""
+    import torch
+
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     if enabled and torch.device(device).type != "cuda":
