@@ -256,16 +256,21 @@ def test_a_real_tier_needs_the_vgg16_weights_of_lpips(config, tmp_path):
         urepa_config.check_real_paths(config, "tierA")
 
 
-def test_one_more_vae_plans_one_more_latent_cache_and_shares_the_others(tmp_path):
-    """`--config ablation=e2e_vae`: the e2e VAE is generated, gets its own latent cache and reconstruction report;
-    the DINOv2 and CLIP caches stay one each, shared by the runs of both VAEs."""
+def planned_jobs(tmp_path, setting: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """`snakemake -n --config <setting>` in `tmp_path` with the project's config: the run, and its job count per
+    rule."""
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
-                             "-s", str(REPO / "Snakefile"), "--config", "ablation=e2e_vae"],
-                            capture_output=True, text=True)
+                             "-s", str(REPO / "Snakefile"), "--config", setting], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    return result, dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+
+
+def test_one_more_vae_plans_one_more_latent_cache_and_shares_the_others(tmp_path):
+    """`--config ablation=e2e_vae`: the e2e VAE is generated, gets its own latent cache and reconstruction report;
+    the DINOv2 and CLIP caches stay one each, shared by the runs of both VAEs."""
+    result, counts = planned_jobs(tmp_path, "ablation=e2e_vae")
     assert {k: counts[k] for k in ("generated_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval",
                                    "train_unet")} == {"generated_vae": "1", "cache_vae": "2", "cache_dino": "1",
                                                       "cache_clip": "1", "recon_eval": "2", "train_unet": "3"}
@@ -314,14 +319,7 @@ def test_the_repae_rows_plan_two_tunings_two_latent_caches_and_nothing_else_twic
     """recon_vae, repae, repae_baseline and repae_joint beside urepa and baseline: tune_vae once per tuned VAE, one
     latent cache each (the sd15 one shared), one DINOv2 and CLIP cache, a reconstruction report per VAE; the joint
     row's U-Net comes from the tuning run (no train_unet job) and its curve has the final point only."""
-    (tmp_path / "config").mkdir()
-    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
-                             "-s", str(REPO / "Snakefile"), "--config",
-                             "compare=[urepa,baseline,recon_vae,repae,repae_baseline,repae_joint]"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    result, counts = planned_jobs(tmp_path, "compare=[urepa,baseline,recon_vae,repae,repae_baseline,repae_joint]")
     assert {k: counts[k] for k in ("tune_vae", "cache_vae", "cache_dino", "cache_clip", "recon_eval", "train_unet",
                                    "joint_unet")} == {"tune_vae": "2", "cache_vae": "3", "cache_dino": "1",
                                                       "cache_clip": "1", "recon_eval": "3", "train_unet": "5",
@@ -393,14 +391,7 @@ def test_variant_settings_out_of_range_are_named(config, mutate, message):
 def test_the_variants_plan_one_training_each_on_the_shared_caches(tmp_path):
     """`compare=[urepa,baseline,irepa,haste,token_manifold]`: five trainings, each with its sample set, curve,
     analyses and report row; one set of caches for all."""
-    (tmp_path / "config").mkdir()
-    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-d", str(tmp_path),
-                             "-s", str(REPO / "Snakefile"), "--config",
-                             "compare=[urepa,baseline,irepa,haste,token_manifold]"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    result, counts = planned_jobs(tmp_path, "compare=[urepa,baseline,irepa,haste,token_manifold]")
     assert {k: counts[k] for k in ("train_unet", "metrics", "alignment", "cache_dino", "cache_clip", "report")} == {
         "train_unet": "5", "metrics": "5", "alignment": "5", "cache_dino": "1", "cache_clip": "1", "report": "1"}
     for ablation in ("irepa", "haste", "token_manifold"):
