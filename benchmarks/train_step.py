@@ -78,6 +78,25 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def timed_steps(runner, batches, steps: int, device: torch.device) -> tuple[float, dict[str, float], float | None]:
+    """Seconds per step over `steps` steps of `runner` (a Trainer or a VaeTuner, built with time_phases) on the
+    next batches of `batches`: with its phase totals (the batch reads charged to "data") and the peak GiB
+    allocated on CUDA (None elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner.timer.totals.clear()
+    start = time.perf_counter()
+    for _ in range(steps):
+        with runner.timer("data"):
+            rows = next(batches)
+        runner.step(rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    step_time = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return step_time, dict(runner.timer.totals), peak
+
+
 def measure(parts, scale: str, device: torch.device, ablation: str, finetune: str, batch: int, workdir: Path,
             steps: int, warmup: int, peak_tflops: float, gradient_checkpointing: bool = False,
             speed: dict | None = None) -> dict:
@@ -108,19 +127,7 @@ def measure(parts, scale: str, device: torch.device, ablation: str, finetune: st
         with FlopCounterMode(display=False) as counter:
             trainer.step(next(batches))
         flops = counter.get_total_flops()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        trainer.timer.totals.clear()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with trainer.timer("data"):
-                batch_rows = next(batches)
-            trainer.step(batch_rows)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time = (time.perf_counter() - start) / steps
-        phases = dict(trainer.timer.totals)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        step_time, phases, peak = timed_steps(trainer, batches, steps, device)
     finally:
         trainer.accelerator.free_memory()
         del trainer

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from train_step import MemoryRows, build_parts, free_device_memory, measure  # benchmarks/ is the script's folder
+# benchmarks/ is the script's folder
+from train_step import MemoryRows, build_parts, free_device_memory, measure, timed_steps
 from urepa.config import load_yaml, tune_settings, tune_unet_settings
 from urepa.reconstruction import load_lpips
 from urepa.sd15 import SD15_VAE_CONFIG
@@ -77,17 +77,7 @@ def measure_tuning(parts, vae_factory, scale: str, device: torch.device, batch: 
         batches = iter(tuner.batches(0))
         for _ in range(warmup):
             tuner.step(next(batches))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        tuner.timer.totals.clear()
-        start = time.perf_counter()
-        for _ in range(steps):
-            tuner.step(next(batches))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time = (time.perf_counter() - start) / steps
-        phases = dict(tuner.timer.totals)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        step_time, phases, peak = timed_steps(tuner, batches, steps, device)
     finally:
         tuner.accelerator.free_memory()
         del tuner, lpips_model
