@@ -209,10 +209,13 @@ class Suite:
             self.config["sample"]["batch_size"], self.scale["sample_steps"])) for name in ("fast", "full")])
 
     def features(self, section: Section) -> None:
-        inception = generated.make_inception(self.workdir / "inception")
+        # The tier's own FID network: Inception at full scale; the smoke tier's stand-in, whose metrics take
+        # seconds where 2048-feature matrix roots take minutes on a CPU.
+        kind = tier_settings(self.config, self.scale["tier"])["feature_network"]
+        weights = generated.make_inception(self.workdir / "inception") if kind == "inception" else None
         image_size = 512 if self.args.scale == "full" else 128
-        section.each([("inception features", lambda: feature_records(
-            "inception", inception, self.device, image_size, self.scale["feature_images"],
+        section.each([(f"{kind} features", lambda: feature_records(
+            kind, weights, self.device, image_size, self.scale["feature_images"],
             self.config["evaluate"]["batch_size"]))])
 
     def vae_tune(self, section: Section) -> None:
