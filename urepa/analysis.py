@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .images import dinov2_transform, open_rgb, vae_transform
+from .images import dinov2_transform, image_batch, open_rgb, vae_transform
 from .runtime import provenance
 from .vae import LatentNormalisation
 
@@ -225,21 +225,16 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
              val_csv, len(skipped), timesteps)
     chunks = [rows["img_path"].iloc[i:i + batch_size].tolist() for i in range(0, len(rows), batch_size)]
 
-    def images(paths, transform) -> torch.Tensor:
-        tensors = []
-        for path in paths:
-            tensors.append(transform(open_rgb(path)))
-        return torch.stack(tensors).to(device)
-
     encoder = load_dinov2(dinov2_path, device)
     to_dino = dinov2_transform(image_size, dino_size)
-    dino_tokens = torch.cat([encoder(images(paths, to_dino)).float().cpu() for paths in chunks])
+    dino_tokens = torch.cat([encoder(image_batch(paths, to_dino).to(device)).float().cpu() for paths in chunks])
     del encoder
     dino_pooled = dino_tokens.mean(dim=1)
 
     pipe = load_finetuned_pipeline(sd15_dir, weights_dir, device, dtype=torch.float32, vae_dir=vae_dir)
     to_vae = vae_transform(image_size)
-    latents = torch.cat([pipe.vae.encode(images(paths, to_vae)).latent_dist.mean.cpu() for paths in chunks])
+    latents = torch.cat([pipe.vae.encode(image_batch(paths, to_vae).to(device)).latent_dist.mean.cpu()
+                         for paths in chunks])
     latents = LatentNormalisation.from_config(pipe.vae.config).normalise(latents)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     cond = torch.from_numpy(np.asarray(clip_embeddings)[rows["class_id"].to_numpy()]).float()

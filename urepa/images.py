@@ -55,6 +55,13 @@ def to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_batch(paths, transform):
+    """The images at `paths`, each opened as RGB and `transform`ed to a tensor, stacked [len(paths), ...]."""
+    import torch
+
+    return torch.stack([transform(open_rgb(path)) for path in paths])
+
+
 def vae_transform(image_size: int) -> transforms.Compose:
     """Shorter side to `image_size` (bicubic), centre crop, scale to [-1, 1] as SD-1.5 was trained."""
     return transforms.Compose([

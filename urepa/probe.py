@@ -20,7 +20,7 @@ import torch
 
 from .analysis import analysis_layer, held_out_rows
 from .digests import file_digest, weights_fingerprint
-from .images import dinov2_transform, dinov2_view, open_rgb, vae_transform
+from .images import dinov2_transform, dinov2_view, image_batch, vae_transform
 from .rowstore import check_cache, open_arrays, valid_rows
 from .runtime import provenance
 from .vae import LatentNormalisation, check_same_vae, vae_record
@@ -112,10 +112,6 @@ def pooled_unet_features(unet, latents: torch.Tensor, image_ids, null_embedding,
         capture.remove()
 
 
-def _images(paths: list[str], transform) -> torch.Tensor:
-    return torch.stack([transform(open_rgb(path)) for path in paths])
-
-
 def _batches(count: int, batch_size: int) -> list[slice]:
     return [slice(start, start + batch_size) for start in range(0, count, batch_size)]
 
@@ -185,7 +181,7 @@ def probe_unet(csv, val_csv, sd15_dir, weights_dir, vae_dir, latent_cache, dino_
     to_vae = vae_transform(image_size)
 
     def encoded(rows):  # rounded to float16 as the cache stores them, so both sets' latents are alike
-        images = _images(rows["img_path"].tolist(), to_vae).to(device)
+        images = image_batch(rows["img_path"].tolist(), to_vae).to(device)
         return vae.encode(images).latent_dist.mean.half().cpu()
 
     result = fit_and_score(features(train, cached), train["class_id"], features(val, encoded), val["class_id"],
@@ -214,7 +210,7 @@ def probe_dinov2(csv, val_csv, dinov2_path, latent_cache, dino_cache, image_size
                          .float().mean(dim=1) for part in _batches(len(train), batch_size)])
     encoder = load_dinov2(dinov2_path, device)
     to_dino = dinov2_transform(image_size, dino_size)
-    val_x = torch.cat([encoder(_images(val["img_path"].iloc[part].tolist(), to_dino).to(device)).half().float()
+    val_x = torch.cat([encoder(image_batch(val["img_path"].iloc[part].tolist(), to_dino).to(device)).half().float()
                        .mean(dim=1).cpu() for part in _batches(len(val), batch_size)])
     result = fit_and_score(train_x.numpy(), train["class_id"], val_x.numpy(), val["class_id"], settings["C"],
                            settings["max_iter"])
