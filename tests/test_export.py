@@ -13,8 +13,8 @@ from PIL import Image
 from conftest import (CPU, SMOKE_IMAGE_SIZE, batch_of, make_trainer, settings_for, unet_prediction,
                       write_description, write_partial_weights)
 from urepa.export import (DESCRIPTION, TRAINED_UNET, BaseUnetMismatchError, base_unet_record, head_target_norm,
-                          inference_dtype, load_align_head, load_finetuned_pipeline, read_description,
-                          trained_scheduler)
+                          inference_dtype, is_pretrained, load_align_head, load_finetuned_pipeline, read_description,
+                          save_pretrained_description, trained_scheduler)
 from urepa.models import TRAINABLE_BLOCKS
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.train import Trainer
@@ -183,6 +183,30 @@ def test_the_runs_unet_replaces_the_base_one(pipeline, smoke_inputs):
     for name, loaded in pipeline.unet.named_parameters():
         expected = base[name] + 0.01 if name.startswith("mid_block.") else base[name]
         torch.testing.assert_close(loaded, expected)
+
+
+def test_the_pretrained_folder_holds_no_unet_weights_and_samples_sd15_as_it_is(smoke_inputs, tmp_path):
+    """The `pretrained` row's weights folder: a description and SD-1.5's scheduler, no weights; the pipeline
+    sampled from it has SD-1.5's U-Net, tensor for tensor, its scheduler and VAE; another base U-Net is refused."""
+    sd15 = smoke_inputs["sd15"]
+    save_pretrained_description(tmp_path, sd15, vae_record("sd15", sd15 / "vae"))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "scheduler/scheduler_config.json", "weights.json"]
+    assert is_pretrained(tmp_path) and read_description(tmp_path)["align_layers"] == []
+    pipe = load_finetuned_pipeline(sd15, tmp_path, CPU)
+    base, loaded = load_unet(sd15).state_dict(), pipe.unet.state_dict()
+    assert loaded.keys() == base.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in base.items())
+    def schedule(scheduler):  # the config's values (diffusers also notes which keys took defaults)
+        return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+    assert schedule(pipe.scheduler) == schedule(load_noise_scheduler(sd15))
+    assert pipe.vae_record["fingerprint"] == vae_record("sd15", sd15 / "vae")["fingerprint"]
+    description = read_description(tmp_path)
+    (tmp_path / DESCRIPTION).write_text(json.dumps({**description, "base_unet": {
+        **description["base_unet"], "fingerprint": "another U-Net"}}))
+    with pytest.raises(BaseUnetMismatchError, match="another U-Net"):
+        load_finetuned_pipeline(sd15, tmp_path, CPU)
 
 
 def test_lora_weights_are_fused_into_the_unet_they_were_trained_on(smoke_inputs, tmp_path):

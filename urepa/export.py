@@ -24,6 +24,9 @@ DESCRIPTION = "weights.json"
 # A snapshot's partial or full fine-tune: the U-Net's trained parameters only, by their state-dict names, to be put
 # into the base U-Net that weights.json's `base_unet` records (a partial snapshot is 1.3 GB instead of 3.4 GB).
 TRAINED_UNET = "unet_trained_parameters.safetensors"
+# weights.json's fine-tune mode of a folder that describes SD-1.5 as it is (`save_pretrained_description`): no
+# weights of its own, the base U-Net used unchanged.
+PRETRAINED = "none"
 
 
 class BaseUnetMismatchError(ValueError):
@@ -81,6 +84,23 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
             **({"base_unet": base_unet} if base_unet else {})}, indent=2))
 
 
+def save_pretrained_description(out_dir: str | Path, sd15_dir: str | Path, vae: dict) -> None:
+    """A weights folder for SD-1.5 as it is, so it is sampled and scored as every fine-tuned folder is: no U-Net
+    weights (never a copy of the base U-Net), SD-1.5's own training scheduler (scheduler/, its prediction type),
+    and weights.json with fine-tune mode `PRETRAINED`, no aligned layers, `vae` (the record of SD-1.5's VAE) and the
+    base U-Net it stands for (`base_unet_record`), so it is never sampled with another SD-1.5 folder."""
+    from .sd15 import load_noise_scheduler
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = load_noise_scheduler(sd15_dir)
+    scheduler.save_pretrained(out_dir / "scheduler")
+    prediction = {v: k for k, v in PREDICTION_TYPES.items()}[scheduler.config.prediction_type]
+    (out_dir / DESCRIPTION).write_text(json.dumps({
+        "finetune": PRETRAINED, "prediction": prediction, "align_layers": [], "align_coeff": 0.0, "vae": vae,
+        "base_unet": base_unet_record(sd15_dir)}, indent=2))
+
+
 def read_description(weights_dir: str | Path) -> dict:
     """A weights folder's `weights.json`; a folder exported before it existed is refused with what to do."""
     path = Path(weights_dir) / DESCRIPTION
@@ -88,6 +108,11 @@ def read_description(weights_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{weights_dir} has no {DESCRIPTION}: the weights do not say how they were trained "
                                 f"(fine-tune mode, aligned layers, VAE); re-export them with this version")
     return json.loads(path.read_text())
+
+
+def is_pretrained(weights_dir: str | Path) -> bool:
+    """Whether a weights folder describes SD-1.5 as it is (`save_pretrained_description`), not fine-tuned weights."""
+    return read_description(weights_dir)["finetune"] == PRETRAINED
 
 
 def trained_scheduler(noise_scheduler, prediction: str):
@@ -106,9 +131,10 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
                             dtype: torch.dtype | None = None, vae_dir: str | Path | None = None,
                             vae_name: str | None = None, allow_other_vae: bool = False):
     """SD-1.5 from its local folder with the fine-tuned weights in, as the folder describes them: LoRA through
-    `load_lora_weights` (then fused), the saved unet/ folder for partial / full fine-tuning, or a snapshot's
-    trained parameters (TRAINED_UNET) put into SD-1.5's U-Net; LoRA and trained parameters only into the base
-    U-Net they were trained from (weights.json's `base_unet`, where recorded), refusing another with
+    `load_lora_weights` (then fused), the saved unet/ folder for partial / full fine-tuning, a snapshot's
+    trained parameters (TRAINED_UNET) put into SD-1.5's U-Net, or none for a `PRETRAINED` folder (SD-1.5's U-Net
+    as it is); LoRA, trained parameters and the pretrained folder only with the base
+    U-Net they were trained from (or stand for) (weights.json's `base_unet`, where recorded), refusing another with
     `BaseUnetMismatchError`; the scheduler config the weights were trained for (their scheduler/ folder: the
     prediction type); and, as `pipe.vae`, the VAE
     whose latents they were trained on: `vae_dir` (default: the folder weights.json records), refused with
@@ -129,8 +155,9 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
         log.warning("decoding weights %s, trained on the latents of VAE %r, with VAE %r (%s), as configured",
                     weights_dir, trained_vae["name"], decode_vae["name"], decode_vae["path"])
     trained_only = (weights_dir / TRAINED_UNET).is_file()
-    if trained_only or description["finetune"] == "lora":
-        check_same_base_unet(description, sd15_dir, weights_dir, required=trained_only)
+    pretrained = description["finetune"] == PRETRAINED
+    if trained_only or pretrained or description["finetune"] == "lora":
+        check_same_base_unet(description, sd15_dir, weights_dir, required=trained_only or pretrained)
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    vae=load_autoencoder(decode_vae["path"], dtype=dtype),
@@ -152,7 +179,7 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     elif trained_only:
         load_trained_parameters(pipe.unet, weights_dir / TRAINED_UNET)
-    else:
+    elif not pretrained:
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet", dtype=dtype, local_files_only=True)
     pipe.vae_record = decode_vae  # what sampling records of the VAE it decodes with
     return pipe.to(device)
