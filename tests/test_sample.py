@@ -12,7 +12,8 @@ from PIL import Image
 from urepa import sample as sample_module
 from urepa import sample_sets as sample_sets_module
 from urepa.sample import generate_samples, initial_noise, make_sampler, sample_latents
-from urepa.sample_sets import class_of, gather_samples, sample_grid, sample_paths, shard_count, shard_indices
+from urepa.sample_sets import (class_of, comparison_cells, comparison_grid, gather_samples, sample_grid, sample_paths,
+                               shard_count, shard_indices)
 from urepa.sd15 import SD15_SCHEDULER_CONFIG
 
 
@@ -313,6 +314,68 @@ def test_sample_grid_shows_the_first_six_images_of_the_first_sixteen_classes_und
     labels = grid[:, :160]
     assert (labels[0, 0] == 255).all()  # a white label column ...
     assert (labels[:128].max(axis=-1) < 64).any()  # ... with the class name written in black
+
+
+def test_a_comparison_grid_row_is_one_index_of_each_final_set_drawn_from_one_noise_and_prompt(
+        pipeline, clip, smoke_inputs, tmp_path, monkeypatch):
+    """SD-1.5 as it is and a fine-tuned U-Net, each sampled as the workflow draws a final set (the chosen seed): the
+    noise and prompt every image was drawn from, recorded where the sampler receives them, are one for a row's
+    cells, and are `initial_noise` of the index and seed the sets' sampling.json give; the cells are those images."""
+    from urepa.export import load_finetuned_pipeline, save_pretrained_description
+    from urepa.vae import vae_record
+
+    sd15 = smoke_inputs["sd15"]
+    save_pretrained_description(tmp_path / "pretrained", sd15, vae_record("sd15", sd15 / "vae"))
+    pretrained = load_finetuned_pipeline(sd15, tmp_path / "pretrained", torch.device("cpu"))
+    received, draw = {}, sample_module.sample_latents
+
+    def recording_sample_latents(unet, scheduler, cond, uncond, noise, *rest):
+        received.setdefault(unet, []).append((cond.clone(), noise.clone()))  # batches come in index order
+        return draw(unet, scheduler, cond, uncond, noise, *rest)
+
+    monkeypatch.setattr(sample_module, "sample_latents", recording_sample_latents)
+    sets = {"pretrained": _sample(pretrained, clip, tmp_path / "p"), "partial": _sample(pipeline, clip, tmp_path / "f")}
+    drawn = {label: [torch.cat(parts) for parts in zip(*received[pipe.unet])]
+             for label, pipe in [("pretrained", pretrained), ("partial", pipeline)]}  # [prompts, noises]
+    thumb = 16
+    cells = comparison_grid(sets, tmp_path / "grid.png", ["a", "b", "c"], rows=2, thumb=thumb)
+    assert cells == [(0, 0), (2, 4)]  # 2 of the 3 classes, first and last; the first image of each
+    with Image.open(tmp_path / "grid.png") as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    assert grid.shape == (24 + 2 * thumb, 160 + 2 * thumb, 3)
+    for row, (_, index) in enumerate(cells):
+        (prompt, noise), (other_prompt, other_noise) = ([d[index] for d in drawn[label]] for label in sets)
+        assert torch.equal(noise, other_noise) and torch.equal(prompt, other_prompt)
+        for column, folder in enumerate(sets.values()):
+            seed = json.loads((folder / "sampling.json").read_text())["seed"]
+            assert torch.equal(drawn[list(sets)[column]][1][index], initial_noise(index, seed, tuple(noise.shape)))
+            with Image.open(folder / f"{index:06d}.png") as image:
+                expected = np.asarray(image.convert("RGB").resize((thumb, thumb), Image.BICUBIC))
+            top, left = 24 + row * thumb, 160 + column * thumb
+            assert np.array_equal(grid[top:top + thumb, left:left + thumb], expected)
+        assert not np.array_equal(grid[24 + row * thumb:24 + (row + 1) * thumb, 160:160 + thumb],
+                                  grid[24 + row * thumb:24 + (row + 1) * thumb, 160 + thumb:160 + 2 * thumb])
+
+
+def _manifest(folder, **values):
+    folder.mkdir()
+    (folder / "sampling.json").write_text(json.dumps({"seed": 0, "num_classes": 10, "images_per_class": 5, **values}))
+    return folder
+
+
+def test_the_comparison_grid_spreads_its_rows_over_the_classes(tmp_path):
+    sets = {"pretrained": _manifest(tmp_path / "p"), "urepa": _manifest(tmp_path / "u", steps=25)}
+    assert comparison_cells(sets, rows=4) == [(0, 0), (3, 15), (6, 30), (9, 45)]  # class c: image 5 c
+    assert comparison_cells(sets, rows=1) == [(0, 0)]
+    assert [c for c, _ in comparison_cells(sets, rows=8)] == [0, 1, 3, 4, 5, 6, 8, 9]  # round(9 i / 7)
+    assert [c for c, _ in comparison_cells(sets, rows=20)] == list(range(10))  # fewer classes than rows: all
+
+
+@pytest.mark.parametrize("key, value", [("seed", 1), ("images_per_class", 4), ("num_classes", 9)])
+def test_sets_whose_index_is_not_one_noise_and_prompt_make_no_comparison_grid(tmp_path, key, value):
+    sets = {"pretrained": _manifest(tmp_path / "p"), "urepa": _manifest(tmp_path / "u", **{key: value})}
+    with pytest.raises(ValueError, match=f"differ in {key} .*share their initial noise and prompt"):
+        comparison_cells(sets, rows=8)
 
 
 # -- the sampler's wiring, against values computed here -------------------------------------------------

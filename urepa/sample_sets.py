@@ -125,3 +125,55 @@ def sample_grid(samples_dir: str | Path, out_png: str | Path, images_per_class: 
     grid.save(out_png)
     log.info("sample grid of %d classes x %d written to %s", num_classes, columns, out_png)
 
+
+
+# What makes two sample sets' image `index` start from the same noise and prompt: the seed of `initial_noise`, and
+# the class of the index (`class_of`, from the set's layout).
+SAME_NOISE_KEYS = ("seed", "num_classes", "images_per_class")
+
+
+def comparison_cells(sample_dirs: dict[str, str | Path], rows: int) -> list[tuple[int, int]]:
+    """(class, image index) of each row of the comparison grid of final sample sets `sample_dirs` (column label:
+    folder): `rows` classes spread evenly over the tier's classes (every class when it has fewer), each shown by
+    its first image. Every column of a row holds image `index` of its set, drawn from the same initial noise and
+    prompt; sets whose sampling.json differ in a `SAME_NOISE_KEYS` are refused, since their index would not be."""
+    manifests = {label: json.loads((Path(folder) / "sampling.json").read_text())
+                 for label, folder in sample_dirs.items()}
+    differing = [key for key in SAME_NOISE_KEYS if len({m[key] for m in manifests.values()}) > 1]
+    if differing:
+        found = "; ".join(f"{label}: " + ", ".join(f"{key} {m[key]}" for key in differing)
+                          for label, m in manifests.items())
+        raise ValueError(f"the sample sets {', '.join(map(str, sample_dirs.values()))} differ in "
+                         f"{', '.join(differing)} ({found}): a row's images would not share their initial noise "
+                         f"and prompt")
+    first = next(iter(manifests.values()))
+    num_classes, per_class = first["num_classes"], first["images_per_class"]
+    count = min(rows, num_classes)
+    classes = [round(i * (num_classes - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
+    return [(c, c * per_class) for c in classes]
+
+
+def comparison_grid(sample_dirs: dict[str, str | Path], out_png: str | Path, class_names: list[str], rows: int,
+                    thumb: int = 128) -> list[tuple[int, int]]:
+    """One PNG: a row per class of `comparison_cells`, labelled with its name, a column per sample set (labelled
+    with its key), each cell that set's image of the row's index. Draws no image: reads the sets. Returns the
+    cells' (class, index)."""
+    from PIL import ImageDraw
+
+    cells = comparison_cells(sample_dirs, rows)
+    label_width, header = 160, 24
+    grid = Image.new("RGB", (label_width + len(sample_dirs) * thumb, header + len(cells) * thumb), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(sample_dirs):
+        draw.text((label_width + column * thumb + 4, 6), label[:20], fill="black")
+    for row, (class_id, index) in enumerate(cells):
+        top = header + row * thumb
+        draw.text((6, top + thumb // 2 - 6), class_names[class_id][:24], fill="black")
+        for column, folder in enumerate(sample_dirs.values()):
+            with Image.open(Path(folder) / f"{index:06d}.png") as image:
+                grid.paste(image.convert("RGB").resize((thumb, thumb), Image.BICUBIC),
+                           (label_width + column * thumb, top))
+    grid.save(out_png)
+    log.info("comparison grid of %d classes x %d sample sets (%s) written to %s", len(cells), len(sample_dirs),
+             ", ".join(sample_dirs), out_png)
+    return cells
