@@ -38,6 +38,8 @@ localrules:
     generated_model,
     joint_unet,
     verify_caches,
+    pretrained_model,
+    comparison_grid,
 
 
 rule all:

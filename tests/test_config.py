@@ -411,3 +411,37 @@ def test_the_speed_options_travel_as_one_resource_and_stay_out_of_the_run_identi
     config = urepa_config.load_yaml(REPO / "config" / "config.yaml")
     settings = urepa_config.train_settings(config, "tierA", "urepa")
     assert set(keys) <= set(settings) and not set(keys) & set(urepa_config.without_launch(settings))
+
+
+# -- the pretrained model (SD-1.5 as it is) and the same-noise grid --------------------------------------------
+
+
+def test_pretrained_is_refused_as_an_ablation_name(config):
+    config["ablations"]["pretrained"] = {"align_coeff": 0.0}
+    with pytest.raises(urepa_config.ConfigError, match=r"config key 'ablations.pretrained': 'pretrained' is the name "
+                                                       r"of SD-1.5 as it is"):
+        urepa_config.validate(config, SCHEMA)
+
+
+def test_the_default_run_samples_the_pretrained_model_once_at_the_chosen_seed_and_draws_the_grid(tmp_path):
+    """The default smoke targets: one weights folder of SD-1.5 as it is (rule pretrained_model, never train_unet), its
+    final set, CFG sweep and step-0 curve point at the chosen seed (so its noise is that seed's runs'), each
+    run's curve starting at that point, and the comparison grid."""
+    result, counts = planned_jobs(tmp_path, "seed=3")
+    assert {k: counts[k] for k in ("pretrained_model", "comparison_grid", "train_unet", "fid_curve", "cfg_sweep")} == {
+        "pretrained_model": "1", "comparison_grid": "1", "train_unet": "4", "fid_curve": "4", "cfg_sweep": "5"}
+    run = "results/smoke/pretrained/seed-3"
+    for path in (f"{run}/model", f"{run}/samples", f"{run}/metrics.json", f"{run}/cfg_sweep/cfg-1.5/samples",
+                 f"{run}/cfg_sweep/cfg-7.5/samples", f"{run}/cfg_sweep.json", f"{run}/curve/step-0000000/metrics.json",
+                 "results/smoke/comparison_grid.png"):
+        assert path in result.stdout
+    assert "pretrained/seed-0" not in result.stdout and "pretrained/seed-3/fid_curve.json" not in result.stdout
+    assert re.findall(r"rule (\w+):\n    input: [^\n]*\n    output: " + f"{run}/model\n", result.stdout) == [
+        "pretrained_model"]
+    curve_inputs = re.findall(r"rule fid_curve:\n    input: ([^\n]*)", result.stdout)
+    assert len(curve_inputs) == 4 and all(
+        inputs.startswith(f"{run}/curve/step-0000000/metrics.json, ") for inputs in curve_inputs)
+    # the grid: the pretrained model beside each compared ablation, all at the chosen seed
+    assert re.findall(r"rule comparison_grid:\n    input: ([^\n]*)", result.stdout) == [
+        f"{run}/samples, results/smoke/urepa/seed-3/samples, results/smoke/baseline/seed-3/samples, "
+        "results/smoke/classes.csv"]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, make_runs
+from conftest import REPO, make_runs, write_png
 from urepa import config as urepa_config
-from urepa.evaluate import add_targets
+from urepa.evaluate import add_targets, cfg_sweep
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
 from urepa.report import (by_label, convergence, cost_to_step, fid_summary, model_step_costs, objective_text,
                           render_report, step_costs)
@@ -64,12 +64,16 @@ def uniform_costs(folder, curves, step_time=0.5):
                                  [CPU]) for seed, c in by_seed.items()} for a, by_seed in curves.items()}
 
 
-def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None, settings=None) -> str:
-    """The report page as the rules make it: fid.json (the final set's summary and the curves' convergence), then
-    targets, both plots and the page (every run on SD-1.5's VAE unless `run_vaes` says otherwise)."""
+def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None, settings=None,
+            pretrained=None, comparison_grid_png=None) -> str:
+    """The report page as the rules make it: fid.json (the final set's summary, with `pretrained`'s {"metrics",
+    "cfg_sweep"} of seed 0 where given, and the curves' convergence), then targets, both plots and the page (every
+    run on SD-1.5's VAE unless `run_vaes` says otherwise)."""
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
-    fid = fid_summary(metrics, sweeps)
+    reference = {"pretrained": {0: pretrained["metrics"]}} if pretrained else {}
+    fid = fid_summary({**reference, **metrics},
+                      {**({"pretrained": {0: pretrained["cfg_sweep"]}} if pretrained else {}), **sweeps})
     for ablation, additions in convergence(curves, uniform_costs(folder, curves), None).items():
         fid[ablation].update(additions)
     add_targets(curves, None)
@@ -77,7 +81,8 @@ def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, p
     plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
     render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html",
                   run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid, probes,
-                  settings)
+                  settings, pretrained_sweep=pretrained and pretrained["cfg_sweep"],
+                  comparison_grid_png=comparison_grid_png)
     return (folder / "report.html").read_text()
 
 
@@ -368,3 +373,30 @@ def test_each_rows_objective_is_named_from_its_settings(run_files, tmp_path):
     header = re.findall(r"<th>([^<]*)</th>", table)
     rows = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
     assert [row[header.index("objective")] for row in rows if row] == [text["urepa"], text["baseline"]]
+
+
+def test_report_reads_every_run_against_the_pretrained_row_and_shows_the_comparison_grid(run_files, tmp_path):
+    """SD-1.5 as it is (fid.json's `pretrained`): the Ablations table's first row, its difference to the baseline,
+    no training cost; its CFG sweep beside the runs'; the same-noise grid with its caption."""
+    runs, curves, sweeps, metrics = run_files
+    reference = {**metrics["baseline"][0], "fid": 15.0, "checkpoint_step": 0, "weights": "pretrained"}
+    sweep_files = []
+    for scale, fid in ((1.5, 17.0), (7.5, 16.0)):
+        (tmp_path / f"pretrained-cfg-{scale:g}.json").write_text(json.dumps(
+            {**reference, "fid": fid, "sampling": {**reference["sampling"], "cfg_scale": scale}}))
+        sweep_files.append(tmp_path / f"pretrained-cfg-{scale:g}.json")
+    pretrained = {"metrics": reference, "cfg_sweep": cfg_sweep(sweep_files)}
+    page = _render(runs, curves, sweeps, tmp_path, pretrained=pretrained,
+                   comparison_grid_png=write_png(tmp_path / "comparison.png", "white"))
+    header, rows = table_with(page, "ΔFID vs baseline")
+    first = dict(zip(header, rows[0]))
+    assert [row[0] for row in rows] == ["pretrained", "urepa", "baseline"]
+    assert (first["seeds"], first["FID"], first["ΔFID vs baseline"], first["step"]) == ("1", "15", "4", "0")
+    assert (first["best-CFG FID"], first["at CFG"], first["training cost (device-h)"]) == ("16", "7.5", "–")
+    assert "The <i>pretrained</i> row is SD-1.5 as it is" in page
+    header, rows = table_with(page, "CFG scale")
+    assert [row[:3] for row in rows[:2]] == [["pretrained", "1.5", "17"], ["pretrained", "7.5", "16"]]
+    assert rows[1][-1] == "✓" and [row[0] for row in rows[2:]] == ["urepa"] * 4 + ["baseline"] * 4
+    grid = page.split("<h2>Same-noise comparison</h2>")[1].split("<h2>")[0]
+    assert grid.count('src="data:image/png;base64,') == 1 and "same initial noise and prompt" in grid
+    assert "<h2>Speed-up to the target</h2>" in page  # fid.json's pretrained entry has no curve of its own

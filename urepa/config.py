@@ -151,6 +151,9 @@ def _check_names(config: dict) -> None:
                                 f"defined presets: {', '.join(config['sample']['presets'])}")
         if settings.get("data_from", tier) not in config["tiers"]:
             problems.append(f"config key 'tiers.{tier}.data_from': unknown tier '{settings['data_from']}'")
+    if PRETRAINED in config["ablations"]:
+        problems.append(f"config key 'ablations.{PRETRAINED}': '{PRETRAINED}' is the name of SD-1.5 as it is (every "
+                        f"report's reference row and each curve's step 0); give the ablation another name")
     clashes = sorted(set(config["vaes"]) & set(tuned_vaes(config)))
     if clashes:
         problems.append(f"config keys 'vaes' and 'vae_tune.presets' both define {', '.join(clashes)}: a VAE name "
@@ -217,6 +220,9 @@ def compared(config: dict, tier: str) -> list[str]:
     return list(dict.fromkeys([*names, config["ablation"]]))
 
 
+# The row name of SD-1.5 as it is, sampled once per tier at the chosen `seed`: the final table's reference row and
+# every FID-vs-step curve's step 0 (results/<tier>/pretrained/); never an ablation's name.
+PRETRAINED = "pretrained"
 # The VAE name of SD-1.5's own `vae/` folder (urepa.vae.SD15_VAE; repeated here so config stays free of torch).
 SD15_VAE = "sd15"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import SD15_VAE
+from .config import PRETRAINED, SD15_VAE
 from .evaluate import add_targets, steps_to_target
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,16 @@ def objective_text(settings: dict) -> str:
 def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves: dict[str, dict[int, dict]],
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
                   out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict,
-                  probes: dict[str, dict] | None = None, settings: dict[str, dict] | None = None) -> None:
+                  probes: dict[str, dict] | None = None, settings: dict[str, dict] | None = None,
+                  pretrained_sweep: dict | None = None, comparison_grid_png: str | Path | None = None) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
     `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
     `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json; `probes[row label]` a probe.json
-    (`_probe_section`); `settings[ablation]` its training settings, which name each row's objective. Headline
-    scores are mean ± std over the seeds present."""
+    (`_probe_section`); `settings[ablation]` its training settings, which name each row's objective;
+    `pretrained_sweep` the CFG sweep of SD-1.5 as it is (its row of the table is fid.json's `pretrained`);
+    `comparison_grid_png` the same-noise grid (`_comparison_grid_section`). Headline scores are mean ± std over the
+    seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -149,6 +152,8 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
                    sampler=_sampling_text(first["sampling"]), VAE=run_vaes[ablation])
         row.update(cost_cells(fid, ablation))
         rows.append(row)
+    if PRETRAINED in fid:
+        rows.insert(0, pretrained_row(fid[PRETRAINED], objective=bool(settings)))
     run_rows = [{"run": label, **{name: metrics[a][seed].get(key) for key, name in METRIC_COLUMNS},
                  "best-CFG FID": sweeps[a][seed]["best"]["fid"]} for label, (a, seed) in labels.items()]
     flat_curves, flat_sweeps, flat_runs = by_label(curves), by_label(sweeps), by_label(runs)
@@ -179,8 +184,10 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "images (sample) or between one image's tokens (token)), then the align head's projector, the DINOv2 "
         "targets' normalisation, λ's schedule and the fine-tuned parameters.</p>",
         *(["<h3>Runs</h3>", _table(pd.DataFrame(run_rows))] if len(run_rows) > len(rows) else []),
+        *([pretrained_text(fid[PRETRAINED])] if PRETRAINED in fid else []),
         "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
-        _table(pd.DataFrame(_sweep_rows(flat_sweeps))),
+        _table(pd.DataFrame(_sweep_rows({PRETRAINED: pretrained_sweep, **flat_sweeps} if pretrained_sweep
+                                        else flat_sweeps))),
         "<h2>FID vs training step</h2>", _image(fid_curve_png, "FID vs step", 700), _table(pd.DataFrame(curve_rows)),
         *convergence_section(fid),
         "<h2>Training losses</h2>",
@@ -198,6 +205,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in flat_runs.items()),
         *_reconstruction_section(run_vaes, reconstructions),
         *(_probe_section(probes) if probes else []),
+        *(_comparison_grid_section(comparison_grid_png) if comparison_grid_png else []),
         "<h2>Samples</h2>",
         "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in flat_runs.items()),
     ]
@@ -208,6 +216,38 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
     log.info("report of tier %s (%s) written to %s", tier, ", ".join(f"{a}: {len(by_seed)} seed(s)"
                                                                      for a, by_seed in runs.items()), out_html)
+
+
+def pretrained_row(entry: dict, objective: bool) -> dict:
+    """The Ablations table's reference row, from fid.json's `pretrained` entry (SD-1.5 as it is, one seed: the
+    chosen one), with the ablations' columns in their order; no training cost."""
+    (run,) = entry["runs"].values()
+    row = {"ablation": PRETRAINED, "seeds": len(entry["seeds"]),
+           **({"objective": "SD-1.5 as it is (no fine-tuned weights)"} if objective else {}),
+           **{label: _mean_std(spread([run[key]])) for key, label in METRIC_COLUMNS}}
+    if "fid_vs_baseline" in entry:
+        row["ΔFID vs baseline"] = _mean_std(entry["fid_vs_baseline"])
+    best = run["cfg_sweep_best"]
+    return {**row, "best-CFG FID": _mean_std(spread([best["fid"]])), "at CFG": f"{best['cfg_scale']:g}",
+            "samples": run["num_generated"], "step": run["checkpoint_step"], "sampler": _sampling_text(run["sampling"]),
+            "VAE": SD15_VAE, "training cost (device-h)": "–"}
+
+
+def pretrained_text(entry: dict) -> str:
+    """How to read the `pretrained` row, and where else it appears."""
+    seed = entry["seeds"][0]
+    return (f"<p>The <i>pretrained</i> row is SD-1.5 as it is (no fine-tuned weights; for LoRA runs, the U-Net "
+            f"before its adapter), sampled with the same sampler, prompts, count and initial noise (seed {seed}) as "
+            "the final sets: what every fine-tune started from. Its curve-sampler point is step 0 of every "
+            "FID-vs-step curve, and its CFG sweep is the <i>pretrained</i> line of the guidance-scale figure.</p>")
+
+
+def _comparison_grid_section(png: str | Path) -> list[str]:
+    """The same-noise comparison grid (urepa.sample_sets.comparison_grid) and how to read it."""
+    return ["<h2>Same-noise comparison</h2>", _image(png, "same-noise comparison grid", 1000),
+            "<p>A row per class, a column per model (SD-1.5 as it is, then each compared ablation at the chosen "
+            "seed): every cell of a row is the same image of its final sample set, drawn from the same initial noise "
+            "and prompt, so the differences along a row come from the weights alone.</p>"]
 
 
 def _probe_section(probes: dict[str, dict]) -> list[str]:
@@ -448,7 +488,7 @@ def cost_cells(fid: dict, ablation: str) -> dict:
 
 def convergence_section(fid: dict) -> list[str]:
     """The report's "Speed-up to the target" section from fid.json's `convergence` and `training_cost`."""
-    conv = {a: entry["convergence"] for a, entry in fid.items()}
+    conv = {a: entry["convergence"] for a, entry in fid.items() if "convergence" in entry}  # not `pretrained`
     several = any(len(c["runs"]) > 1 for c in conv.values())
     rows = []
     for ablation, c in conv.items():

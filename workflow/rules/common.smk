@@ -66,7 +66,9 @@ def latent_cache(tier, vae):
 
 
 def run_vae(wildcards):
-    """The VAE a run trains on (its `train.vae`)."""
+    """The VAE a run trains on (its `train.vae`); SD-1.5's own for the pretrained model."""
+    if wildcards.ablation == urepa_config.PRETRAINED:
+        return urepa_config.SD15_VAE
     return urepa_config.train_settings(config, wildcards.tier, wildcards.ablation)["vae"]
 
 
@@ -104,7 +106,7 @@ wildcard_constraints:
     set=r"final|curve/step-[0-9]+|cfg_sweep/cfg-[0-9]+(\.[0-9]+)?",
     shard="[0-9]+",
     shards="[0-9]+",
-    ablation="|".join(map(re.escape, config["ablations"])),
+    ablation="|".join(map(re.escape, [*config["ablations"], urepa_config.PRETRAINED])),
     vae="|".join(map(re.escape, [urepa_config.SD15_VAE, *config["vaes"], *urepa_config.tuned_vaes(config)])),
 
 
@@ -162,6 +164,8 @@ def set_sampling(wildcards):
 def set_weights(wildcards):
     kind, value = sample_set(wildcards.set)
     model = f"results/{wildcards.tier}/{wildcards.ablation}/seed-{wildcards.seed}/model"
+    if wildcards.ablation == urepa_config.PRETRAINED:  # one folder for every set: SD-1.5 as it is
+        return model
     return f"{model}/snapshots/step-{value:07d}" if kind == "step" else f"{model}/ema"
 
 
@@ -212,6 +216,15 @@ def run_outputs(tier):
         }
         for a in compared(tier)
     }
+
+
+def pretrained_outputs(tier):
+    """The outputs of SD-1.5 as it is (rule pretrained_model), once per tier at the chosen `seed`, so its noise is
+    that seed's runs' noise: the final set's metrics and CFG sweep (the reference row), the curve point every
+    FID-vs-step curve starts from (step 0), and the final samples (the comparison grid's first column)."""
+    run = f"results/{tier}/{urepa_config.PRETRAINED}/seed-{config['seed']}"
+    return {"metrics": f"{run}/metrics.json", "cfg_sweep": f"{run}/cfg_sweep.json",
+            "curve_point": f"{run}/curve/step-{0:07d}/metrics.json", "samples": f"{run}/samples"}
 
 
 def run_files(tier, *keys):

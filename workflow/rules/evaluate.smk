@@ -75,8 +75,10 @@ rule point_metrics:
 
 rule fid_curve:
     input:
-        lambda w: [f"results/{w.tier}/{w.ablation}/seed-{w.seed}/curve/step-{s:07d}/metrics.json"
-                   for s in curve_steps(w.tier, w.ablation)],
+        # step 0: SD-1.5 as it is, the same point (chosen seed's noise) for every run of the tier
+        lambda w: [pretrained_outputs(w.tier)["curve_point"],
+                   *(f"results/{w.tier}/{w.ablation}/seed-{w.seed}/curve/step-{s:07d}/metrics.json"
+                     for s in curve_steps(w.tier, w.ablation))],
     output:
         "results/{tier}/{ablation}/seed-{seed}/fid_curve.json",
     log:

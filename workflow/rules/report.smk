@@ -4,11 +4,14 @@
 rule fid_summary:
     input:
         # "loss_curve" is the run's model folder: its train_log.csv and launches give the training cost.
-        lambda w: run_files(w.tier, "metrics", "cfg_sweep", "curve", "loss_curve"),
+        runs=lambda w: run_files(w.tier, "metrics", "cfg_sweep", "curve", "loss_curve"),
+        pretrained=lambda w: [pretrained_outputs(w.tier)[key] for key in ("metrics", "cfg_sweep")],
     output:
         "results/{tier}/fid.json",
     params:
         runs=lambda w: run_outputs(w.tier),
+        pretrained=lambda w: pretrained_outputs(w.tier),
+        seed=config["seed"],
         target_fid=config["evaluate"]["target_fid"],
     log:
         "results/{tier}/logs/fid_summary.log",
@@ -25,6 +28,8 @@ rule report:
         recon=lambda w: [f"results/{w.tier}/vae/{vae}/recon.json" for vae in urepa_config.tier_vaes(config, w.tier)],
         probe_pretrained="results/{tier}/pretrained/probe.json",
         probe_dinov2="results/{tier}/dinov2/probe.json",
+        pretrained_sweep=lambda w: pretrained_outputs(w.tier)["cfg_sweep"],
+        comparison_grid="results/{tier}/comparison_grid.png",
     output:
         html=report("results/{tier}/report.html", caption="../report/report_page.rst", category="Summary"),
         curves=report("results/{tier}/fid_curve.png", caption="../report/fid_curve.rst", category="FID vs step"),
@@ -41,3 +46,22 @@ rule report:
         "../../environment.yml"
     script:
         "../scripts/report.py"
+
+
+rule comparison_grid:
+    # Same-noise comparison: image i of every final set starts from the same noise (the chosen seed's) and prompt.
+    input:
+        pretrained=lambda w: pretrained_outputs(w.tier)["samples"],
+        runs=lambda w: [f"results/{w.tier}/{a}/seed-{config['seed']}/samples" for a in compared(w.tier)],
+        classes=lambda w: cache_paths(w.tier)["classes"],
+    output:
+        report("results/{tier}/comparison_grid.png", caption="../report/comparison_grid.rst", category="Samples"),
+    params:
+        columns=lambda w: [urepa_config.PRETRAINED, *compared(w.tier)],
+        rows=config["sample"]["comparison_grid_classes"],
+    log:
+        "results/{tier}/logs/comparison_grid.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/comparison_grid.py"

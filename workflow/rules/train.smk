@@ -41,3 +41,23 @@ rule train_unet:
         "../../environment.yml"
     script:
         "../scripts/train_unet.py"
+
+
+rule pretrained_model:
+    # SD-1.5 as it is, as a weights folder (urepa.export.save_pretrained_description: no U-Net weights, SD-1.5's
+    # scheduler and VAE), so the sampling and scoring rules run on it unchanged with ablation `pretrained`: the
+    # final table's reference row and every curve's step 0. train_unet never matches it (its ablation constraint).
+    input:
+        sd15=sd15_dir,
+        vae_model=lambda w: vae_model(w, urepa_config.SD15_VAE),
+    output:
+        directory(f"results/{{tier}}/{urepa_config.PRETRAINED}/seed-{{seed}}/model"),
+    params:
+        vae=urepa_config.SD15_VAE,
+        vae_subfolder=vae_subfolder(urepa_config.SD15_VAE),
+    log:
+        f"results/{{tier}}/{urepa_config.PRETRAINED}/seed-{{seed}}/logs/pretrained_model.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/pretrained_model.py"

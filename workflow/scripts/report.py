@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+from urepa.config import PRETRAINED
 from urepa.evaluate import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
 from urepa.report import by_label, render_report
@@ -16,11 +17,13 @@ sweeps = {a: {seed: json.loads(Path(p["cfg_sweep"]).read_text()) for seed, p in 
           for a, by_seed in runs.items()}
 add_targets(curves, snakemake.params.target_fid)
 plot_fid_curves(by_label(curves), snakemake.output.curves)
-plot_cfg_sweeps(by_label(sweeps), snakemake.output.sweep)
+pretrained_sweep = json.loads(Path(snakemake.input.pretrained_sweep).read_text())
+plot_cfg_sweeps({PRETRAINED: pretrained_sweep, **by_label(sweeps)}, snakemake.output.sweep)
 reconstructions = {Path(path).parent.name: json.loads(Path(path).read_text()) for path in snakemake.input.recon}
 probes = {label: json.loads(Path(paths["probe"]).read_text()) for label, paths in by_label(runs).items()}
 probes["pretrained"] = json.loads(Path(snakemake.input.probe_pretrained).read_text())
 probes["DINOv2 (ceiling)"] = json.loads(Path(snakemake.input.probe_dinov2).read_text())
 render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
               snakemake.output.html, snakemake.params.vaes, reconstructions,
-              json.loads(Path(snakemake.input.fid).read_text()), probes=probes, settings=snakemake.params.settings)
+              json.loads(Path(snakemake.input.fid).read_text()), probes=probes, settings=snakemake.params.settings,
+              pretrained_sweep=pretrained_sweep, comparison_grid_png=snakemake.input.comparison_grid)
