@@ -390,10 +390,10 @@ def test_variant_settings_out_of_range_are_named(config, mutate, message):
 
 def test_the_variants_plan_one_training_each_on_the_shared_caches(tmp_path):
     """`compare=[urepa,baseline,irepa,haste,token_manifold]`: five trainings, each with its sample set, curve,
-    analyses and report row; one set of caches for all."""
+    analyses and report row (and the pretrained model's final set, once); one set of caches for all."""
     result, counts = planned_jobs(tmp_path, "compare=[urepa,baseline,irepa,haste,token_manifold]")
     assert {k: counts[k] for k in ("train_unet", "metrics", "alignment", "cache_dino", "cache_clip", "report")} == {
-        "train_unet": "5", "metrics": "5", "alignment": "5", "cache_dino": "1", "cache_clip": "1", "report": "1"}
+        "train_unet": "5", "metrics": "6", "alignment": "5", "cache_dino": "1", "cache_clip": "1", "report": "1"}
     for ablation in ("irepa", "haste", "token_manifold"):
         assert f"results/smoke/{ablation}/seed-0/model" in result.stdout
 

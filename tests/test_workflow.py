@@ -60,10 +60,14 @@ def test_seeds_are_part_of_every_runs_path_and_coexist(tmp_path):
             assert f"results/smoke/{ablation}/seed-0/{output}" in with_seed
             assert f"results/smoke/{ablation}/seed-7/{output}" in with_seed
     seed_0 = {o for o in with_seed if "seed-0" in o}
-    assert {o for o in with_seed if "seed-7" in o} == {o.replace("seed-0", "seed-7") for o in seed_0}
+    # SD-1.5 as it is: once, at the chosen seed (its noise is that seed's runs'), shared by both seeds' curves
+    pretrained = {o for o in with_seed if "/pretrained/seed-" in o}
+    assert pretrained and all("/pretrained/seed-7/" in o for o in pretrained)
+    assert {o for o in with_seed if "seed-7" in o} - pretrained == {o.replace("seed-0", "seed-7") for o in seed_0}
     three = _planned_outputs(tmp_path, "--config", "seeds=[0, 1, 2]")
     assert {o for o in three if o.endswith("/model")} == {
-        f"results/smoke/{a}/seed-{s}/model" for a in ("urepa", "baseline") for s in (0, 1, 2)}
+        f"results/smoke/{a}/seed-{s}/model" for a in ("urepa", "baseline") for s in (0, 1, 2)} | {
+        "results/smoke/pretrained/seed-0/model"}
     assert "results/smoke/subset.csv" in three and not any("seed-" in o for o in three if "/cache/" in o)
 
 
@@ -76,11 +80,12 @@ def test_the_workflow_passes_snakemakes_linter(tmp_path):
 
 def test_a_nested_command_line_setting_wins_over_the_tiers(tmp_path):
     """`--config 'train={max_steps: 70}'` (Snakemake refuses dotted keys) reaches every run although the smoke
-    tier sets max_steps: 120: the FID-vs-step points are steps 60 (its eval_interval) and 70."""
+    tier sets max_steps: 120: the FID-vs-step points are steps 60 (its eval_interval) and 70, after the pretrained
+    model's step 0."""
     shutil.copytree(REPO / "config", tmp_path / "config")
     planned = _planned_outputs(tmp_path, "--config", "train={max_steps: 70}")
     steps = {o.split("/curve/")[1].split("/")[0] for o in planned if "/curve/step-" in o}
-    assert steps == {"step-0000060", "step-0000070"}
+    assert steps == {"step-0000000", "step-0000060", "step-0000070"}
 
 
 # -- the cache rules ------------------------------------------------------------------------------------
@@ -117,7 +122,8 @@ def test_cache_shards_splits_each_image_cache_into_part_jobs_and_a_sealing_job(t
 
 def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
     """The final set and every CFG-sweep point load the run's EMA export; FID-vs-step points its EMA
-    snapshots. Read from the rules as Snakemake loads them, for one job's wildcards."""
+    snapshots; the pretrained model's sets its one folder. Read from the rules as Snakemake loads them, for one
+    job's wildcards."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ResourceSettings
 
@@ -127,11 +133,11 @@ def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
         workflow = api.workflow(resource_settings=ResourceSettings(cores=1), snakefile=REPO / "Snakefile",
                                 workdir=tmp_path)._workflow
 
-        def weights(sample_set: str) -> tuple[str, str]:
+        def weights(sample_set: str, ablation: str = "urepa") -> tuple[str, str]:
             """(weights folder, model folder) of a sampling job of the sample set."""
             rule = workflow.get_rule("sample_shard")
             values = {name: "x" for name in rule.wildcard_names}
-            values.update(tier="smoke", ablation="urepa", seed="0", set=sample_set, shard="0", shards="1")
+            values.update(tier="smoke", ablation=ablation, seed="0", set=sample_set, shard="0", shards="1")
             param = rule.params["weights"]
             folder = param(types.SimpleNamespace(**values)) if callable(param) else param.format(**values)
             return folder, rule.input["model"].format(**values)
@@ -142,6 +148,10 @@ def test_sample_sets_are_drawn_from_the_ema_weights(tmp_path, monkeypatch):
         assert folder == f"{model}/ema"
         folder, model = weights("curve/step-40")
         assert folder == f"{model}/snapshots/step-0000040"
+        # SD-1.5 as it is: its one folder (no EMA, no snapshots) for every set, and SD-1.5's VAE
+        for sample_set in ("final", "cfg_sweep/cfg-1.5", "curve/step-0"):
+            folder, model = weights(sample_set, "pretrained")
+            assert folder == model == "results/smoke/pretrained/seed-0/model"
 
 
 # -- params and resources ---------------------------------------------------------------------------------------
