@@ -35,6 +35,7 @@ rule report:
         settings=lambda w: {a: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, a))
                             for a in compared(w.tier)},
         target_fid=config["evaluate"]["target_fid"],
+        tier_source=lambda w: tier_of(w)["source"],
     log:
         "results/{tier}/logs/report.log",
     conda:
