@@ -1,4 +1,5 @@
-# Stage 6: the tier's comparison of ablations: fid.json and a self-contained report.html.
+# Stage 6: the tier's comparison of ablations: fid.json and a self-contained report.html; the summary over tiers.
+from urepa import summary as urepa_summary
 
 
 rule fid_summary:
@@ -42,3 +43,20 @@ rule report:
         "../../environment.yml"
     script:
         "../scripts/report.py"
+
+
+rule summary:
+    # results/summary.html: every tier with results beside the one being run (config summary_tiers; README).
+    input:
+        fid=f"results/{TIER}/fid.json",
+        report=f"results/{TIER}/report.html",
+    output:
+        "results/summary.html",
+    params:
+        tiers=urepa_summary.tiers_with_results("results", config.get("summary_tiers"), TIER),
+    log:
+        "results/logs/summary.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/summary.py"
