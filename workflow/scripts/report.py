@@ -13,7 +13,8 @@ set_threads(snakemake.threads)
 params = snakemake.params
 runs = {a: {seed: {**paths, "loss_curve": f"{paths['loss_curve']}/loss_curve.png"} for seed, paths in by_seed.items()}
         for a, by_seed in params.runs.items()}
-curves = {a: {seed: json.loads(Path(p["curve"]).read_text()) for seed, p in by_seed.items()} for a, by_seed in runs.items()}
+curves = {a: {seed: json.loads(Path(p["curve"]).read_text()) for seed, p in by_seed.items()}
+          for a, by_seed in runs.items()}
 sweeps = {a: {seed: json.loads(Path(p["cfg_sweep"]).read_text()) for seed, p in by_seed.items()}
           for a, by_seed in runs.items()}
 network = json.loads(Path(next(iter(by_label(runs).values()))["metrics"]).read_text())["feature_network"]
@@ -32,5 +33,6 @@ with tempfile.TemporaryDirectory() as figures:
             plot_losses(Path(params.runs[a][seed]["loss_curve"]) / "train_log.csv", paths["loss_curve"],
                         f"{a}, seed {seed}", term_weights(params.settings[a]))
     render_report(snakemake.wildcards.tier, runs, curves, sweeps, snakemake.output.curves, snakemake.output.sweep,
-                  snakemake.output.html, params.vaes, reconstructions, json.loads(Path(snakemake.input.fid).read_text()),
-                  probes=probes, settings=params.settings, target_fid=params.target_fid, tier_source=params.tier_source)
+                  snakemake.output.html, params.vaes, reconstructions,
+                  json.loads(Path(snakemake.input.fid).read_text()), probes=probes, settings=params.settings,
+                  target_fid=params.target_fid, tier_source=params.tier_source)
