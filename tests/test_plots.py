@@ -93,6 +93,8 @@ def test_cfg_sweeps_draw_fid_precision_and_recall_against_the_scale(tmp_path, fi
         assert line.get_label() == "urepa" and ax.get_xlabel() == "CFG scale"
         assert list(line.get_xdata()) == [1.5, 3.0, 7.5]
         assert list(line.get_ydata()) == [p[key] for p in points]
+    assert axes[0].get_ylim() == pytest.approx((14.5 - 3.3, 14.5 + 3.3))  # FIDs 11.5..17.5: 6 wide, 5 % margins
+    assert axes[1].get_ylim() == axes[2].get_ylim() == (-0.02, 1.02)  # fractions on their whole range
 
 
 def test_fid_axis_is_at_least_a_tenth_of_the_fid_wide_and_never_negative():

@@ -391,14 +391,14 @@ def test_every_figure_and_table_of_the_report_has_a_sentence_saying_what_it_show
 def test_the_report_says_where_the_target_comes_from_and_why_the_two_fids_differ(run_files, tmp_path):
     runs, curves, sweeps, _ = run_files
     page = _render(runs, curves, sweeps, tmp_path)
-    assert "the dashed line is the target every run is timed to: the baseline&#x27;s final FID-vs-step FID" in page
+    assert "the dashed line is the target every run is timed to: the baseline's final FID-vs-step FID" in page
     # the fixture's final sets hold 24 images, its curve points 12, both with the same sampler
     assert "table's final sample set has 24 images, each curve point 12, with the same sampler (dpmpp 25 steps)" in page
     sweeps["urepa"][0]["points"][0]["sampling"]["steps"] = 10
     page = _render(runs, curves, sweeps, tmp_path)
     assert "each curve point 12, with dpmpp 25 steps against the curve's dpmpp 10 steps" in page
     page = _render(runs, curves, sweeps, tmp_path, target_fid=12.0)
-    assert "timed to: evaluate.target_fid = 12 in the config" in page
+    assert "timed to: <code>evaluate.target_fid</code> = 12, set in the config" in page
 
 
 def test_sample_grids_of_a_generated_tier_are_captioned_as_such(run_files, tmp_path):
@@ -408,3 +408,17 @@ def test_sample_grids_of_a_generated_tier_are_captioned_as_such(run_files, tmp_p
     assert "Tier smoke runs on models generated here (source: smoke)" in samples
     samples = _render(runs, curves, sweeps, tmp_path, tier_source="imagenet").split("<h2>Samples</h2>")[1]
     assert "one row per class" in samples and "generated here" not in samples
+
+
+def test_the_ablations_table_says_a_shared_sampler_once_above_it(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    page = _render(runs, curves, sweeps, tmp_path)
+    header, _ = table_with(page, "ΔFID vs baseline")
+    assert not {"samples", "step", "sampler"} & set(header) and "VAE" in header
+    assert ("<p>Every row: samples: 24 · step: 120 · sampler: dpmpp 25 steps, CFG 7.5 in t/T∈[0.0, 0.7].</p>"
+            in page.split("<h2>Ablations</h2>")[1].split("<table")[0])
+    metrics = json.loads(Path(runs["baseline"][0]["metrics"]).read_text())
+    Path(runs["baseline"][0]["metrics"]).write_text(json.dumps({**metrics, "num_generated": 48}))
+    page = _render(runs, curves, sweeps, tmp_path)
+    header, rows = table_with(page, "ΔFID vs baseline")
+    assert [row[header.index("samples")] for row in rows] == ["24", "48"] and "sampler" not in header

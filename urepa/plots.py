@@ -101,8 +101,9 @@ def plot_fid_curves(curves: dict[str, dict], out_png: str | Path, target_source:
         ax.set_ylim(*fid_axis_limits(values))
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xlabel("training step")
-    ax.set_ylabel("FID (EMA weights; lower is better)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("FID, EMA weights (lower is better)")
+    # below the axes: a legend inside would hide the points it names
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93) if is_stand_in(feature_network) else (0, 0, 1, 1))
     if is_stand_in(feature_network):
         _stamp_stand_in(fig)
@@ -120,11 +121,16 @@ def plot_cfg_sweeps(sweeps: dict[str, dict], out_png: str | Path, feature_networ
         scales = [p["cfg_scale"] for p in sweep["points"]]
         for ax, key in zip(axes, ("fid", "precision", "recall")):
             ax.plot(scales, [p[key] for p in sweep["points"]], marker="o", label=ablation)
+    fids = [p["fid"] for sweep in sweeps.values() for p in sweep["points"]]
     for ax, label in zip(axes, ("FID", "precision", "recall")):
         ax.set_xlabel("CFG scale")
         ax.set_ylabel(label)
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.legend()
+    if fids:
+        axes[0].set_ylim(*fid_axis_limits(fids))
+    for ax in axes[1:]:  # fractions: their whole range, so 0 reads as 0 and not as the middle of the axis
+        ax.set_ylim(-0.02, 1.02)
     fig.tight_layout(rect=(0, 0, 1, 0.9) if is_stand_in(feature_network) else (0, 0, 1, 1))
     if is_stand_in(feature_network):
         _stamp_stand_in(fig)

@@ -170,7 +170,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
     sections = [
         f"<h1>urepa — {html.escape(tier)}</h1>",
         f"<p>Feature network: {html.escape(', '.join(sorted(networks)))}</p>", warning,
-        "<h2>Ablations</h2>", _table(pd.DataFrame(rows)),
+        "<h2>Ablations</h2>", *shared_columns_apart(pd.DataFrame(rows), SHARED_SETUP_COLUMNS),
         "<p>FID, sFID, IS and precision/recall of the final sample set (EMA weights), as mean ± standard "
         "deviation over the seeds present (each seed: its own training run and its own sample set); ΔFID is against "
         "the baseline, paired by seed (negative: better). Best-CFG FID is the lowest FID of each run's CFG sweep "
@@ -188,8 +188,8 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         _image(cfg_sweep_png, "CFG sweep", 1100), _table(pd.DataFrame(_sweep_rows(flat_sweeps))),
         "<h2>FID vs training step</h2>",
         f"<p>FID of each run's EMA snapshots against the training step (lower is better); the dashed line is the "
-        f"target every run is timed to: {html.escape(target_source(target_fid))}. The table gives each curve's "
-        "points and the images scored per point.</p>",
+        f"target every run is timed to: {_target_text(target_fid)}. The table gives each curve's points and the "
+        "images scored per point.</p>",
         _image(fid_curve_png, "FID vs step", 800), _table(pd.DataFrame(curve_rows)),
         f"<p>{fid_difference_note(metrics, flat_curves, flat_sweeps)}</p>",
         *convergence_section(fid),
@@ -219,6 +219,19 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
     log.info("report of tier %s (%s) written to %s", tier, ", ".join(f"{a}: {len(by_seed)} seed(s)"
                                                                      for a, by_seed in runs.items()), out_html)
+
+
+# The Ablations table's columns of set-up, not of result: said once above the table when every row has the same
+# value (the usual case), which keeps the table within a 1280 px window.
+SHARED_SETUP_COLUMNS = ("samples", "step", "sampler")
+
+
+def shared_columns_apart(frame: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
+    """`frame` as a table, less those of `columns` whose value is the same in every row, which one line above the
+    table gives instead."""
+    shared = [c for c in columns if c in frame and frame[c].astype(str).nunique() == 1]
+    line = " · ".join(f"{c}: {html.escape(str(frame[c].iloc[0]))}" for c in shared)
+    return ([f"<p>Every row: {line}.</p>"] if shared else []) + [_table(frame.drop(columns=shared))]
 
 
 def alignment_section(alignment: dict[str, dict]) -> list[str]:
@@ -255,10 +268,16 @@ def alignment_section(alignment: dict[str, dict]) -> list[str]:
 
 
 def target_source(target_fid: float | None) -> str:
-    """Where the FID-vs-step target comes from (`evaluate.curve_target`), in words."""
+    """Where the FID-vs-step target comes from (`evaluate.curve_target`), in a few words (the plot's legend)."""
+    return "evaluate.target_fid" if target_fid is not None else "the baseline's final curve FID"
+
+
+def _target_text(target_fid: float | None) -> str:
+    """`target_source` for the page: what the target is and why."""
     if target_fid is not None:
-        return f"evaluate.target_fid = {target_fid:g} in the config"
-    return "the baseline's final FID-vs-step FID (mean over its seeds), so each run is timed to the baseline's quality"
+        return f"<code>evaluate.target_fid</code> = {target_fid:g}, set in the config"
+    return ("the baseline's final FID-vs-step FID (mean over its seeds; <code>evaluate.target_fid</code> is null), "
+            "so the speed-up below times each run to the quality the baseline ends at")
 
 
 def fid_difference_note(metrics: dict[str, dict[int, dict]], curves: dict[str, dict], sweeps: dict[str, dict]) -> str:

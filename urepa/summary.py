@@ -76,7 +76,7 @@ def _tier_section(tier: str, tier_dir: Path, page_dir: Path) -> list[str]:
         parts.append('<p class="warn">Stand-in feature network: these scores test the pipeline and are not '
                      "comparable to published FIDs or to another tier's.</p>")
     rows = tier_rows(fid)
-    parts.append(pd.DataFrame(rows).to_html(index=False, border=0, classes="t", escape=True) if rows
+    parts.append(pd.DataFrame(rows).to_html(index=False, border=0, classes="t", na_rep="–") if rows
                  else "<p>fid.json holds no ablation.</p>")
     for name, title in TIER_FIGURES:
         if (tier_dir / name).exists():
