@@ -59,6 +59,7 @@ def test_a_term_with_weight_zero_is_marked_off_not_drawn_even_when_logged(tmp_pa
     _, token, manifold = figures[0].axes
     assert [line.get_label() for line in token.get_lines()][1::2] == ["loss_token"] and list(token.texts) == []
     assert list(manifold.get_lines()) == [] and [t.get_text() for t in manifold.texts] == ["loss_manifold: off (w = 0)"]
+    assert list(manifold.get_yticks()) == [] and list(token.get_yticks()) != []  # an off panel has no scale to read
     # without weights, a log whose λ is 0 throughout (the baseline's, had it logged its terms) is off as well
     pd.DataFrame({"step": steps, "loss": 1.0, "loss_diff": 1.0, "loss_token": 0.4, "loss_manifold": 0.3,
                   "align_coeff": 0.0}).to_csv(tmp_path / "train_log.csv", index=False)

@@ -60,11 +60,14 @@ def plot_losses(log_csv: str | Path, out_png: str | Path, title: str, weights: d
         for column in plotted:
             ax.plot(table["step"], table[column], alpha=0.25)
             ax.plot(table["step"], table[column].rolling(window, min_periods=1).mean(), label=column)
-        ax.set_xlabel("step")
         if plotted:
+            ax.set_xlabel("step")
             ax.legend()
-        else:
-            ax.text(0.5, 0.5, f"{', '.join(off)}: off (w = 0)", ha="center", va="center", transform=ax.transAxes)
+        else:  # an empty panel: no axes to read values from
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, f"{', '.join(off)}: off (w = 0)", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
