@@ -52,7 +52,8 @@ def test_summary_of_two_tiers_shows_both_tables_linked_to_their_reports(tmp_path
     assert 'href="smoke/report.html"' in by_tier["smoke"] and 'href="tierA/report.html"' in by_tier["tierA"]
     assert re.findall(r'<img src="([^"]*)"', by_tier["smoke"]) == ["smoke/fid_curve.png", "smoke/cfg_sweep.png"]
     assert "<img" not in by_tier["tierA"]  # no figures on disk: none linked
-    assert "Stand-in feature network" in by_tier["smoke"]
+    assert all("Stand-in feature network" in section for section in by_tier.values())  # the fixtures' network
+    assert "the table's FID (the final sample set) and the curve's last point" in page
 
 
 def test_a_tier_without_results_is_skipped_with_a_note_not_an_error(tmp_path, caplog):
@@ -93,3 +94,4 @@ def test_a_tier_table_takes_what_fid_json_has(tmp_path, entry):
     render_summary(["smoke"], results, results / "summary.html")
     rows = rows_of(sections((results / "summary.html").read_text())["smoke"])
     assert rows == ([["pretrained", "0", "5", "–", "–", "–"]] if "fid" in entry else [])
+    assert "Stand-in" not in (results / "summary.html").read_text()  # no run names a stand-in network

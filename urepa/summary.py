@@ -103,7 +103,9 @@ def render_summary(tiers: list[str], results: str | Path, out_html: str | Path) 
     intro = ("<p>Each tier's headline table from its fid.json (FID of the final sample set, mean ± std over seeds; "
              "ΔFID against the baseline paired by seed, negative is better) and its FID-vs-step and CFG-sweep figures, "
              "one column per tier. Compare ablations within a tier: tiers differ in data, models, sampler and feature "
-             "network, so their FIDs are not comparable with each other. Each tier's link opens its full report.</p>")
+             "network, so their FIDs are not comparable with each other. Within a tier, the table's FID (the final "
+             "sample set) and the curve's last point (the curve sampler, fewer images) score the same weights yet "
+             "differ: compare FIDs within the table or within the plot. Each tier's link opens its full report.</p>")
     style = ("body{font-family:sans-serif;margin:2em;color:#222}.tiers{display:flex;flex-wrap:wrap;gap:2em;"
              "align-items:flex-start}section{flex:1 1 560px;max-width:900px;overflow-x:auto}img{max-width:100%}"
              "figure{margin:1em 0}table.t{border-collapse:collapse;font-size:.9em}"
