@@ -32,6 +32,7 @@ localrules:
     cfg_sweep,
     fid_summary,
     report,
+    summary,
     sample,
     sample_point,
     generated_imagenet,

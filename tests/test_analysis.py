@@ -334,29 +334,31 @@ def test_chance_level_averages_the_score_over_the_seeded_pairings(features):
 # -- t-SNE ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target_dim, shared_space", [(48, True), (48, False), (32, False)])
-def test_tsne_writes_a_png_and_returns_all_points(features, tmp_path, target_dim, shared_space):
+@pytest.mark.parametrize("target_dim, with_head", [(48, True), (48, False), (32, False)])
+def test_tsne_writes_a_png_and_returns_all_points(features, tmp_path, target_dim, with_head):
     target = features[:, :target_dim]
-    coords = tsne_plot(features, target, labels=np.arange(60) // 10, path=tmp_path / "t.png",
-                       shared_space=shared_space, title="x")
-    assert coords.shape == (120, 2)
+    head = features[:, :target_dim] if with_head else None
+    coords = tsne_plot(features, target, labels=np.arange(60) // 10, path=tmp_path / "t.png", head_tokens=head,
+                       title="x")
+    assert coords.shape == (240 if with_head else 120, 2)
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
 def test_joint_tsne_map_needs_one_space(features, tmp_path):
     with pytest.raises(ValueError, match="one space"):
-        tsne_plot(features, features[:, :32], np.arange(60) // 10, tmp_path / "t.png", shared_space=True)
+        tsne_plot(features, features[:, :32], np.arange(60) // 10, tmp_path / "t.png", head_tokens=features)
 
 
 def test_tsne_maps_are_sklearns_of_the_pooled_normalised_features(tmp_path):
-    """Joint map: one t-SNE of U-Net rows then DINOv2 rows; separate maps: one each. Perplexity
-    min(30, (points - 1) / 3), PCA initialisation. (`seed` goes to sklearn as random_state, which the PCA
-    initialisation never draws from: the maps do not depend on it.)"""
+    """The U-Net map and the DINOv2 map: one t-SNE each; the joint map: one t-SNE of head rows then DINOv2 rows.
+    Perplexity min(30, (points - 1) / 3), PCA initialisation. (`seed` goes to sklearn as random_state, which the
+    PCA initialisation never draws from: the maps do not depend on it.)"""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(9)
     tokens = rng.standard_normal((50, 3, 8)) + np.repeat(rng.standard_normal((5, 1, 8)) * 3, 10, axis=0)
     target = 5 * (tokens.mean(axis=1) + 0.3 * rng.standard_normal((50, 8)))  # scaled: only directions count
+    raw = rng.standard_normal((50, 12))
     labels = np.repeat(np.arange(5), 10)
 
     def by_hand(x):
@@ -364,20 +366,22 @@ def test_tsne_maps_are_sklearns_of_the_pooled_normalised_features(tmp_path):
         return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=0, init="pca").fit_transform(x)
 
     pooled = tokens.mean(axis=1)
-    joint = tsne_plot(tokens, target, labels, tmp_path / "joint.png", shared_space=True)
-    np.testing.assert_allclose(joint, by_hand(np.concatenate([pooled, target])), rtol=1e-5, atol=1e-5)
-    separate = tsne_plot(tokens, target, labels, tmp_path / "separate.png", shared_space=False)
-    np.testing.assert_allclose(separate, np.concatenate([by_hand(pooled), by_hand(target)]), rtol=1e-5, atol=1e-5)
+    coords = tsne_plot(raw, target, labels, tmp_path / "joint.png", head_tokens=tokens)
+    expected = np.concatenate([by_hand(raw), by_hand(target), by_hand(np.concatenate([pooled, target]))])
+    np.testing.assert_allclose(coords, expected, rtol=1e-5, atol=1e-5)
+    coords = tsne_plot(raw, target, labels, tmp_path / "separate.png")
+    np.testing.assert_allclose(coords, expected[:100], rtol=1e-5, atol=1e-5)
 
 
-def test_tsne_figure_marks_the_source_and_colours_the_class(tmp_path, monkeypatch):
-    """Circles for the U-Net, crosses for DINOv2, colour = class; one axes for a joint map, two otherwise;
-    the title on top; the PNG where asked."""
+def test_tsne_figure_has_the_same_panels_for_every_run_and_names_the_classes(tmp_path, monkeypatch):
+    """Three panels, left to right, whether or not the run has a head (the baseline's third says it has none);
+    circles for the U-Net, crosses for DINOv2, colour = class, named in a legend; the title on top."""
     import matplotlib.axes
     import matplotlib.figure
 
-    scatters, titles = [], []
-    scatter, suptitle = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.suptitle
+    scatters, titles, legends = [], [], []
+    scatter, suptitle, legend = (matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.suptitle,
+                                 matplotlib.figure.Figure.legend)
 
     def recording_scatter(ax, x, y, **kwargs):
         scatters.append((ax, {**kwargs, "xy": np.stack([x, y], 1)}))
@@ -387,29 +391,43 @@ def test_tsne_figure_marks_the_source_and_colours_the_class(tmp_path, monkeypatc
         titles.append(text)
         return suptitle(fig, text, **kwargs)
 
+    def recording_legend(fig, *args, **kwargs):
+        legends.append([(h.get_label(), h.get_marker(), h.get_color()) for h in kwargs["handles"]])
+        return legend(fig, *args, **kwargs)
+
     monkeypatch.setattr(matplotlib.axes.Axes, "scatter", recording_scatter)
     monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", recording_suptitle)
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", recording_legend)
     features = clusters([0, 90, 180], per=4)
-    labels = np.repeat(np.arange(3), 4)
-    for shared, names in ((True, ["U-Net (align head)", "DINOv2"]), (False, ["U-Net (raw features)", "DINOv2"])):
+    labels = np.repeat(np.array([7, 2, 5]), 4)
+    names = {2: "goldfish", 5: "hen", 7: "tench"}
+    for head in (features[:, ::-1], None):
         scatters.clear()
-        path = tmp_path / f"{shared}.png"
-        coords = tsne_plot(features, features[:, ::-1], labels, path, shared_space=shared, title=f"map {shared}")
+        path = tmp_path / f"{head is None}.png"
+        coords = tsne_plot(features, features[:, ::-1], labels, path, head_tokens=head, class_names=names,
+                           title="map")
         assert np.array_equal(np.concatenate([kwargs["xy"] for _, kwargs in scatters]), coords)
         axes = scatters[0][0].figure.axes
-        if shared:
-            assert axes == [scatters[0][0]]
-        else:  # two maps side by side, U-Net on the left
-            assert axes == [scatters[0][0], scatters[1][0]]
-            assert axes[0].get_position().x1 < axes[1].get_position().x0
-            assert axes[0].get_position().y0 == axes[1].get_position().y0
-        assert [kwargs["marker"] for _, kwargs in scatters] == ["o", "x"]
-        assert [kwargs["label"] for _, kwargs in scatters] == names
-        assert all(np.array_equal(kwargs["c"], labels) for _, kwargs in scatters)
-        assert (scatters[0][0] is scatters[1][0]) == shared
-        assert titles[-1] == f"map {shared}"
+        assert [ax.get_title() for ax in axes] == ["U-Net features (pooled)", "DINOv2 tokens (pooled)",
+                                                   "align head + DINOv2, one map"]
+        left, middle, right = (ax.get_position() for ax in axes)
+        assert left.x1 < middle.x0 < middle.x1 < right.x0
+        drawn_on = [axes.index(ax) for ax, _ in scatters]
+        assert drawn_on == ([0, 1, 2, 2] if head is not None else [0, 1])
+        assert [kwargs["marker"] for _, kwargs in scatters] == ["o", "x", "o", "x"][:len(drawn_on)]
+        assert [t.get_text() for t in axes[2].texts] == ([] if head is not None else
+                                                         ["no align head (λ = 0):\nno head tokens to map"])
+        # one colour per class, the same in every panel, and the legend names it
+        by_class = {name: colour for name, marker, colour in legends[-1] if marker == "o" and name in names.values()}
+        assert list(by_class) == ["goldfish", "hen", "tench"]  # sorted by class id
+        for _, kwargs in scatters:
+            assert [tuple(c) for c in kwargs["c"]] == [tuple(by_class[names[c]]) for c in labels]
+        assert len(set(map(tuple, by_class.values()))) == 3
+        assert [(name, marker) for name, marker, _ in legends[-1][3:]] == [("U-Net", "o"), ("DINOv2", "x")]
+        assert titles[-1] == "map"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    tsne_plot(features, features, labels, tmp_path / "untitled.png", shared_space=True)
+    tsne_plot(features, features, labels, tmp_path / "unnamed.png")
+    assert [name for name, _, _ in legends[-1][:3]] == ["2", "5", "7"]  # no names: the class ids
     assert titles[-1] == ""
 
 

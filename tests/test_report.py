@@ -65,7 +65,7 @@ def uniform_costs(folder, curves, step_time=0.5):
 
 
 def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, probes=None, settings=None,
-            pretrained=None, comparison_grid_png=None) -> str:
+            target_fid=None, tier_source="smoke", pretrained=None, comparison_grid_png=None) -> str:
     """The report page as the rules make it: fid.json (the final set's summary, with `pretrained`'s {"metrics",
     "cfg_sweep"} of seed 0 where given, and the curves' convergence), then targets, both plots and the page (every
     run on SD-1.5's VAE unless `run_vaes` says otherwise)."""
@@ -76,12 +76,12 @@ def _render(runs, curves, sweeps, folder, run_vaes=None, reconstructions=None, p
                       {**({"pretrained": {0: pretrained["cfg_sweep"]}} if pretrained else {}), **sweeps})
     for ablation, additions in convergence(curves, uniform_costs(folder, curves), None).items():
         fid[ablation].update(additions)
-    add_targets(curves, None)
+    add_targets(curves, target_fid)
     plot_fid_curves(by_label(curves), folder / "curves.png")
     plot_cfg_sweeps(by_label(sweeps), folder / "sweep.png")
     render_report("smoke", runs, curves, sweeps, folder / "curves.png", folder / "sweep.png", folder / "report.html",
                   run_vaes or dict.fromkeys(runs, "sd15"), reconstructions or {"sd15": RECONSTRUCTION}, fid, probes,
-                  settings, pretrained_sweep=pretrained and pretrained["cfg_sweep"],
+                  settings, target_fid, tier_source, pretrained_sweep=pretrained and pretrained["cfg_sweep"],
                   comparison_grid_png=comparison_grid_png)
     return (folder / "report.html").read_text()
 
@@ -132,12 +132,18 @@ def test_report_renders_every_section_self_contained(run_files, tmp_path):
     assert [row[-1] for row in sweep_rows[:4]] == ["", "", "✓", ""]
     # FID-vs-step: two points of 12 images per run
     assert cells[10] == ["urepa", "2", "12"] and cells[11] == ["baseline", "2", "12"]
-    # Alignment: every score beside its chance level; the baseline has no head, so no head scores.
-    header, rows = table_with(page, "cknna_chance")
-    assert header == ["run", "layer", "timestep", "cknna", "cknna_chance", "cca", "cca_chance", "head_token_cosine",
-                      "head_token_cosine_chance", "head_cknna", "head_cknna_chance"]
-    assert rows[0] == ["urepa", "mid", "500", "0.3", "0.01", "0.5", "-0.02", "0.6", "0.4", "0.7", "0.03"]
-    assert rows[1] == ["baseline", "mid", "500", "0.2", "0.01", "0.5", "-0.02"] + ["–"] * 4
+    # Alignment: every score beside its chance level, under readable headers, in two narrow tables: the pooled
+    # features of every run, then the heads' tokens, where the baseline (no head) has no row.
+    header, rows = table_with(page, "CKNNA by chance")
+    assert header == ["run", "layer", "timestep t", "CKNNA (0–1)", "CKNNA by chance", "CCA: mean canonical corr. (0–1)",
+                      "CCA by chance"]
+    assert rows == [["urepa", "mid", "500", "0.3", "0.01", "0.5", "-0.02"],
+                    ["baseline", "mid", "500", "0.2", "0.01", "0.5", "-0.02"]]
+    header, rows = table_with(page, "cosine by chance")
+    assert header == ["run", "timestep t", "token cosine (−1–1)", "cosine by chance", "head CKNNA (0–1)",
+                      "head CKNNA by chance"]
+    assert rows == [["urepa", "500", "0.6", "0.4", "0.7", "0.03"]]
+    assert "_chance" not in page and "head_token_cosine" not in page
     assert "(4 + 4 images, PCA to 2 dimensions, mean of 2 canonical correlations)" in page
 
 
@@ -400,3 +406,50 @@ def test_report_reads_every_run_against_the_pretrained_row_and_shows_the_compari
     grid = page.split("<h2>Same-noise comparison</h2>")[1].split("<h2>")[0]
     assert grid.count('src="data:image/png;base64,') == 1 and "same initial noise and prompt" in grid
     assert "<h2>Speed-up to the target</h2>" in page  # fid.json's pretrained entry has no curve of its own
+
+
+def test_every_figure_and_table_of_the_report_has_a_sentence_saying_what_it_shows(run_files, tmp_path):
+    """Each section with a figure or a table holds a paragraph that says what it shows; a run's own figures sit under
+    the run's name, captioned once by the section above them."""
+    runs, curves, sweeps, _ = run_files
+    body = _render(runs, curves, sweeps, tmp_path).split("<body>")[1]
+    for section in re.split(r"<h[23]>", body)[1:]:
+        heading = section.split("</h")[0]
+        if ("<img" in section or "<table" in section) and heading not in by_label(runs):
+            assert "<p" in section, heading
+
+
+def test_the_report_says_where_the_target_comes_from_and_why_the_two_fids_differ(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    page = _render(runs, curves, sweeps, tmp_path)
+    assert "the dashed line is the target every run is timed to: the baseline's final FID-vs-step FID" in page
+    # the fixture's final sets hold 24 images, its curve points 12, both with the same sampler
+    assert "table's final sample set has 24 images, each curve point 12, with the same sampler (dpmpp 25 steps)" in page
+    sweeps["urepa"][0]["points"][0]["sampling"]["steps"] = 10
+    page = _render(runs, curves, sweeps, tmp_path)
+    assert "each curve point 12, with dpmpp 25 steps against the curve's dpmpp 10 steps" in page
+    page = _render(runs, curves, sweeps, tmp_path, target_fid=12.0)
+    assert "timed to: <code>evaluate.target_fid</code> = 12, set in the config" in page
+
+
+def test_sample_grids_of_a_generated_tier_are_captioned_as_such(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    samples = _render(runs, curves, sweeps, tmp_path, tier_source="smoke").split("<h2>Samples</h2>")[1]
+    assert "one row per class" in samples
+    assert "Tier smoke runs on models generated here (source: smoke)" in samples
+    samples = _render(runs, curves, sweeps, tmp_path, tier_source="imagenet").split("<h2>Samples</h2>")[1]
+    assert "one row per class" in samples and "generated here" not in samples
+
+
+def test_the_ablations_table_says_a_shared_sampler_once_above_it(run_files, tmp_path):
+    runs, curves, sweeps, _ = run_files
+    page = _render(runs, curves, sweeps, tmp_path)
+    header, _ = table_with(page, "ΔFID vs baseline")
+    assert not {"samples", "step", "sampler"} & set(header) and "VAE" in header
+    assert ("<p>Every row: samples: 24 · step: 120 · sampler: dpmpp 25 steps, CFG 7.5 in t/T∈[0.0, 0.7].</p>"
+            in page.split("<h2>Ablations</h2>")[1].split("<table")[0])
+    metrics = json.loads(Path(runs["baseline"][0]["metrics"]).read_text())
+    Path(runs["baseline"][0]["metrics"]).write_text(json.dumps({**metrics, "num_generated": 48}))
+    page = _render(runs, curves, sweeps, tmp_path)
+    header, rows = table_with(page, "ΔFID vs baseline")
+    assert [row[header.index("samples")] for row in rows] == ["24", "48"] and "sampler" not in header

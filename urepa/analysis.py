@@ -122,19 +122,24 @@ def alignment_scores(pred, target, pairings: list[np.ndarray], seed: int = 0) ->
     return result
 
 
-def tsne_plot(pred, target, labels, path: str | Path, shared_space: bool, seed: int = 0,
-              title: str = "") -> np.ndarray:
-    """t-SNE of image-pooled, L2-normalised U-Net tokens and DINOv2 tokens, coloured by class.
+TSNE_PANELS = ("U-Net features (pooled)", "DINOv2 tokens (pooled)", "align head + DINOv2, one map")
 
-    `shared_space` (align-head tokens, trained to live in DINOv2's space): one joint map, circles for the
-    U-Net and crosses for DINOv2, so their overlap is visible. Otherwise (raw U-Net features, whose axes
-    mean nothing in DINOv2's space even when the widths happen to match): two maps side by side.
-    Returns the 2-D coordinates, U-Net rows first.
+
+def tsne_plot(features, target, labels, path: str | Path, head_tokens=None, class_names: dict | None = None,
+              seed: int = 0, title: str = "") -> np.ndarray:
+    """t-SNE of image-pooled, L2-normalised features, coloured by class, in the same three panels for every run,
+    so maps are compared panel by panel across runs: the raw U-Net features of the analysis layer (every run has
+    them, the baseline included), DINOv2's tokens, and the align head's tokens with DINOv2's in one joint map
+    (circles U-Net, crosses DINOv2: the head is trained into DINOv2's space, so their overlap is visible), which
+    says "no align head" for a run without one. The class legend names each colour (`class_names[class id]`,
+    else the id). Returns the 2-D coordinates: the U-Net map, the DINOv2 map, then (with a head) the joint map's
+    head rows and DINOv2 rows.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
 
     def normalised(x):
@@ -144,31 +149,42 @@ def tsne_plot(pred, target, labels, path: str | Path, shared_space: bool, seed: 
     def embed(x):
         return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed, init="pca").fit_transform(x)
 
-    p, t = normalised(pred), normalised(target)
+    f, t = normalised(features), normalised(target)
     labels = np.asarray(labels)
-    if shared_space:
-        if p.shape[1] != t.shape[1]:
-            raise ValueError(f"a joint t-SNE map needs one space: U-Net {p.shape[1]}-d vs DINOv2 {t.shape[1]}-d")
-        coords = embed(np.concatenate([p, t]))
-        panels = [(coords[:len(p)], "o", "U-Net (align head)"), (coords[len(p):], "x", "DINOv2")]
-        fig, axes = plt.subplots(1, 1, figsize=(6, 5))
-        axes = [axes, axes]
+    maps = [embed(f), embed(t)]
+    if head_tokens is not None:
+        h = normalised(head_tokens)
+        if h.shape[1] != t.shape[1]:
+            raise ValueError(f"a joint t-SNE map needs one space: align head {h.shape[1]}-d vs DINOv2 {t.shape[1]}-d")
+        maps.append(embed(np.concatenate([h, t])))
+    classes = sorted(set(labels.tolist()))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
+    colour = {c: cmap(i if len(classes) <= 20 else i / max(1, len(classes) - 1)) for i, c in enumerate(classes)}
+    colours = [colour[c] for c in labels.tolist()]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    panels = [(axes[0], maps[0], "o"), (axes[1], maps[1], "x")]
+    if head_tokens is not None:
+        panels += [(axes[2], maps[2][:len(h)], "o"), (axes[2], maps[2][len(h):], "x")]
     else:
-        coords = np.concatenate([embed(p), embed(t)])
-        panels = [(coords[:len(p)], "o", "U-Net (raw features)"), (coords[len(p):], "x", "DINOv2")]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, (xy, marker, name) in zip(axes, panels):
-        ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", marker=marker, s=28, label=name)
+        axes[2].text(0.5, 0.5, "no align head (λ = 0):\nno head tokens to map", ha="center", va="center",
+                     transform=axes[2].transAxes)
+    for ax, xy, marker in panels:
+        ax.scatter(xy[:, 0], xy[:, 1], c=colours, marker=marker, s=28)
+    for ax, name in zip(axes, TSNE_PANELS):
+        ax.set_title(name, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-        legend = ax.legend(loc="best", fontsize=8)
-        for handle in legend.legend_handles:  # the marker tells the source; colour is the class
-            handle.set_color("grey")
+    names = class_names or {}
+    handles = [Line2D([], [], linestyle="", marker="o", color=colour[c], label=str(names.get(c, c))) for c in classes]
+    handles += [Line2D([], [], linestyle="", marker=m, color="grey", label=source)
+                for m, source in (("o", "U-Net"), ("x", "DINOv2"))]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    rows = 1 + (len(handles) - 1) // 8
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return coords
+    return np.concatenate(maps)
 
 
 def held_out_rows(val_csv: str | Path, count: int, skipped: list | None = None) -> pd.DataFrame:
@@ -199,7 +215,8 @@ def analysis_layer(align_layers: list[str]) -> str:
 @torch.no_grad()
 def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddings: np.ndarray, image_size: int,
                        dino_size: int, count: int, timesteps: list[int], seed: int, device: torch.device,
-                       tsne_png: str | Path, batch_size: int = 32, vae_dir: str | Path | None = None) -> dict:
+                       tsne_png: str | Path, batch_size: int = 32, vae_dir: str | Path | None = None,
+                       class_names: dict[int, str] | None = None) -> dict:
     """Compare the fine-tuned U-Net's features on held-out images with DINOv2's tokens of the same images.
     The images are encoded with the VAE the weights were trained on (`vae_dir`, checked against their
     weights.json; default: the folder it records) and normalised as in training.
@@ -209,7 +226,7 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     heads were trained, also the mean token cosine and CKNNA of the heads' tokens. Every score comes
     with its chance level (`*_chance`): its mean over seeded shuffled pairings of the images, which
     keep each side's own structure and break only the correspondence. t-SNE at the middle
-    timestep: head tokens and DINOv2 tokens in one map, or the raw features beside DINOv2's without a head.
+    timestep (`tsne_plot`, classes named by `class_names`).
     Images go through the encoders `batch_size` at a time; the noise is drawn once for the whole set,
     so the scores do not depend on the batch size.
     """
@@ -248,7 +265,7 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
     scheduler = load_noise_scheduler(sd15_dir)
     middle = timesteps[len(timesteps) // 2]
     pairings = shuffled_pairings(len(rows), seed)
-    results, at_middle = [], None
+    results, at_middle, head_at_middle = [], None, None
     for t in timesteps:
         pooled, head_pooled, head_cosine, head_cosine_chance = [], [], [], []
         for start in range(0, len(rows), batch_size):
@@ -274,14 +291,14 @@ def alignment_analysis(val_csv, sd15_dir, dinov2_path, weights_dir, clip_embeddi
             entry["head_cknna_chance"] = chance_level(cknna, head_pooled, dino_pooled, pairings)
         results.append(entry)
         if t == middle:
-            at_middle = head_pooled if head is not None else pooled
+            at_middle, head_at_middle = pooled, (head_pooled if head is not None else None)
     capture.remove()
     for entry in results:
         log.info("t = %d: CKNNA %.3f (chance %.3f), CCA %.3f (chance %.3f)%s", entry["timestep"], entry["cknna"],
                  entry["cknna_chance"], entry["cca"], entry["cca_chance"],
                  f", head token cosine {entry['head_token_cosine']:.3f}" if head is not None else "")
-    tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head is not None, seed=seed,
-                       title=f"t = {middle}: {'align-head' if head else 'raw U-Net'} tokens ({layer}) vs DINOv2")
+    tsne_plot(at_middle, dino_pooled, rows["class_id"].to_numpy(), tsne_png, head_at_middle, class_names, seed=seed,
+              title=f"t-SNE at t = {middle}, layer {layer}: U-Net features, DINOv2 tokens, and both in one map")
     log.info("t-SNE at t = %d written to %s", middle, tsne_png)
     return {"layer": layer, "images": len(rows), "skipped_images": skipped, "has_head": head is not None,
             "timesteps": results, "provenance": provenance(device, batch_size=batch_size)}

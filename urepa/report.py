@@ -10,16 +10,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import PRETRAINED, SD15_VAE
+from .config import GENERATED_SOURCES, PRETRAINED, SD15_VAE
 from .evaluate import add_targets, steps_to_target
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = [("fid", "FID"), ("sfid", "sFID"), ("kid_mean", "KID"), ("inception_score_mean", "IS"),
                   ("precision", "precision"), ("recall", "recall")]
-# Each alignment score beside its chance level (the same score on shuffled image pairings).
-ALIGNMENT_COLUMNS = ["cknna", "cknna_chance", "cca", "cca_chance", "head_token_cosine", "head_token_cosine_chance",
-                     "head_cknna", "head_cknna_chance"]
+# Each alignment score beside its chance level (the same score on shuffled image pairings), under a header that
+# names it and its range: the pooled U-Net features (every run), then the align head's tokens (runs with a head).
+FEATURE_ALIGNMENT_COLUMNS = {"cknna": "CKNNA (0–1)", "cknna_chance": "CKNNA by chance",
+                             "cca": "CCA: mean canonical corr. (0–1)", "cca_chance": "CCA by chance"}
+HEAD_ALIGNMENT_COLUMNS = {"head_token_cosine": "token cosine (−1–1)", "head_token_cosine_chance": "cosine by chance",
+                          "head_cknna": "head CKNNA (0–1)", "head_cknna_chance": "head CKNNA by chance"}
 
 
 def _image(path: str | Path, alt: str, width: int | None = None) -> str:
@@ -29,7 +32,8 @@ def _image(path: str | Path, alt: str, width: int | None = None) -> str:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
+    table = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0, classes="t")
+    return f'<div class="scroll">{table}</div>'
 
 
 HEADLINE_KEYS = ["fid", "sfid", "kid_mean", "kid_std", "inception_score_mean", "inception_score_std", "precision",
@@ -121,15 +125,17 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
                   sweeps: dict[str, dict[int, dict]], fid_curve_png: str | Path, cfg_sweep_png: str | Path,
                   out_html: str | Path, run_vaes: dict[str, str], reconstructions: dict[str, dict], fid: dict,
                   probes: dict[str, dict] | None = None, settings: dict[str, dict] | None = None,
+                  target_fid: float | None = None, tier_source: str | None = None,
                   pretrained_sweep: dict | None = None, comparison_grid_png: str | Path | None = None) -> None:
     """`runs[ablation][seed]` holds the paths of that run's metrics.json, alignment.json, loss_curve.png,
     tsne.png and sample_grid.png; `curves[ablation][seed]` its FID-vs-step points with target and step;
     `sweeps[ablation][seed]` its CFG sweep; `run_vaes[ablation]` the VAE it trains on, and
     `reconstructions[vae]` that VAE's recon.json; `fid` is the tier's fid.json; `probes[row label]` a probe.json
     (`_probe_section`); `settings[ablation]` its training settings, which name each row's objective;
-    `pretrained_sweep` the CFG sweep of SD-1.5 as it is (its row of the table is fid.json's `pretrained`);
-    `comparison_grid_png` the same-noise grid (`_comparison_grid_section`). Headline scores are mean ± std over the
-    seeds present."""
+    `target_fid` the configured `evaluate.target_fid` (the captions say where the curves' target comes from),
+    `tier_source` the tier's `source` (the sample grids' caption), `pretrained_sweep` the CFG sweep of SD-1.5 as
+    it is (its row of the table is fid.json's `pretrained`) and `comparison_grid_png` the same-noise grid
+    (`_comparison_grid_section`). Headline scores are mean ± std over the seeds present."""
     labels = run_labels(runs)
     metrics = {a: {seed: json.loads(Path(p["metrics"]).read_text()) for seed, p in by_seed.items()}
                for a, by_seed in runs.items()}
@@ -159,12 +165,6 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
     flat_curves, flat_sweeps, flat_runs = by_label(curves), by_label(sweeps), by_label(runs)
     curve_rows = [{"run": label, "points": len(c["points"]), "images per point": c["points"][0]["num_samples"] if c["points"] else None}
                   for label, c in flat_curves.items()]
-    align_rows = []
-    for label, result in alignment.items():
-        for entry in result["timesteps"]:
-            align_rows.append({"run": label, "layer": result["layer"], "timestep": entry["timestep"],
-                               **{column: entry.get(column) for column in ALIGNMENT_COLUMNS}})
-    cca_setup = next(iter(alignment.values()))["timesteps"][0]
 
     warning = ""
     if any("stand-in" in n for n in networks):
@@ -174,7 +174,7 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
     sections = [
         f"<h1>urepa — {html.escape(tier)}</h1>",
         f"<p>Feature network: {html.escape(', '.join(sorted(networks)))}</p>", warning,
-        "<h2>Ablations</h2>", _table(pd.DataFrame(rows)),
+        "<h2>Ablations</h2>", *shared_columns_apart(pd.DataFrame(rows), SHARED_SETUP_COLUMNS),
         "<p>FID, sFID, IS and precision/recall of the final sample set (EMA weights), as mean ± standard "
         "deviation over the seeds present (each seed: its own training run and its own sample set); ΔFID is against "
         "the baseline, paired by seed (negative: better). Best-CFG FID is the lowest FID of each run's CFG sweep "
@@ -183,34 +183,45 @@ def render_report(tier: str, runs: dict[str, dict[int, dict[str, str]]], curves:
         "(token: 1 − cosine to DINOv2's tokens; manifold: the squared difference of the similarity Grams, between "
         "images (sample) or between one image's tokens (token)), then the align head's projector, the DINOv2 "
         "targets' normalisation, λ's schedule and the fine-tuned parameters.</p>",
-        *(["<h3>Runs</h3>", _table(pd.DataFrame(run_rows))] if len(run_rows) > len(rows) else []),
+        *(["<h3>Runs</h3>", "<p>The same scores per training run (one row per ablation and seed), before the "
+           "mean over seeds.</p>", _table(pd.DataFrame(run_rows))] if len(run_rows) > len(rows) else []),
         *([pretrained_text(fid[PRETRAINED])] if PRETRAINED in fid else []),
-        "<h2>Guidance scale</h2>", _image(cfg_sweep_png, "CFG sweep", 1000),
+        "<h2>Guidance scale</h2>",
+        "<p>FID, precision and recall of each run's final EMA weights against the classifier-free guidance scale "
+        "(the curve sampler and image count at every scale): read across a line for the scale with the lowest FID, "
+        "and down the table for the values; ✓ marks each run's best scale.</p>",
+        _image(cfg_sweep_png, "CFG sweep", 1100),
         _table(pd.DataFrame(_sweep_rows({PRETRAINED: pretrained_sweep, **flat_sweeps} if pretrained_sweep
                                         else flat_sweeps))),
-        "<h2>FID vs training step</h2>", _image(fid_curve_png, "FID vs step", 700), _table(pd.DataFrame(curve_rows)),
+        "<h2>FID vs training step</h2>",
+        f"<p>FID of each run's EMA snapshots against the training step (lower is better); the dashed line is the "
+        f"target every run is timed to: {_target_text(target_fid)}. The table gives each curve's points and the "
+        "images scored per point.</p>",
+        _image(fid_curve_png, "FID vs step", 800), _table(pd.DataFrame(curve_rows)),
+        f"<p>{fid_difference_note(metrics, flat_curves, flat_sweeps)}</p>",
         *convergence_section(fid),
         "<h2>Training losses</h2>",
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1000)}" for a, p in flat_runs.items()),
-        "<h2>Alignment with DINOv2</h2>",
-        "<p>On a fixed held-out batch of validation images at fixed timesteps, EMA weights. CKNNA and CCA "
-        "compare the image-pooled U-Net features of the aligned layer with pooled DINOv2 tokens; token "
-        "cosine and head CKNNA compare the align head's tokens with DINOv2's (only where a head was trained). "
-        "CCA is fitted on one half of the images and scored on the other "
-        f"({cca_setup.get('cca_fit_images')} + {cca_setup.get('cca_scored_images')} images, PCA to "
-        f"{cca_setup.get('cca_pca_dims')} dimensions, mean of {cca_setup.get('cca_components')} canonical "
-        "correlations). Each <i>_chance</i> column is the same score with the DINOv2 side's images shuffled "
-        "(mean over seeded shufflings): what unrelated features of the same structure would score.</p>",
-        _table(pd.DataFrame(align_rows)),
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 900)}" for a, p in flat_runs.items()),
+        "<p>Each run's loss terms per step (faint) with a rolling mean (solid), lower is better: total and diffusion "
+        "loss, the token term, the manifold term. A term whose weight in the loss is zero is not drawn: its panel "
+        "says <i>off (w = 0)</i>.</p>",
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['loss_curve'], a + ' losses', 1100)}"
+                for a, p in flat_runs.items()),
+        *alignment_section(alignment),
+        "<p>t-SNE maps at the middle analysis timestep, the same three panels for every run: the U-Net's pooled "
+        "features, DINOv2's pooled tokens, and the align head's tokens in one map with DINOv2's; colour is the "
+        "class (legend). Read them for class clusters, and in the third panel for circles (U-Net) landing on the "
+        "crosses (DINOv2) of their class; a map's axes mean nothing.</p>",
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['tsne'], a + ' t-SNE', 1100)}" for a, p in flat_runs.items()),
         *_reconstruction_section(run_vaes, reconstructions),
         *(_probe_section(probes) if probes else []),
         *(_comparison_grid_section(comparison_grid_png) if comparison_grid_png else []),
-        "<h2>Samples</h2>",
-        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1000)}" for a, p in flat_runs.items()),
+        "<h2>Samples</h2>", *samples_caption(tier, tier_source),
+        "".join(f"<h3>{html.escape(a)}</h3>{_image(p['grid'], a + ' samples', 1100)}" for a, p in flat_runs.items()),
     ]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table.t{border-collapse:collapse;margin:1em 0}table.t td,table.t th{padding:4px 10px;"
+    # Wide tables scroll inside the page's column instead of widening it; images shrink to the column.
+    style = ("body{font-family:sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%;height:auto}.scroll{overflow-x:auto}"
+             "table.t{border-collapse:collapse;margin:1em 0;font-size:.9em}table.t td,table.t th{padding:4px 8px;"
              "border-bottom:1px solid #ddd;text-align:right}.warn{background:#fff3cd;padding:.6em 1em}")
     Path(out_html).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>urepa {html.escape(tier)}"
                               f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>")
@@ -248,6 +259,92 @@ def _comparison_grid_section(png: str | Path) -> list[str]:
             "<p>A row per class, a column per model (SD-1.5 as it is, then each compared ablation at the chosen "
             "seed): every cell of a row is the same image of its final sample set, drawn from the same initial noise "
             "and prompt, so the differences along a row come from the weights alone.</p>"]
+# The Ablations table's columns of set-up, not of result: said once above the table when every row has the same
+# value (the usual case), which keeps the table within a 1280 px window.
+SHARED_SETUP_COLUMNS = ("samples", "step", "sampler")
+
+
+def shared_columns_apart(frame: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
+    """`frame` as a table, less those of `columns` whose value is the same in every row, which one line above the
+    table gives instead."""
+    shared = [c for c in columns if c in frame and frame[c].astype(str).nunique() == 1]
+    line = " · ".join(f"{c}: {html.escape(str(frame[c].iloc[0]))}" for c in shared)
+    return ([f"<p>Every row: {line}.</p>"] if shared else []) + [_table(frame.drop(columns=shared))]
+
+
+def alignment_section(alignment: dict[str, dict]) -> list[str]:
+    """The "Alignment with DINOv2" tables from each run's alignment.json (`alignment[run label]`): the pooled U-Net
+    features of every run, then the align heads' tokens of the runs that have one, each score beside its chance
+    level under a header that names it and its range (two narrow tables, not one of eleven raw key names)."""
+    features, heads = [], []
+    for label, result in alignment.items():
+        for entry in result["timesteps"]:
+            features.append({"run": label, "layer": result["layer"], "timestep t": entry["timestep"],
+                             **{name: entry.get(key) for key, name in FEATURE_ALIGNMENT_COLUMNS.items()}})
+            if "head_token_cosine" in entry:
+                heads.append({"run": label, "timestep t": entry["timestep"],
+                              **{name: entry.get(key) for key, name in HEAD_ALIGNMENT_COLUMNS.items()}})
+    setup = next(iter(alignment.values()))["timesteps"][0]
+    sections = [
+        "<h2>Alignment with DINOv2</h2>",
+        "<p>How close each run's U-Net features are to DINOv2's on a fixed held-out batch of validation images, at "
+        "fixed timesteps, EMA weights: higher is closer, and a score means something only well above its "
+        "<i>by chance</i> column (the same score with the DINOv2 side's images shuffled, mean over seeded "
+        "shufflings: what unrelated features of the same structure would score).</p>",
+        "<h3>U-Net features (every run)</h3>",
+        "<p>CKNNA (mutual nearest-neighbour kernel alignment) and CCA compare the image-pooled features of the "
+        "analysed layer, no head, so the baseline is comparable; CCA is fitted on one half of the images and scored "
+        f"on the other ({setup.get('cca_fit_images')} + {setup.get('cca_scored_images')} images, PCA to "
+        f"{setup.get('cca_pca_dims')} dimensions, mean of {setup.get('cca_components')} canonical correlations).</p>",
+        _table(pd.DataFrame(features))]
+    if heads:
+        sections += ["<h3>Align head tokens (runs with a head)</h3>",
+                     "<p>The align head's output tokens against DINOv2's: the mean per-token cosine similarity, and "
+                     "CKNNA of the image-pooled tokens. The baseline has no head and no row.</p>",
+                     _table(pd.DataFrame(heads))]
+    return sections
+
+
+def target_source(target_fid: float | None) -> str:
+    """Where the FID-vs-step target comes from (`evaluate.curve_target`), in a few words (the plot's legend)."""
+    return "evaluate.target_fid" if target_fid is not None else "the baseline's final curve FID"
+
+
+def _target_text(target_fid: float | None) -> str:
+    """`target_source` for the page: what the target is and why."""
+    if target_fid is not None:
+        return f"<code>evaluate.target_fid</code> = {target_fid:g}, set in the config"
+    return ("the baseline's final FID-vs-step FID (mean over its seeds; <code>evaluate.target_fid</code> is null), "
+            "so the speed-up below times each run to the quality the baseline ends at")
+
+
+def fid_difference_note(metrics: dict[str, dict[int, dict]], curves: dict[str, dict], sweeps: dict[str, dict]) -> str:
+    """One sentence on why the Ablations table's FID and the curve's last point differ for the same weights: the
+    final sample set's sampler and image count against the curve's (the CFG sweep's sampler is the curve's)."""
+    final = next(m for by_seed in metrics.values() for m in by_seed.values())
+    curve_sampling = next(iter(sweeps.values()))["points"][0]["sampling"]
+    curve_images = next((c["points"][0]["num_samples"] for c in curves.values() if c["points"]), None)
+    final_sampler = f"{final['sampling']['sampler']} {final['sampling']['steps']} steps"
+    curve_sampler = f"{curve_sampling['sampler']} {curve_sampling['steps']} steps"
+    samplers = (f"the same sampler ({final_sampler})" if final_sampler == curve_sampler
+                else f"{final_sampler} against the curve's {curve_sampler}")
+    return (f"The Ablations table's FID and the curve's last point score the same final EMA weights but differ: the "
+            f"table's final sample set has {final['num_generated']} images, each curve point {curve_images}, with "
+            f"{samplers}, and FID depends on both (fewer images read higher), so compare FIDs within one table or "
+            "plot, never across them.")
+
+
+def samples_caption(tier: str, tier_source: str | None) -> list[str]:
+    """What a sample grid shows, and, on a tier whose models are generated here, that its images tell nothing
+    about the method."""
+    text = ["<p>Each grid holds samples of the run's final EMA weights, one row per class (its prompt), the same "
+            "seeds in every run: read a row across runs to compare what each fine-tune draws for that class.</p>"]
+    if tier_source in GENERATED_SOURCES:
+        text.append(f'<p class="warn">Tier {html.escape(tier)} runs on models generated here (source: '
+                    f"{html.escape(tier_source)}), not on SD-1.5's and DINOv2's weights: its grids show what those "
+                    "small models draw from the generated images, and tell nothing about U-REPA unless the models "
+                    "were pre-trained; they check that sampling works.</p>")
+    return text
 
 
 def _probe_section(probes: dict[str, dict]) -> list[str]:

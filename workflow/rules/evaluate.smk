@@ -108,6 +108,7 @@ rule alignment:
         model="results/{tier}/{ablation}/seed-{seed}/model",
         csv=lambda w: f"{data_dir(w.tier)}/val_subset.csv",
         clip=lambda w: cache_paths(w.tier)["clip"],
+        classes=lambda w: cache_paths(w.tier)["classes"],
         sd15=sd15_dir,
         dinov2=dinov2_path,
         vae_model=lambda w: vae_model(w, run_vae(w)),

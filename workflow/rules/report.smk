@@ -1,4 +1,5 @@
-# Stage 6: the tier's comparison of ablations: fid.json and a self-contained report.html.
+# Stage 6: the tier's comparison of ablations: fid.json and a self-contained report.html; the summary over tiers.
+from urepa import summary as urepa_summary
 
 
 rule fid_summary:
@@ -40,6 +41,7 @@ rule report:
         settings=lambda w: {a: urepa_config.without_launch(urepa_config.train_settings(config, w.tier, a))
                             for a in compared(w.tier)},
         target_fid=config["evaluate"]["target_fid"],
+        tier_source=lambda w: tier_of(w)["source"],
     log:
         "results/{tier}/logs/report.log",
     conda:
@@ -65,3 +67,20 @@ rule comparison_grid:
         "../../environment.yml"
     script:
         "../scripts/comparison_grid.py"
+
+
+rule summary:
+    # results/summary.html: every tier with results beside the one being run (config summary_tiers; README).
+    input:
+        fid=f"results/{TIER}/fid.json",
+        report=f"results/{TIER}/report.html",
+    output:
+        "results/summary.html",
+    params:
+        tiers=urepa_summary.tiers_with_results("results", config.get("summary_tiers"), TIER),
+    log:
+        "results/logs/summary.log",
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/summary.py"
