@@ -432,8 +432,7 @@ def test_the_default_run_samples_the_pretrained_model_once_at_the_chosen_seed_an
         "pretrained_model": "1", "comparison_grid": "1", "train_unet": "4", "fid_curve": "4", "cfg_sweep": "5"}
     run = "results/smoke/pretrained/seed-3"
     for path in (f"{run}/model", f"{run}/samples", f"{run}/metrics.json", f"{run}/cfg_sweep/cfg-1.5/samples",
-                 f"{run}/cfg_sweep/cfg-7.5/samples", f"{run}/cfg_sweep.json", f"{run}/curve/step-0000000/metrics.json",
-                 "results/smoke/comparison_grid.png"):
+                 f"{run}/cfg_sweep.json", f"{run}/curve/step-0000000/metrics.json", "results/smoke/comparison_grid.png"):
         assert path in result.stdout
     assert "pretrained/seed-0" not in result.stdout and "pretrained/seed-3/fid_curve.json" not in result.stdout
     assert re.findall(r"rule (\w+):\n    input: [^\n]*\n    output: " + f"{run}/model\n", result.stdout) == [
@@ -445,3 +444,16 @@ def test_the_default_run_samples_the_pretrained_model_once_at_the_chosen_seed_an
     assert re.findall(r"rule comparison_grid:\n    input: ([^\n]*)", result.stdout) == [
         f"{run}/samples, results/smoke/urepa/seed-3/samples, results/smoke/baseline/seed-3/samples, "
         "results/smoke/classes.csv"]
+
+
+def test_the_cfg_sweep_point_at_the_curve_samplers_scale_is_the_last_curve_point(tmp_path):
+    """At the curve preset's own guidance scale (7.5) a run's sweep point and its last FID-vs-step point are the same
+    images (final EMA = last snapshot, same sampler, noise and count): the sweep reads that point, and no cfg-7.5
+    set is drawn; the other scale (1.5) is drawn as before."""
+    result, counts = planned_jobs(tmp_path, "seed=0")
+    assert "cfg_sweep/cfg-7.5" not in result.stdout
+    sweep_inputs = dict(re.findall(r"rule cfg_sweep:\n    input: ([^\n]*)\n    output: ([^\n]*)", result.stdout))
+    assert {output: inputs.split(", ") for inputs, output in sweep_inputs.items()} == {
+        f"results/smoke/{run}/cfg_sweep.json": [f"results/smoke/{run}/cfg_sweep/cfg-1.5/metrics.json",
+                                                f"results/smoke/{run}/curve/step-{last:07d}/metrics.json"]
+        for run, last in (("urepa/seed-0", 120), ("baseline/seed-0", 120), ("pretrained/seed-0", 0))}

@@ -144,6 +144,18 @@ def scale_name(scale):
     return f"{float(scale):g}"
 
 
+def cfg_point_metrics(wildcards, scale):
+    """The metrics.json of a run's CFG-sweep point. At the curve sampler's own scale that point is the run's last
+    FID-vs-step point (step 0 for the pretrained model): the same EMA weights (the last snapshot is the final EMA),
+    sampler, initial noise and image count, so those images are drawn and scored once."""
+    run = f"results/{wildcards.tier}/{wildcards.ablation}/seed-{wildcards.seed}"
+    if float(scale) == float(preset(wildcards, "curve_preset")["cfg_scale"]):
+        pretrained = wildcards.ablation == urepa_config.PRETRAINED
+        last = 0 if pretrained else curve_steps(wildcards.tier, wildcards.ablation)[-1]
+        return f"{run}/curve/step-{last:07d}/metrics.json"
+    return f"{run}/cfg_sweep/cfg-{scale_name(scale)}/metrics.json"
+
+
 def sample_set(name):
     """(kind, value) of a run's sample set: ("final", None), an FID-vs-step point ("step", 40) or a CFG-sweep
     point ("cfg", 4.5)."""

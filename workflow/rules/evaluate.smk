@@ -91,8 +91,7 @@ rule fid_curve:
 
 rule cfg_sweep:
     input:
-        lambda w: [f"results/{w.tier}/{w.ablation}/seed-{w.seed}/cfg_sweep/cfg-{scale_name(s)}/metrics.json"
-                   for s in cfg_scales(w.tier)],
+        lambda w: [cfg_point_metrics(w, s) for s in cfg_scales(w.tier)],
     output:
         "results/{tier}/{ablation}/seed-{seed}/cfg_sweep.json",
     log:

@@ -3,7 +3,7 @@
 # Two kinds of sample set per run: the final set (`sample_preset`, `sample_images_per_class`, kept), and
 # evaluation points (`curve_preset`, `curve_images_per_class`, deleted once scored): one per EMA snapshot
 # for FID vs step (`curve/step-<step>`), one per guidance scale of the final weights for the CFG sweep
-# (`cfg_sweep/cfg-<scale>`). Each set is drawn by `sample_shards` jobs over index ranges (whole batches of one
+# (`cfg_sweep/cfg-<scale>`; at the curve preset's own scale the sweep reads the last curve point). Each set is drawn by `sample_shards` jobs over index ranges (whole batches of one
 # batch grid, each image from its own seeded noise: the bytes do not depend on the shard count), written into
 # <dir>.partial and renamed when complete, so a killed job resumes batch by batch; `sample` and `sample_point`
 # gather the shards.
