@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .config import SD15_VAE
-from .evaluate import add_targets, steps_to_target
+from .curves import add_targets, steps_to_target
 
 log = logging.getLogger(__name__)
 

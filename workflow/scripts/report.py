@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from urepa.evaluate import add_targets
+from urepa.curves import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
 from urepa.report import by_label, render_report
 from urepa.runtime import set_threads, setup_logging
