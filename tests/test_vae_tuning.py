@@ -320,11 +320,11 @@ def test_a_speed_option_leaves_the_tuning_steps_within_float_noise(data, tmp_pat
     its logged values agree within 1e-3 relative, and each optimiser's (clipped) gradients within 2e-2 in relative
     L2 (measured on the CPU with NHWC: the VAE's 1.06e-2, the same with NHWC on the U-Net alone, so through the
     alignment term's backward; its gradient norm 5e-4 relative). fused_adamw changes only the updates: its first
-    step is the same bit for bit, and each optimiser's first update is within 1e-4 of its largest. The later steps follow updates Adam takes as
-    ~lr x g / (|g| + eps), which turns float noise in a small gradient into a different share of lr (see
-    tests/test_train.py): their values agree within 1e-2 relative (1e-5 absolute), except D's: its logits start
-    near 0 (~1e-4), and with NHWC its first update alone moved them by 2e-3 (measured), so its terms (GAN_TERMS) are
-    compared in the first step only."""
+    step is the same bit for bit, and each optimiser's first update is within 1e-4 of its largest. The later steps
+    follow updates Adam takes as ~lr x g / (|g| + eps), which turns float noise in a small gradient into a different
+    share of lr (see tests/test_train.py): their values agree within 1e-2 relative (1e-5 absolute), except D's: its
+    logits start near 0 (~1e-4), and with NHWC its first update alone moved them by 2e-3 (measured), so its terms
+    (GAN_TERMS) are compared in the first step only."""
     off_values, off_weights, off_grads = tuning_steps_with(data, *speed_settings_with(), tmp_path / "off", 3)
     on_values, on_weights, on_grads = tuning_steps_with(data, *speed_settings_with(**{option: True}),
                                                         tmp_path / "on", 3)
