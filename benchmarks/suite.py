@@ -16,7 +16,8 @@ e.g. CUDA out of memory or a compile failure, is recorded and the next section r
     sampling       images/s of the `fast` and `full` presets with CFG at `sample.batch_size`
                    (benchmarks/sample_eval.py: a few steps timed, the rest extrapolated per step)
     features       Inception-v3 features for FID: images/s at `evaluate.batch_size`
-    vae_tune       the end-to-end VAE tuning step (REPA-E, benchmarks/vae_tune_step.py) at `vae_tune.batch_size`
+    vae_tune       the end-to-end VAE tuning step (REPA-E, benchmarks/vae_tune_step.py) at `vae_tune.batch_size`,
+                   with the speed options as configured and with all of them off
 
 Within a section, a measurement that would not finish inside the section's time (judged by the longest one so far)
 is not started: it is listed under the section's `skipped`. The JSON (--out, default
@@ -221,10 +222,11 @@ class Suite:
     def vae_tune(self, section: Section) -> None:
         tier = self.scale["tier"]
         tune = tune_settings(self.config, tier, "repae")
-        section.each([(f"tune_vae batch {tune['batch_size']}", lambda: tuning_records(
-            self.training_parts(), build_vae(self.args.scale, self.workdir), self.args.scale, self.device,
-            [tune["batch_size"]], self.workdir, self.scale["steps"], self.scale["warmup"], tune["gan"],
-            tune["gradient_checkpointing"]))])
+        batch, off = tune["batch_size"], {key: False for key in SPEED_KEYS}
+        section.each([(f"tune_vae batch {batch}, speed options {label}", lambda speed=speed: tuning_records(
+            self.training_parts(), build_vae(self.args.scale, self.workdir), self.args.scale, self.device, [batch],
+            self.workdir, self.scale["steps"], self.scale["warmup"], tune["gan"], tune["gradient_checkpointing"],
+            speed)) for label, speed in (("as configured", None), ("off", off))])
 
     # -- running and reporting -------------------------------------------------------------------------------------
     def run(self) -> dict:

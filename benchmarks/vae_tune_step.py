@@ -52,14 +52,15 @@ def build_vae(scale: str, workdir: Path):
 
 
 def measure_tuning(parts, vae_factory, scale: str, device: torch.device, batch: int, workdir: Path, steps: int,
-                   warmup: int, gan: bool, gradient_checkpointing: bool) -> dict:
-    """One tuning-step record: it/s, images/s, the time per pass and, on CUDA, peak memory."""
+                   warmup: int, gan: bool, gradient_checkpointing: bool, speed: dict | None = None) -> dict:
+    """One tuning-step record: it/s, images/s, the time per pass and, on CUDA, peak memory. `speed`: speed options
+    (config `train`) over the config's."""
     unet_factory, scheduler, latent, tokens, text = parts
     config = load_yaml(REPO / "config" / "config.yaml")
     tier = "smoke" if scale == "smoke" else "tierA"
     tune = tune_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000, "gan": gan,
                                                     "gradient_checkpointing": gradient_checkpointing}
-    unet = tune_unet_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000}
+    unet = tune_unet_settings(config, tier, "repae") | {"batch_size": batch, "max_steps": 10_000} | (speed or {})
     if scale == "full":
         unet["projector_hidden"] = 2048
     image_size = 128 if scale == "smoke" else 512
@@ -91,13 +92,16 @@ def measure_tuning(parts, vae_factory, scale: str, device: torch.device, batch: 
 
 
 def tuning_records(parts, vae_factory, scale: str, device: torch.device, batch_sizes: list[int], workdir: Path,
-                   steps: int, warmup: int, gan: bool, gradient_checkpointing: bool) -> list[dict]:
-    """Per batch size, the tuning step's record with its ratio to a train_unet step (U-REPA, LoRA) at that batch."""
+                   steps: int, warmup: int, gan: bool, gradient_checkpointing: bool,
+                   speed: dict | None = None) -> list[dict]:
+    """Per batch size, the tuning step's record with its ratio to a train_unet step (U-REPA, LoRA) at that batch,
+    both with the speed options `speed` over the config's."""
     rows = []
     for batch in batch_sizes:
         tuning = measure_tuning(parts, vae_factory, scale, device, batch, workdir, steps, warmup, gan,
-                                gradient_checkpointing)
-        unet_step = measure(parts, scale, device, "urepa", "lora", batch, workdir, steps, warmup, peak_tflops=989.0)
+                                gradient_checkpointing, speed)
+        unet_step = measure(parts, scale, device, "urepa", "lora", batch, workdir, steps, warmup, peak_tflops=989.0,
+                            speed=speed)
         tuning["train_unet step ms"] = unet_step["step ms"]
         tuning["ratio to train_unet"] = tuning["step ms"] / unet_step["step ms"]
         rows.append(tuning)

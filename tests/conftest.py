@@ -13,7 +13,7 @@ from PIL import Image
 from urepa import generated
 from urepa.caches import build_clip_cache, build_dino_cache, build_vae_cache
 from urepa.config import load_yaml, train_settings
-from urepa.evaluate import cfg_sweep, fid_curve
+from urepa.curves import cfg_sweep, fid_curve
 from urepa.rowstore import CachedRows, valid_rows
 from urepa.sd15 import load_noise_scheduler, load_unet
 from urepa.subset import build_subset, list_classes

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, make_runs, write_png
 from urepa import config as urepa_config
-from urepa.evaluate import add_targets, cfg_sweep
+from urepa.curves import add_targets, cfg_sweep
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves
 from urepa.report import (by_label, convergence, cost_to_step, fid_summary, model_step_costs, objective_text,
                           render_report, step_costs)

@@ -2,6 +2,7 @@
 stock pipeline loads, the U-Net trained alongside), a run with nothing to learn exporting the input VAE bit for
 bit, kill-and-resume equal to uninterrupted, and the collapse guard."""
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import CONFIG, CPU, DINO_SIZE, SEED, SMOKE_IMAGE_SIZE
 from test_reconstruction import downloads_refused
 from urepa import launch
-from urepa.config import tune_settings, tune_unet_settings
+from urepa.config import SPEED_KEYS, tune_settings, tune_unet_settings
 from urepa.vae import LatentNormalisation, load_autoencoder
 from urepa.vae_tuning import LOG_COLUMNS, CollapseError, VaeTuner, rows_per_class, tune_run
 
@@ -73,6 +74,13 @@ def test_the_log_has_every_term_of_every_pass_at_every_step(tuned):
         assert np.isfinite(log[column]).all() and (log[column] != 0).all(), column
     assert log["loss_d"].isna().all()  # the GAN is off by default
     assert (out / "losses.png").stat().st_size > 0
+
+
+def test_run_json_records_the_speed_options_the_run_had(tuned):
+    _, run_dir = tuned
+    unet, _ = settings()
+    launch = json.loads((run_dir / "run.json").read_text())["launches"][-1]
+    assert {key: launch[key] for key in SPEED_KEYS} == {key: unet[key] for key in SPEED_KEYS}
 
 
 def test_the_unet_trained_alongside_is_recorded_on_the_tuned_vae(tuned):
@@ -269,3 +277,88 @@ def test_a_tuning_batch_that_does_not_split_over_the_processes_is_refused_before
     assert not (tmp_path / "log").exists()
     with pytest.raises(ValueError, match="train.processes is 2 but this tuning run has 1 process"):
         run(data, tmp_path, unet | {"processes": 2}, tune)
+
+
+# -- speed options (config `train`, as train_unet's; tests/test_train.py holds the same checks of its step) ----------
+
+SPEED_OFF = {key: False for key in SPEED_KEYS}
+# The logged values computed through D's weights
+GAN_TERMS = ("gan", "loss_d", "logits_real", "logits_fake", "grad_norm_d")
+
+
+def tuning_steps_with(data, unet, tune, run_dir, steps: int) -> tuple[list[dict], dict, dict]:
+    """The logged values of a tuner's first `steps` steps; per optimiser (VAE, discriminator, U-Net), its weights
+    before and after each step, and the gradients its first step stepped with."""
+    tuner = make_tuner(data, run_dir, unet, tune)
+    optimised = {"vae": (tuner.vae_optimizer, tuner.vae_params), "d": (tuner.d_optimizer, tuner.d_params),
+                 "unet": (tuner.unet_optimizer, tuner.unet_params)}
+    grads = {}
+    for name, (optimizer, params) in optimised.items():
+        def spying_step(*args, name=name, step=optimizer.step, params=params, **kwargs):
+            grads.setdefault(name, [None if p.grad is None else p.grad.detach().clone() for p in params])
+            return step(*args, **kwargs)
+
+        optimizer.step = spying_step
+    weights = {name: [[p.detach().clone() for p in params]] for name, (_, params) in optimised.items()}
+    batches, values = iter(tuner.batches(0)), []
+    for _ in range(steps):
+        values.append(tuner.step(next(batches)))
+        for name, (_, params) in optimised.items():
+            weights[name].append([p.detach().clone() for p in params])
+    return values, weights, grads
+
+
+def speed_settings_with(**options) -> tuple[dict, dict]:
+    """Three steps of all three passes: D alone in the first (its warm-up), the VAE's GAN term from the second."""
+    unet, tune = settings(max_steps=8, gan=True, disc_warmup_steps=1)
+    return unet | SPEED_OFF | options, tune
+
+
+@pytest.mark.parametrize("option", ["fused_adamw", "channels_last"])
+def test_a_speed_option_leaves_the_tuning_steps_within_float_noise(data, tmp_path, option):
+    """Three tuning steps with the option on against three with it off. The first step starts from the same weights:
+    its logged values agree within 1e-3 relative, and each optimiser's (clipped) gradients within 2e-2 in relative
+    L2 (measured on the CPU with NHWC: the VAE's 1.06e-2, the same with NHWC on the U-Net alone, so through the
+    alignment term's backward; its gradient norm 5e-4 relative). fused_adamw changes only the updates: its first
+    step is the same bit for bit, and each optimiser's first update is within 1e-4 of its largest. The later steps
+    follow updates Adam takes as ~lr x g / (|g| + eps), which turns float noise in a small gradient into a different
+    share of lr (see tests/test_train.py): their values agree within 1e-2 relative (1e-5 absolute), except D's: its
+    logits start near 0 (~1e-4), and with NHWC its first update alone moved them by 2e-3 (measured), so its terms
+    (GAN_TERMS) are compared in the first step only."""
+    off_values, off_weights, off_grads = tuning_steps_with(data, *speed_settings_with(), tmp_path / "off", 3)
+    on_values, on_weights, on_grads = tuning_steps_with(data, *speed_settings_with(**{option: True}),
+                                                        tmp_path / "on", 3)
+    assert [on.keys() for on in on_values] == [off.keys() for off in off_values]
+    first, later = (dict(rel=1e-3, abs=1e-6), dict(rel=1e-2, abs=1e-5))
+    apart = {(step + 1, name): (on[name], off[name]) for step, (off, on) in enumerate(zip(off_values, on_values))
+             for name in off if (step == 0 or name not in GAN_TERMS)
+             and on[name] != pytest.approx(off[name], nan_ok=True, **(later if step else first))}
+    assert apart == {}
+    if option == "fused_adamw":
+        assert json.dumps(on_values[0]) == json.dumps(off_values[0])
+    assert off_grads.keys() == on_grads.keys() == {"vae", "d", "unet"}
+    for name in off_grads:
+        assert all(torch.equal(a, b) for a, b in zip(on_weights[name][0], off_weights[name][0]))
+        assert [g is None for g in on_grads[name]] == [g is None for g in off_grads[name]], name
+        on_flat, off_flat = (torch.cat([g.flatten() for g in grads if g is not None])
+                             for grads in (on_grads[name], off_grads[name]))
+        assert off_flat.norm() > 0 and (on_flat - off_flat).norm() <= 2e-2 * off_flat.norm(), name
+        if option == "fused_adamw":
+            off_update = [after - before for after, before in zip(off_weights[name][1], off_weights[name][0])]
+            on_update = [after - before for after, before in zip(on_weights[name][1], on_weights[name][0])]
+            largest = max(float(u.abs().max()) for u in off_update)
+            worst = max(float((a - b).abs().max()) for a, b in zip(on_update, off_update))
+            assert largest > 0 and worst <= 1e-4 * largest, (name, worst, largest)
+
+
+def test_the_cuda_only_speed_options_change_nothing_in_tuning_on_the_cpu_and_say_so(data, tmp_path, caplog):
+    """tf32 and pin_memory on the CPU: the same tuning steps bit for bit, and a log line naming each as CUDA only."""
+    off_values, off_weights, _ = tuning_steps_with(data, *speed_settings_with(), tmp_path / "off", 2)
+    with caplog.at_level(logging.INFO):
+        on_values, on_weights, _ = tuning_steps_with(data, *speed_settings_with(tf32=True, pin_memory=True),
+                                                     tmp_path / "on", 2)
+    assert json.dumps(on_values) == json.dumps(off_values)  # NaN (the terms D's warm-up leaves out) equal too
+    for name in off_weights:
+        assert all(torch.equal(a, b) for a, b in zip(on_weights[name][-1], off_weights[name][-1])), name
+    assert "tf32: CUDA only, no effect on cpu" in caplog.text
+    assert "pin_memory: CUDA only, no effect on cpu" in caplog.text

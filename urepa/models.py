@@ -160,14 +160,14 @@ def make_trainable(unet: nn.Module, finetune: str, lora_rank: int, lora_targets:
         raise ValueError(f"finetune must be 'lora', 'partial' or 'full', got {finetune!r}")
 
 
-def speed_up(unet: nn.Module, channels_last: bool, compile: bool) -> None:
-    """The U-Net's speed options, in place: NHWC memory for its convolutions, and `torch.compile` of its forward
+def speed_up(network: nn.Module, channels_last: bool, compile: bool) -> None:
+    """A network's speed options, in place: NHWC memory for its convolutions, and `torch.compile` of its forward
     (`nn.Module.compile`: the parameter names, hence checkpoints and exports, stay those of the plain module; the
-    feature-capture hooks on its blocks run inside the compiled graph)."""
+    U-Net's feature-capture hooks on its blocks run inside the compiled graph)."""
     if channels_last:
-        unet.to(memory_format=torch.channels_last)
+        network.to(memory_format=torch.channels_last)
     if compile:
-        unet.compile()
+        network.compile()
 
 
 @contextlib.contextmanager

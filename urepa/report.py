@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .config import GENERATED_SOURCES, PRETRAINED, SD15_VAE
-from .evaluate import add_targets, steps_to_target
+from .curves import add_targets, steps_to_target
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def alignment_section(alignment: dict[str, dict]) -> list[str]:
 
 
 def target_source(target_fid: float | None) -> str:
-    """Where the FID-vs-step target comes from (`evaluate.curve_target`), in a few words (the plot's legend)."""
+    """Where the FID-vs-step target comes from (`curves.curve_target`), in a few words (the plot's legend)."""
     return "evaluate.target_fid" if target_fid is not None else "the baseline's final curve FID"
 
 
@@ -490,7 +490,7 @@ def _ratio_spread(entries: list[tuple[int, dict]]) -> dict | None:
 def convergence(curves: dict[str, dict[int, dict]], costs: dict[str, dict[int, pd.DataFrame]],
                 target_fid: float | None) -> dict[str, dict]:
     """fid.json's additions per ablation, from `curves[ablation][seed]` (fid_curve.json) and `costs[ablation][seed]`
-    (`step_costs`): `training_cost`, and `convergence`: the target (`evaluate.curve_target`), FID at every curve
+    (`step_costs`): `training_cost`, and `convergence`: the target (`curves.curve_target`), FID at every curve
     step (mean ± std over seeds) and its difference to the baseline paired by seed, each run's interpolated step
     and device-seconds to the target, and its speed-up against the baseline of the same seed, in steps and in
     device-seconds. A pair's target is the configured one, else that seed's baseline's own final curve FID, so

@@ -248,6 +248,17 @@ def set_tf32(enabled: bool, device: torch.device) -> None:
         logging.getLogger(__name__).info("tf32: CUDA only, no effect on %s", device)
 
 
+def pinned_memory(enabled: bool, device: torch.device) -> bool:
+    """Whether a loader pins its batches (page-locked, so the copies to the device can be non-blocking): CUDA only;
+    asked for on another device, it is logged as having no effect."""
+    import torch
+
+    pinned = enabled and torch.device(device).type == "cuda"
+    if enabled and not pinned:
+        logging.getLogger(__name__).info("pin_memory: CUDA only, no effect on %s", device)
+    return pinned
+
+
 class DiskFullError(OSError):
     """A write that failed for want of space (or quota); the message names the file system and the path."""
 

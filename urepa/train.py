@@ -39,7 +39,7 @@ from .plots import plot_losses
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import (StopSignals, checkpoint_trained_state, claim_run_state, complete_checkpoints,
                        load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
-from .runtime import PhaseTimer, progress, provenance, set_tf32
+from .runtime import PhaseTimer, pinned_memory, progress, provenance, set_tf32
 from .vae import LatentNormalisation, check_same_vae, vae_record
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class Trainer:
         set_tf32(settings["tf32"], self.device)
         speed_up(unet, settings["channels_last"], settings["compile"])
         self.channels_last = settings["channels_last"]
-        self.pin_memory = settings["pin_memory"] and self.device.type == "cuda"
-        if settings["pin_memory"] and not self.pin_memory:
-            log.info("pin_memory: CUDA only, no effect on %s", self.device)
+        self.pin_memory = pinned_memory(settings["pin_memory"], self.device)
         self.align_schedule = AlignSchedule(settings["align_coeff"], **settings["align_schedule"])
 
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]

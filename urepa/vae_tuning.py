@@ -34,18 +34,18 @@ from torch.utils.data import DataLoader
 
 from . import export
 from .batches import GlobalBatch, StepBatches, TrainState, process_share
-from .config import without_launch
+from .config import SPEED_KEYS, without_launch
 from .digests import content_digest, file_digest, weights_fingerprint
 from .discriminator import PatchDiscriminator
 from .end_to_end import EndToEnd, VaeLossWeights
 from .images import dinov2_view, open_rgb, vae_transform
 from .latent_pinning import MomentPinning, cache_moments, fold_into_vae
 from .losses import AlignSchedule, Objective
-from .models import AlignedUNet, ema_swapped, make_trainable
+from .models import AlignedUNet, ema_swapped, make_trainable, speed_up
 from .rowstore import CachedRows, check_cache, valid_rows
 from .runstate import (StopSignals, checkpoint_trained_state, claim_run_state, complete_checkpoints,
                        load_newest_checkpoint, run_state_dir, save_checkpoint, training_code_digest)
-from .runtime import PhaseTimer, progress, provenance
+from .runtime import PhaseTimer, pinned_memory, progress, provenance, set_tf32
 from .vae import SD15_VAE, LatentNormalisation, check_same_vae, vae_record
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,19 @@ class VaeTuner:
         self.e2e = EndToEnd(vae, model, pinning, normalisation, Objective.from_settings(noise_scheduler, unet_settings),
                             lpips_model, weights, discriminator).to(self.device)
         self.align_schedule = AlignSchedule(unet_settings["align_coeff"], **unet_settings["align_schedule"])
+        # The speed options (config `train`, as train_unet's): how the passes run, not what they compute. NHWC
+        # applies to all three convolutional networks; compile, as in train_unet, to the U-Net alone.
+        set_tf32(unet_settings["tf32"], self.device)
+        speed_up(unet, unet_settings["channels_last"], unet_settings["compile"])
+        for convolutional in (vae, discriminator):
+            if convolutional is not None:
+                speed_up(convolutional, unet_settings["channels_last"], compile=False)
+        self.channels_last = unet_settings["channels_last"]
+        self.pin_memory = pinned_memory(unet_settings["pin_memory"], self.device)
 
         def adamw(params, lr, weight_decay):
-            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay,
+                                     fused=unet_settings["fused_adamw"])
 
         self.vae_params = list(vae.parameters())
         self.unet_params = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +210,7 @@ class VaeTuner:
         sampler = StepBatches(self.rows, self.tune["batch_size"], self.seed, start_step,
                               self.accelerator.process_index, self.processes)
         return DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def draw(self, latent_shape: torch.Size) -> dict[str, torch.Tensor]:
         """Every random draw of a step, for the whole global batch, from the checkpointed generator (every process
@@ -260,6 +270,8 @@ class VaeTuner:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         e2e, device, tune, step, share = self.e2e, self.device, self.tune, self.state.step + 1, self.share
         images = batch["image"].to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         tokens = batch["tokens"].to(device, torch.float32, non_blocking=True)
         anchor = batch["latent_mean"].to(device, torch.float32) if tune["anchor_weight"] > 0 else None
         draws = {name: draw[share] for name, draw in self.draw(batch["latent_mean"].shape[1:]).items()}
@@ -466,7 +478,7 @@ def tune_run(caches: dict[str, str], sd15_dir: str, dinov2_path: str, vgg16: str
                 "vgg16": file_digest(vgg16) if vgg16 else None,
                 "caches": {"vae": content_digest(latents), "dino": content_digest(dino), "clip": content_digest(clip)}}
     with state.main_process_first():  # the others find the folder the main process has claimed
-        launch = {"processes": state.num_processes,
+        launch = {"processes": state.num_processes, **{key: unet_settings[key] for key in SPEED_KEYS},
                   **provenance(device, mixed_precision=unet_settings["mixed_precision"])}
         run_dir = (claim_run_state(Path(states_dir), identity, launch)
                    if state.is_main_process else run_state_dir(Path(states_dir), identity))

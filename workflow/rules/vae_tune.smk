@@ -30,6 +30,8 @@ rule tune_vae:
     resources:
         **job_resources("tune_vae"),
         processes=lambda w: urepa_config.tune_unet_settings(config, w.tier, w.vae)["processes"],
+        # train's speed options (the tier's `train`), as train_unet's: they change no result, so no rerun
+        speed=lambda w: urepa_config.speed_resource(urepa_config.tune_unet_settings(config, w.tier, w.vae)),
     log:
         "results/{tier}/logs/tune_vae_{vae}.log",
     benchmark:

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from urepa.evaluate import fid_curve
+from urepa.curves import fid_curve
 from urepa.runtime import set_threads, setup_logging
 
 setup_logging(snakemake.log[0])

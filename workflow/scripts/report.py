@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 from urepa.config import PRETRAINED
-from urepa.evaluate import add_targets
+from urepa.curves import add_targets
 from urepa.plots import plot_cfg_sweeps, plot_fid_curves, plot_losses, term_weights
 from urepa.report import by_label, render_report, target_source
 from urepa.runtime import set_threads, setup_logging
