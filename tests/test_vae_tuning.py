@@ -330,9 +330,13 @@ def test_a_speed_option_leaves_the_tuning_steps_within_float_noise(data, tmp_pat
                                                         tmp_path / "on", 3)
     assert [on.keys() for on in on_values] == [off.keys() for off in off_values]
     first, later = (dict(rel=1e-3, abs=1e-6), dict(rel=1e-2, abs=1e-5))
+    # a channel's latent mean sits near 0 (~5e-3) in latents of std ~1: its later steps are read against that scale
+    # (NHWC moved one by 6.7e-5 at step 2 in one full-suite run, measured), not against its own size
+    later_mean = dict(rel=1e-2, abs=1e-4)
     apart = {(step + 1, name): (on[name], off[name]) for step, (off, on) in enumerate(zip(off_values, on_values))
              for name in off if (step == 0 or name not in GAN_TERMS)
-             and on[name] != pytest.approx(off[name], nan_ok=True, **(later if step else first))}
+             and on[name] != pytest.approx(off[name], nan_ok=True, **(
+                 first if step == 0 else later_mean if name.startswith("latent_mean_") else later))}
     assert apart == {}
     if option == "fused_adamw":
         assert json.dumps(on_values[0]) == json.dumps(off_values[0])
