@@ -235,7 +235,9 @@ def test_two_processes_tune_as_one_does(data, tmp_path):
                                    msg=lambda m: f"{column} at step 1: {m}")
         # A latent channel's mean, near 0, is measured against the channel's spread.
         scale = logs[0][column.replace("mean", "std")].abs().mean() if column.startswith("latent_mean") else 0.0
-        torch.testing.assert_close(two_processes, one_process, rtol=1e-3, atol=max(1e-3 * scale, 1e-6),
+        # rtol 2e-3: since the tuner runs with train's default speed options (fused AdamW), grad_norm_vae at step 4
+        # differed by 1.03e-3 relative in one run (measured).
+        torch.testing.assert_close(two_processes, one_process, rtol=2e-3, atol=max(1e-3 * scale, 1e-6),
                                    msg=lambda m: f"{column}: {m}")
     # The VAE: Adam moves an entry by about the learning rate whatever its gradient's size, so where a gradient is
     # zero up to rounding (a key projection's bias, a bias right before a GroupNorm) the two runs' last bits give
