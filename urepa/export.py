@@ -26,7 +26,7 @@ DESCRIPTION = "weights.json"
 TRAINED_UNET = "unet_trained_parameters.safetensors"
 # weights.json's fine-tune mode of a folder that describes SD-1.5 as it is (`save_pretrained_description`): no
 # weights of its own, the base U-Net used unchanged.
-PRETRAINED = "none"
+PRETRAINED_MODE = "none"
 
 
 class BaseUnetMismatchError(ValueError):
@@ -87,7 +87,7 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
 def save_pretrained_description(out_dir: str | Path, sd15_dir: str | Path, vae: dict) -> None:
     """A weights folder for SD-1.5 as it is, so it is sampled and scored as every fine-tuned folder is: no U-Net
     weights (never a copy of the base U-Net), SD-1.5's own training scheduler (scheduler/, its prediction type),
-    and weights.json with fine-tune mode `PRETRAINED`, no aligned layers, `vae` (the record of SD-1.5's VAE) and the
+    and weights.json with fine-tune mode `PRETRAINED_MODE`, no aligned layers, `vae` (the record of SD-1.5's VAE) and the
     base U-Net it stands for (`base_unet_record`), so it is never sampled with another SD-1.5 folder."""
     from .sd15 import load_noise_scheduler
 
@@ -97,7 +97,7 @@ def save_pretrained_description(out_dir: str | Path, sd15_dir: str | Path, vae: 
     scheduler.save_pretrained(out_dir / "scheduler")
     prediction = {v: k for k, v in PREDICTION_TYPES.items()}[scheduler.config.prediction_type]
     (out_dir / DESCRIPTION).write_text(json.dumps({
-        "finetune": PRETRAINED, "prediction": prediction, "align_layers": [], "align_coeff": 0.0, "vae": vae,
+        "finetune": PRETRAINED_MODE, "prediction": prediction, "align_layers": [], "align_coeff": 0.0, "vae": vae,
         "base_unet": base_unet_record(sd15_dir)}, indent=2))
 
 
@@ -112,7 +112,7 @@ def read_description(weights_dir: str | Path) -> dict:
 
 def is_pretrained(weights_dir: str | Path) -> bool:
     """Whether a weights folder describes SD-1.5 as it is (`save_pretrained_description`), not fine-tuned weights."""
-    return read_description(weights_dir)["finetune"] == PRETRAINED
+    return read_description(weights_dir)["finetune"] == PRETRAINED_MODE
 
 
 def trained_scheduler(noise_scheduler, prediction: str):
@@ -132,7 +132,7 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
                             vae_name: str | None = None, allow_other_vae: bool = False):
     """SD-1.5 from its local folder with the fine-tuned weights in, as the folder describes them: LoRA through
     `load_lora_weights` (then fused), the saved unet/ folder for partial / full fine-tuning, a snapshot's
-    trained parameters (TRAINED_UNET) put into SD-1.5's U-Net, or none for a `PRETRAINED` folder (SD-1.5's U-Net
+    trained parameters (TRAINED_UNET) put into SD-1.5's U-Net, or none for a `PRETRAINED_MODE` folder (SD-1.5's U-Net
     as it is); LoRA, trained parameters and the pretrained folder only with the base
     U-Net they were trained from (or stand for) (weights.json's `base_unet`, where recorded), refusing another with
     `BaseUnetMismatchError`; the scheduler config the weights were trained for (their scheduler/ folder: the
@@ -155,7 +155,7 @@ def load_finetuned_pipeline(sd15_dir: str | Path, weights_dir: str | Path, devic
         log.warning("decoding weights %s, trained on the latents of VAE %r, with VAE %r (%s), as configured",
                     weights_dir, trained_vae["name"], decode_vae["name"], decode_vae["path"])
     trained_only = (weights_dir / TRAINED_UNET).is_file()
-    pretrained = description["finetune"] == PRETRAINED
+    pretrained = description["finetune"] == PRETRAINED_MODE
     if trained_only or pretrained or description["finetune"] == "lora":
         check_same_base_unet(description, sd15_dir, weights_dir, required=trained_only or pretrained)
     pipe = StableDiffusionPipeline.from_pretrained(check_sd15_dir(sd15_dir), safety_checker=None,
