@@ -87,7 +87,7 @@ def save_weights(out_dir: str | Path, model, noise_scheduler, settings: dict, to
 def save_pretrained_description(out_dir: str | Path, sd15_dir: str | Path, vae: dict) -> None:
     """A weights folder for SD-1.5 as it is, so it is sampled and scored as every fine-tuned folder is: no U-Net
     weights (never a copy of the base U-Net), SD-1.5's own training scheduler (scheduler/, its prediction type),
-    and weights.json with fine-tune mode `PRETRAINED_MODE`, no aligned layers, `vae` (the record of SD-1.5's VAE) and the
+    and weights.json in fine-tune mode `PRETRAINED_MODE`, no align layers, `vae` (the record of SD-1.5's VAE) and the
     base U-Net it stands for (`base_unet_record`), so it is never sampled with another SD-1.5 folder."""
     from .sd15 import load_noise_scheduler
 
